@@ -1,0 +1,342 @@
+//! Configuration: a TOML file, overridden by environment variables and command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use url::Url;
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    /// A value is present but unusable.
+    #[error("invalid config value for {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole configuration of one proxy process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP listener clients talk to.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The FHIR server the proxy fronts.
+    pub upstream: UpstreamConfig,
+    /// Bulk export behaviour.
+    #[serde(default)]
+    pub export: ExportConfig,
+}
+
+/// Listener settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port (the chosen address is logged).
+    pub listen: SocketAddr,
+    /// The FHIR base URL clients use to reach the proxy; defaults to `http://{listen}` plus the upstream's path.
+    pub public_base_url: Option<Url>,
+    /// Largest accepted `$export` POST body, in bytes.
+    pub max_kickoff_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_base_url: None,
+            max_kickoff_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Upstream FHIR server settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// FHIR base URL of the upstream, e.g. `http://127.0.0.1:8090/fhir`.
+    pub base_url: Url,
+    /// Static bearer token sent on the proxy's own upstream calls (export searches), if any.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// Timeout of one upstream request, in seconds.
+    #[serde(default = "defaults::timeout_secs")]
+    pub timeout_secs: u64,
+    /// Most upstream requests the export workers have in flight at once.
+    #[serde(default = "defaults::max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
+    /// Most export requests per second sent upstream.
+    #[serde(default = "defaults::requests_per_second")]
+    pub requests_per_second: u32,
+    /// Retries of one request on 429, 5xx, timeouts and connection errors.
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// First retry delay in milliseconds; doubles each retry, with jitter.
+    #[serde(default = "defaults::retry_base_ms")]
+    pub retry_base_ms: u64,
+    /// Longest single retry delay in milliseconds, `Retry-After` included.
+    #[serde(default = "defaults::retry_max_ms")]
+    pub retry_max_ms: u64,
+    /// Largest upstream page body accepted, in bytes.
+    #[serde(default = "defaults::max_page_bytes")]
+    pub max_page_bytes: usize,
+}
+
+/// Bulk export settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportConfig {
+    /// Directory holding the job store and the NDJSON files.
+    pub data_dir: PathBuf,
+    /// `_count` of each upstream search page.
+    pub page_size: u32,
+    /// Resources per NDJSON file before it is rolled over to the next.
+    pub resources_per_file: u64,
+    /// Patients per `patient=` search in Patient and Group exports.
+    pub patient_batch_size: usize,
+    /// Jobs running at once; past it kick-off answers 429.
+    pub max_concurrent_jobs: usize,
+    /// Slices of one job fetched at once.
+    pub slice_concurrency: usize,
+    /// `Retry-After` given to status polls, in seconds.
+    pub retry_after_secs: u64,
+    /// Polls of one job closer together than this get 429, in milliseconds.
+    pub min_poll_interval_ms: u64,
+    /// How long a finished job and its files stay available, in seconds.
+    pub expire_after_secs: u64,
+    /// How often expired jobs are looked for, in seconds.
+    pub reaper_interval_secs: u64,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            page_size: 500,
+            resources_per_file: 100_000,
+            patient_batch_size: 50,
+            max_concurrent_jobs: 4,
+            slice_concurrency: 2,
+            retry_after_secs: 2,
+            min_poll_interval_ms: 1000,
+            expire_after_secs: 3600,
+            reaper_interval_secs: 60,
+        }
+    }
+}
+
+mod defaults {
+    pub fn timeout_secs() -> u64 {
+        60
+    }
+    pub fn max_concurrent_requests() -> usize {
+        8
+    }
+    pub fn requests_per_second() -> u32 {
+        50
+    }
+    pub fn max_retries() -> u32 {
+        5
+    }
+    pub fn retry_base_ms() -> u64 {
+        200
+    }
+    pub fn retry_max_ms() -> u64 {
+        30_000
+    }
+    pub fn max_page_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+}
+
+/// Values given on the command line or in the environment, which win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// Listen address.
+    pub listen: Option<SocketAddr>,
+    /// Upstream FHIR base URL.
+    pub upstream_url: Option<Url>,
+    /// Public FHIR base URL.
+    pub public_base_url: Option<Url>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Upstream bearer token.
+    pub upstream_bearer_token: Option<String>,
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` and checks the result.
+    pub fn load(path: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: Overrides) {
+        if let Some(v) = o.listen {
+            self.server.listen = v;
+        }
+        if let Some(v) = o.upstream_url {
+            self.upstream.base_url = v;
+        }
+        if let Some(v) = o.public_base_url {
+            self.server.public_base_url = Some(v);
+        }
+        if let Some(v) = o.data_dir {
+            self.export.data_dir = v;
+        }
+        if let Some(v) = o.upstream_bearer_token {
+            self.upstream.bearer_token = Some(v);
+        }
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than 0".into(),
+                });
+            }
+            Ok(())
+        }
+        strip_trailing_slash(&mut self.upstream.base_url);
+        if let Some(public) = self.server.public_base_url.as_mut() {
+            strip_trailing_slash(public);
+        }
+        for (key, url) in [
+            ("upstream.base_url", Some(&self.upstream.base_url)),
+            (
+                "server.public_base_url",
+                self.server.public_base_url.as_ref(),
+            ),
+        ] {
+            if let Some(url) = url {
+                if !matches!(url.scheme(), "http" | "https") || url.query().is_some() {
+                    return Err(ConfigError::Invalid {
+                        key,
+                        reason: format!("{url} is not an http(s) base URL without a query"),
+                    });
+                }
+            }
+        }
+        positive("export.page_size", self.export.page_size.into())?;
+        positive("export.resources_per_file", self.export.resources_per_file)?;
+        positive(
+            "export.patient_batch_size",
+            self.export.patient_batch_size as u64,
+        )?;
+        positive(
+            "export.max_concurrent_jobs",
+            self.export.max_concurrent_jobs as u64,
+        )?;
+        positive(
+            "export.slice_concurrency",
+            self.export.slice_concurrency as u64,
+        )?;
+        positive(
+            "upstream.max_concurrent_requests",
+            self.upstream.max_concurrent_requests as u64,
+        )?;
+        positive(
+            "upstream.requests_per_second",
+            self.upstream.requests_per_second.into(),
+        )?;
+        Ok(())
+    }
+
+    /// The public base URL, derived from the listen address when not configured.
+    pub fn public_base(&self, bound: SocketAddr) -> Url {
+        match &self.server.public_base_url {
+            Some(url) => url.clone(),
+            None => {
+                let mut url = Url::parse(&format!("http://{bound}")).expect("socket address URL");
+                url.set_path(self.upstream.base_url.path());
+                url
+            }
+        }
+    }
+}
+
+fn strip_trailing_slash(url: &mut Url) {
+    let path = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path, Overrides::default())
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults_and_trimmed_base() {
+        let c = parse("[upstream]\nbase_url = \"http://127.0.0.1:9/fhir/\"\n").unwrap();
+        assert_eq!(c.upstream.base_url.as_str(), "http://127.0.0.1:9/fhir");
+        assert_eq!(c.export.page_size, 500);
+        let public = c.public_base("127.0.0.1:7000".parse().unwrap());
+        assert_eq!(public.as_str(), "http://127.0.0.1:7000/fhir");
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[upstream]\nbase_url = \"http://127.0.0.1:9/fhir\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            &path,
+            Overrides {
+                data_dir: Some("/x".into()),
+                upstream_url: Some(Url::parse("http://127.0.0.1:10/r4").unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.export.data_dir, PathBuf::from("/x"));
+        assert_eq!(c.upstream.base_url.as_str(), "http://127.0.0.1:10/r4");
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_zero_values() {
+        assert!(matches!(
+            parse("[upstream]\nbase_url = \"http://a/\"\nbogus = 1\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse("[upstream]\nbase_url = \"http://a/\"\n[export]\npage_size = 0\n"),
+            Err(ConfigError::Invalid {
+                key: "export.page_size",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,614 @@
+//! Kick-off request validation: headers and parameters (query or `Parameters` body) into an [`ExportSpec`].
+
+use std::collections::BTreeSet;
+
+use crate::export::compartment;
+use crate::store::{ExportSpec, Level};
+use crate::upstream::Capability;
+
+/// Accepted `_outputFormat` values; all mean FHIR NDJSON.
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// Search parameters that would change paging or the shape of results, so a `_typeFilter` may not set them.
+const RESERVED_FILTER_PARAMS: [&str; 12] = [
+    "_count",
+    "_offset",
+    "_page",
+    "_sort",
+    "_include",
+    "_revinclude",
+    "_elements",
+    "_summary",
+    "_total",
+    "_contained",
+    "_containedType",
+    "_format",
+];
+
+/// Why a kick-off is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KickoffError {
+    /// A required header is missing or has a value the server does not support.
+    #[error("header {header}: {reason}")]
+    Header {
+        header: &'static str,
+        reason: String,
+    },
+    /// A parameter is invalid or unsupported (and the client did not ask for lenient handling).
+    #[error("parameter {name}: {reason}")]
+    Param { name: String, reason: String },
+    /// The POST body is not a usable `Parameters` resource.
+    #[error("request body: {0}")]
+    Body(String),
+}
+
+/// The headers a kick-off must carry, read once by the HTTP layer.
+#[derive(Debug, Default)]
+pub struct KickoffHeaders<'a> {
+    /// `Accept`.
+    pub accept: Option<&'a str>,
+    /// Every `Prefer` value, comma lists included.
+    pub prefer: Vec<&'a str>,
+}
+
+/// A validated kick-off.
+#[derive(Debug)]
+pub struct Kickoff {
+    /// What to export.
+    pub spec: ExportSpec,
+    /// What lenient handling ignored, for the kick-off's and the manifest's OperationOutcome.
+    pub notes: Vec<String>,
+}
+
+/// Checks headers and parameters; `body` is the POST body, `None` for GET.
+pub fn parse(
+    level: Level,
+    headers: &KickoffHeaders,
+    query: Option<&str>,
+    body: Option<&[u8]>,
+    capability: &Capability,
+) -> Result<Kickoff, KickoffError> {
+    let prefer: Vec<String> = headers
+        .prefer
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_ascii_lowercase().replace(' ', ""))
+        .collect();
+    check_headers(headers.accept, &prefer)?;
+    let lenient = prefer.iter().any(|p| p == "handling=lenient");
+
+    let mut params: Vec<(String, String)> = query
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let is_post = body.is_some();
+    if let Some(body) = body {
+        params.extend(parameters_body(body)?);
+    }
+    let mut b = Builder {
+        lenient,
+        notes: Vec::new(),
+        allowed: allowed_types(&level, capability),
+        spec: ExportSpec {
+            level,
+            output_format: OUTPUT_FORMATS[0].to_owned(),
+            since: None,
+            types: Vec::new(),
+            type_filters: Vec::new(),
+            elements: Vec::new(),
+            patients: Vec::new(),
+        },
+    };
+    // `_type` first: `_typeFilter` and `_elements` are checked against the chosen types.
+    params.sort_by_key(|(name, _)| name != "_type");
+    let mut seen = BTreeSet::new();
+    for (name, value) in params {
+        let once = matches!(name.as_str(), "_outputFormat" | "_since");
+        if once && !seen.insert(name.clone()) {
+            b.reject(&name, "may be given only once")?;
+            continue;
+        }
+        match name.as_str() {
+            "_outputFormat" => b.output_format(&value)?,
+            "_since" => b.since(&value)?,
+            "_type" => b.types(&value)?,
+            "_typeFilter" => b.type_filter(&value)?,
+            "_elements" => b.elements(&value)?,
+            "patient" if !is_post => b.reject(&name, "is supported with POST only")?,
+            "patient" => b.patient(&value)?,
+            "includeAssociatedData" | "organizeOutputBy" | "allowPartialManifests" => {
+                b.reject(&name, "is not supported by this server")?
+            }
+            _ => b.reject(&name, "is not a parameter of $export")?,
+        }
+    }
+    Ok(Kickoff {
+        spec: b.spec,
+        notes: b.notes,
+    })
+}
+
+fn check_headers(accept: Option<&str>, prefer: &[String]) -> Result<(), KickoffError> {
+    let accepts_fhir_json = accept.is_some_and(|a| {
+        a.split(',').any(|m| {
+            m.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("application/fhir+json")
+        })
+    });
+    if !accepts_fhir_json {
+        return Err(KickoffError::Header {
+            header: "Accept",
+            reason: format!(
+                "must be application/fhir+json (got {})",
+                accept.unwrap_or("nothing")
+            ),
+        });
+    }
+    if !prefer.iter().any(|p| p == "respond-async") {
+        return Err(KickoffError::Header {
+            header: "Prefer",
+            reason: "must include respond-async".into(),
+        });
+    }
+    Ok(())
+}
+
+/// `(name, value)` pairs of a FHIR `Parameters` body; each value is taken from its `value[x]`.
+fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, KickoffError> {
+    let json: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| KickoffError::Body(format!("not JSON: {e}")))?;
+    if json["resourceType"] != "Parameters" {
+        return Err(KickoffError::Body(
+            "must be a FHIR Parameters resource".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for p in json["parameter"].as_array().into_iter().flatten() {
+        let name = p["name"]
+            .as_str()
+            .ok_or_else(|| KickoffError::Body("a parameter has no name".into()))?;
+        let value = p
+            .as_object()
+            .into_iter()
+            .flatten()
+            .find(|(k, _)| k.starts_with("value"))
+            .and_then(|(_, v)| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Bool(b) => Some(b.to_string()),
+                serde_json::Value::Object(o) => o["reference"].as_str().map(str::to_owned),
+                _ => None,
+            })
+            .ok_or_else(|| KickoffError::Param {
+                name: name.to_owned(),
+                reason: "has no usable value[x]".into(),
+            })?;
+        out.push((name.to_owned(), value));
+    }
+    Ok(out)
+}
+
+/// Types a level may export: every searchable type (system) or the Patient compartment (Patient, Group).
+fn allowed_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
+    capability
+        .types
+        .iter()
+        .filter(|(t, params)| match level {
+            Level::System => true,
+            Level::Patient | Level::Group { .. } => {
+                t.as_str() == "Patient" || compartment::patient_param(t, params).is_some()
+            }
+        })
+        .map(|(t, _)| t.clone())
+        .collect()
+}
+
+struct Builder {
+    lenient: bool,
+    notes: Vec<String>,
+    allowed: BTreeSet<String>,
+    spec: ExportSpec,
+}
+
+impl Builder {
+    /// Refuses, or with lenient handling records the parameter as ignored.
+    fn reject(&mut self, name: &str, reason: &str) -> Result<(), KickoffError> {
+        if self.lenient {
+            self.notes
+                .push(format!("ignored parameter {name}: {reason}"));
+            Ok(())
+        } else {
+            Err(KickoffError::Param {
+                name: name.to_owned(),
+                reason: reason.to_owned(),
+            })
+        }
+    }
+
+    fn output_format(&mut self, value: &str) -> Result<(), KickoffError> {
+        if OUTPUT_FORMATS.contains(&value.trim()) {
+            self.spec.output_format = value.trim().to_owned();
+            Ok(())
+        } else {
+            self.reject(
+                "_outputFormat",
+                &format!("{value:?} is not supported; use application/fhir+ndjson"),
+            )
+        }
+    }
+
+    fn since(&mut self, value: &str) -> Result<(), KickoffError> {
+        match chrono::DateTime::parse_from_rfc3339(value.trim()) {
+            Ok(t) => {
+                self.spec.since = Some(
+                    t.with_timezone(&chrono::Utc)
+                        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+                        .to_string(),
+                );
+                Ok(())
+            }
+            Err(_) => self.reject(
+                "_since",
+                &format!("{value:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z)"),
+            ),
+        }
+    }
+
+    fn types(&mut self, value: &str) -> Result<(), KickoffError> {
+        for t in value.split(',').map(str::trim) {
+            if self.allowed.contains(t) {
+                if !self.spec.types.iter().any(|x| x == t) {
+                    self.spec.types.push(t.to_owned());
+                }
+            } else {
+                self.reject("_type", &self.unknown_type(t))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unknown_type(&self, t: &str) -> String {
+        match self.spec.level {
+            Level::System => format!("{t:?} is not a resource type the upstream can search"),
+            _ => format!("{t:?} is not a searchable type of the Patient compartment"),
+        }
+    }
+
+    /// Whether `t` is exported at all: allowed for the level and, if `_type` was given, listed there.
+    fn exported(&self, t: &str) -> bool {
+        self.allowed.contains(t)
+            && (self.spec.types.is_empty() || self.spec.types.iter().any(|x| x == t))
+    }
+
+    fn type_filter(&mut self, value: &str) -> Result<(), KickoffError> {
+        for query in split_type_filters(value) {
+            let Some((t, q)) = query.split_once('?') else {
+                self.reject(
+                    "_typeFilter",
+                    &format!("{query:?} is not of the form Type?params"),
+                )?;
+                continue;
+            };
+            if !self.exported(t) {
+                self.reject(
+                    "_typeFilter",
+                    &format!("{t:?} is not a type this export includes"),
+                )?;
+                continue;
+            }
+            let mut serializer = url::form_urlencoded::Serializer::new(String::new());
+            let mut bad = None;
+            let mut count = 0;
+            for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+                let name_ok = !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
+                if !name_ok || RESERVED_FILTER_PARAMS.contains(&k.as_ref()) {
+                    bad = Some(k.into_owned());
+                    break;
+                }
+                serializer.append_pair(&k, &v);
+                count += 1;
+            }
+            match (bad, count) {
+                (Some(k), _) => self.reject(
+                    "_typeFilter",
+                    &format!("search parameter {k:?} cannot be used in a type filter"),
+                )?,
+                (None, 0) => self.reject(
+                    "_typeFilter",
+                    &format!("{query:?} has no search parameters"),
+                )?,
+                (None, _) => self
+                    .spec
+                    .type_filters
+                    .push((t.to_owned(), serializer.finish())),
+            }
+        }
+        Ok(())
+    }
+
+    fn elements(&mut self, value: &str) -> Result<(), KickoffError> {
+        for e in value.split(',').map(str::trim) {
+            let (t, element) = match e.split_once('.') {
+                Some((t, el)) => (Some(t), el),
+                None => (None, e),
+            };
+            let element_ok = element
+                .strip_suffix("[x]")
+                .unwrap_or(element)
+                .chars()
+                .enumerate()
+                .all(|(i, c)| {
+                    if i == 0 {
+                        c.is_ascii_lowercase()
+                    } else {
+                        c.is_ascii_alphanumeric()
+                    }
+                })
+                && !element.is_empty();
+            if !element_ok {
+                self.reject(
+                    "_elements",
+                    &format!("{e:?} is not Type.element or element"),
+                )?;
+            } else if t.is_some_and(|t| !self.allowed.contains(t)) {
+                self.reject(
+                    "_elements",
+                    &format!("{e:?} names a type this export cannot include"),
+                )?;
+            } else {
+                self.spec.elements.push(e.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn patient(&mut self, value: &str) -> Result<(), KickoffError> {
+        if self.spec.level == Level::System {
+            return self.reject("patient", "is only for Patient and Group level exports");
+        }
+        let id = value
+            .trim()
+            .strip_prefix("Patient/")
+            .filter(|id| is_fhir_id(id));
+        match id {
+            Some(id) => {
+                self.spec.patients.push(id.to_owned());
+                Ok(())
+            }
+            None => self.reject(
+                "patient",
+                &format!("{value:?} is not a Patient/[id] reference"),
+            ),
+        }
+    }
+}
+
+/// Whether `id` is a FHIR logical id (`[A-Za-z0-9\-\.]{1,64}`).
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+}
+
+/// Splits a `_typeFilter` value at commas that start a new `Type?` query, so commas inside a
+/// query (OR-ed search values) survive.
+fn split_type_filters(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, _) in value.match_indices(',') {
+        let rest = &value[i + 1..];
+        let starts_query = rest.split_once('?').is_some_and(|(t, _)| {
+            t.starts_with(|c: char| c.is_ascii_uppercase())
+                && t.chars().all(|c| c.is_ascii_alphabetic())
+        });
+        if starts_query {
+            out.push(&value[start..i]);
+            start = i + 1;
+        }
+    }
+    out.push(&value[start..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cap() -> Capability {
+        let mut c = Capability::default();
+        for (t, params) in [
+            ("Patient", vec!["_id"]),
+            ("Observation", vec!["patient", "subject", "code"]),
+            ("Practitioner", vec!["name"]),
+        ] {
+            c.types
+                .insert(t.into(), params.into_iter().map(String::from).collect());
+        }
+        c
+    }
+
+    fn headers(prefer: &'static str) -> KickoffHeaders<'static> {
+        KickoffHeaders {
+            accept: Some("application/fhir+json"),
+            prefer: vec![prefer],
+        }
+    }
+
+    fn get(level: Level, query: &str) -> Result<Kickoff, KickoffError> {
+        parse(level, &headers("respond-async"), Some(query), None, &cap())
+    }
+
+    fn param_error(r: Result<Kickoff, KickoffError>) -> String {
+        match r {
+            Err(KickoffError::Param { name, .. }) => name,
+            other => panic!("expected a parameter error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_get_kickoff_is_parsed() {
+        let k = get(
+            Level::System,
+            "_type=Patient,Observation&_since=2024-01-01T10:00:00%2B02:00&_outputFormat=ndjson\
+             &_typeFilter=Observation%3Fcode%3Da%2Cb,Patient%3Fgender%3Dmale&_elements=Observation.status,id",
+        )
+        .unwrap();
+        assert_eq!(k.spec.types, ["Patient", "Observation"]);
+        assert_eq!(k.spec.since.as_deref(), Some("2024-01-01T08:00:00.000Z"));
+        assert_eq!(
+            k.spec.type_filters,
+            [
+                ("Observation".into(), "code=a%2Cb".into()),
+                ("Patient".into(), "gender=male".into())
+            ]
+        );
+        assert_eq!(k.spec.elements, ["Observation.status", "id"]);
+        assert!(k.notes.is_empty());
+    }
+
+    #[test]
+    fn headers_are_required() {
+        let no_accept = KickoffHeaders {
+            accept: None,
+            prefer: vec!["respond-async"],
+        };
+        assert!(matches!(
+            parse(Level::System, &no_accept, None, None, &cap()),
+            Err(KickoffError::Header {
+                header: "Accept",
+                ..
+            })
+        ));
+        let no_prefer = KickoffHeaders {
+            accept: Some("application/fhir+json"),
+            prefer: vec![],
+        };
+        assert!(matches!(
+            parse(Level::System, &no_prefer, None, None, &cap()),
+            Err(KickoffError::Header {
+                header: "Prefer",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        assert_eq!(param_error(get(Level::System, "_type=Foo")), "_type");
+        assert_eq!(
+            param_error(get(Level::System, "_since=yesterday")),
+            "_since"
+        );
+        assert_eq!(
+            param_error(get(Level::System, "_since=2020-13-45T00:00:00Z")),
+            "_since"
+        );
+        assert_eq!(
+            param_error(get(Level::System, "_outputFormat=text/csv")),
+            "_outputFormat"
+        );
+        assert_eq!(
+            param_error(get(Level::Patient, "patient=Patient/1")),
+            "patient"
+        );
+        assert_eq!(
+            param_error(get(Level::System, "_typeFilter=Observation%3F_count%3D5")),
+            "_typeFilter"
+        );
+        assert_eq!(
+            param_error(get(Level::System, "_typeFilter=nonsense")),
+            "_typeFilter"
+        );
+        assert_eq!(
+            param_error(get(Level::System, "_elements=Observation.Bad")),
+            "_elements"
+        );
+        assert_eq!(param_error(get(Level::System, "bogus=1")), "bogus");
+        assert_eq!(
+            param_error(get(Level::System, "organizeOutputBy=Patient")),
+            "organizeOutputBy"
+        );
+        assert_eq!(
+            param_error(get(Level::Patient, "_type=Practitioner")),
+            "_type"
+        );
+        assert_eq!(
+            param_error(get(
+                Level::System,
+                "_since=2020-01-01T00:00:00Z&_since=2021-01-01T00:00:00Z"
+            )),
+            "_since"
+        );
+    }
+
+    #[test]
+    fn lenient_ignores_what_it_can() {
+        let k = parse(
+            Level::System,
+            &headers("respond-async, handling=lenient"),
+            Some("_type=Foo,Patient&bogus=1"),
+            None,
+            &cap(),
+        )
+        .unwrap();
+        assert_eq!(k.spec.types, ["Patient"]);
+        assert_eq!(k.notes.len(), 2);
+    }
+
+    #[test]
+    fn post_takes_parameters_with_patients() {
+        let body = br#"{"resourceType":"Parameters","parameter":[
+            {"name":"_type","valueString":"Observation"},
+            {"name":"patient","valueReference":{"reference":"Patient/p1"}},
+            {"name":"_since","valueInstant":"2024-01-01T00:00:00Z"}]}"#;
+        let k = parse(
+            Level::Patient,
+            &headers("respond-async"),
+            None,
+            Some(body),
+            &cap(),
+        )
+        .unwrap();
+        assert_eq!(k.spec.patients, ["p1"]);
+        assert_eq!(k.spec.types, ["Observation"]);
+        assert!(matches!(
+            parse(
+                Level::Patient,
+                &headers("respond-async"),
+                None,
+                Some(b"{}"),
+                &cap()
+            ),
+            Err(KickoffError::Body(_))
+        ));
+        assert!(matches!(
+            parse(
+                Level::Patient,
+                &headers("respond-async"),
+                None,
+                Some(b"\xff"),
+                &cap()
+            ),
+            Err(KickoffError::Body(_))
+        ));
+        let system_patient = br#"{"resourceType":"Parameters","parameter":[{"name":"patient","valueReference":{"reference":"Patient/p1"}}]}"#;
+        assert_eq!(
+            param_error(parse(
+                Level::System,
+                &headers("respond-async"),
+                None,
+                Some(system_patient),
+                &cap()
+            )),
+            "patient"
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The bulk export path: kick-off → job in store → planner → workers → NDJSON writer → manifest.
+
+pub mod compartment;
+pub mod elements;
+pub mod kickoff;
+pub mod manifest;
+pub mod planner;
+pub mod runner;
+pub mod worker;
+pub mod writer;

@@ -1,0 +1,301 @@
+//! Turns a job into slices: the upstream searches that together return exactly the export.
+
+use std::collections::BTreeSet;
+
+use url::Url;
+
+use crate::export::compartment;
+use crate::store::{ExportSpec, Job, Level, Slice, SliceState};
+use crate::upstream::{Capability, SearchPage, Upstream, UpstreamError};
+
+/// Page size used to list patient ids: only ids travel, so pages can be large.
+const ID_PAGE_SIZE: u32 = 1000;
+
+/// Why a job could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The upstream failed while the plan needed it.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The Group to export does not exist (any more).
+    #[error("Group/{0} was not found on the upstream")]
+    GroupNotFound(String),
+}
+
+/// Search settings the planner needs from config.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanLimits {
+    /// `_count` of every search.
+    pub page_size: u32,
+    /// Patients per `patient=` search.
+    pub patient_batch_size: usize,
+}
+
+/// Plans `job`: lists the searches of every type, per patient batch below the system level.
+pub async fn plan(
+    job: &Job,
+    upstream: &Upstream,
+    capability: &Capability,
+    limits: PlanLimits,
+) -> Result<Vec<Slice>, PlanError> {
+    let spec = &job.spec;
+    let types = export_types(spec, capability);
+    let bounds = Bounds {
+        upstream,
+        job,
+        page_size: limits.page_size,
+    };
+    let mut slices = Vec::new();
+    let mut push = |resource_type: &str, searches: Vec<String>| {
+        slices.push(Slice {
+            job_id: job.id.clone(),
+            index: slices.len() as u32,
+            resource_type: resource_type.to_owned(),
+            searches,
+            search_index: 0,
+            next: None,
+            state: SliceState::Pending,
+            files: Vec::new(),
+            pages: 0,
+            total: None,
+        })
+    };
+    match &spec.level {
+        Level::System => {
+            for t in &types {
+                push(t, bounds.searches(t, &[]));
+            }
+        }
+        Level::Patient | Level::Group { .. } => {
+            let patients = patients(job, upstream).await?;
+            for batch in patients.chunks(limits.patient_batch_size) {
+                for t in &types {
+                    let by_patient = if t == "Patient" {
+                        ("_id".to_owned(), batch.join(","))
+                    } else {
+                        let param = compartment::patient_param(t, &capability.types[t])
+                            .expect("export_types keeps compartment types only");
+                        let refs: Vec<String> =
+                            batch.iter().map(|id| format!("Patient/{id}")).collect();
+                        (param.to_owned(), refs.join(","))
+                    };
+                    push(t, bounds.searches(t, &[by_patient]));
+                }
+            }
+        }
+    }
+    Ok(slices)
+}
+
+/// The types a job exports, in a stable order.
+fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
+    let in_level = |t: &str| match spec.level {
+        Level::System => capability.types.contains_key(t),
+        Level::Patient | Level::Group { .. } => {
+            t == "Patient"
+                || capability
+                    .types
+                    .get(t)
+                    .is_some_and(|p| compartment::patient_param(t, p).is_some())
+        }
+    };
+    if spec.types.is_empty() {
+        capability
+            .types
+            .keys()
+            .filter(|t| in_level(t))
+            .cloned()
+            .collect()
+    } else {
+        spec.types.iter().filter(|t| in_level(t)).cloned().collect()
+    }
+}
+
+struct Bounds<'a> {
+    upstream: &'a Upstream,
+    job: &'a Job,
+    page_size: u32,
+}
+
+impl Bounds<'_> {
+    /// First-page URLs of a type: one per `_typeFilter` of the type (OR), or one plain search.
+    fn searches(&self, resource_type: &str, extra: &[(String, String)]) -> Vec<String> {
+        let spec = &self.job.spec;
+        let filters: Vec<&str> = spec
+            .type_filters
+            .iter()
+            .filter(|(t, _)| t == resource_type)
+            .map(|(_, q)| q.as_str())
+            .collect();
+        let elements = elements_for(&spec.elements, resource_type);
+        let build = |filter: Option<&str>| {
+            let mut url: Url = self.upstream.url(resource_type);
+            {
+                let mut q = url.query_pairs_mut();
+                q.append_pair("_count", &self.page_size.to_string());
+                q.append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
+                if let Some(since) = &spec.since {
+                    q.append_pair("_lastUpdated", &format!("gt{since}"));
+                }
+                if !elements.is_empty() {
+                    q.append_pair("_elements", &elements.join(","));
+                }
+                for (k, v) in extra {
+                    q.append_pair(k, v);
+                }
+                if let Some(filter) = filter {
+                    q.extend_pairs(url::form_urlencoded::parse(filter.as_bytes()));
+                }
+            }
+            url.to_string()
+        };
+        if filters.is_empty() {
+            vec![build(None)]
+        } else {
+            filters.into_iter().map(|f| build(Some(f))).collect()
+        }
+    }
+}
+
+/// The `_elements` entries that apply to `resource_type`, without their type prefix.
+pub fn elements_for(elements: &[String], resource_type: &str) -> Vec<String> {
+    elements
+        .iter()
+        .filter_map(|e| match e.split_once('.') {
+            Some((t, el)) if t == resource_type => Some(el.to_owned()),
+            Some(_) => None,
+            None => Some(e.clone()),
+        })
+        .collect()
+}
+
+/// The patient ids of a Patient or Group export, sorted and unique.
+async fn patients(job: &Job, upstream: &Upstream) -> Result<Vec<String>, PlanError> {
+    let mut ids: BTreeSet<String> = match &job.spec.level {
+        Level::Group { id } => group_members(id, upstream).await?,
+        _ if !job.spec.patients.is_empty() => return Ok(sorted(&job.spec.patients)),
+        _ => all_patients(job, upstream).await?,
+    };
+    if !job.spec.patients.is_empty() {
+        let wanted: BTreeSet<&String> = job.spec.patients.iter().collect();
+        ids.retain(|id| wanted.contains(id));
+    }
+    Ok(ids.into_iter().collect())
+}
+
+fn sorted(ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Active `Patient` members of a Group (`member.entity`, skipping `inactive` ones).
+async fn group_members(id: &str, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
+    let url = upstream.url(&format!("Group/{id}"));
+    let group: serde_json::Value = match upstream
+        .fetch(url.as_str(), |b| {
+            serde_json::from_slice(b).map_err(|e| e.to_string())
+        })
+        .await
+    {
+        Ok(g) => g,
+        Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(404 | 410)) => {
+            return Err(PlanError::GroupNotFound(id.to_owned()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let members = group["member"].as_array().into_iter().flatten();
+    Ok(members
+        .filter(|m| m["inactive"] != true)
+        .filter_map(|m| m["entity"]["reference"].as_str())
+        .filter_map(patient_id)
+        .collect())
+}
+
+/// The id of a `Patient/[id]` reference, relative or absolute.
+fn patient_id(reference: &str) -> Option<String> {
+    let path = reference.split(['?', '#']).next()?;
+    let mut parts = path.rsplit('/');
+    let id = parts.next()?;
+    let id = match id {
+        // A versioned reference: `Patient/x/_history/2`.
+        _ if parts.clone().next() == Some("_history") => {
+            parts.next();
+            parts.next()?
+        }
+        id => id,
+    };
+    (parts.next() == Some("Patient") && super::kickoff::is_fhir_id(id)).then(|| id.to_owned())
+}
+
+/// Every patient that existed at the job's transaction time.
+async fn all_patients(job: &Job, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
+    let mut url = upstream.url("Patient");
+    url.query_pairs_mut()
+        .append_pair("_count", &ID_PAGE_SIZE.to_string())
+        .append_pair("_lastUpdated", &format!("le{}", job.transaction_time))
+        .append_pair("_elements", "id");
+    let mut next = Some(url.to_string());
+    let mut ids = BTreeSet::new();
+    while let Some(page_url) = next {
+        let (page_ids, page_next) = upstream
+            .fetch(&page_url, |body| {
+                let page = SearchPage::parse(body)?;
+                let ids: Result<Vec<String>, String> = page
+                    .matches()
+                    .map(|raw| {
+                        #[derive(serde::Deserialize)]
+                        struct IdOnly {
+                            id: String,
+                        }
+                        serde_json::from_str::<IdOnly>(raw.get())
+                            .map(|r| r.id)
+                            .map_err(|e| format!("Patient without id: {e}"))
+                    })
+                    .collect();
+                Ok((ids?, page.next().map(str::to_owned)))
+            })
+            .await?;
+        ids.extend(page_ids);
+        if page_next.as_deref() == Some(page_url.as_str()) {
+            return Err(UpstreamError::Invalid {
+                url: page_url,
+                detail: "next link points at the same page".into(),
+            }
+            .into());
+        }
+        next = page_next;
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patient_ids_from_references() {
+        assert_eq!(patient_id("Patient/abc").as_deref(), Some("abc"));
+        assert_eq!(
+            patient_id("http://x/fhir/Patient/a-1").as_deref(),
+            Some("a-1")
+        );
+        assert_eq!(patient_id("Patient/a/_history/3").as_deref(), Some("a"));
+        assert_eq!(patient_id("Practitioner/abc"), None);
+        assert_eq!(patient_id("Patient/"), None);
+        assert_eq!(patient_id("abc"), None);
+    }
+
+    #[test]
+    fn elements_apply_per_type() {
+        let e = vec![
+            "Observation.status".to_string(),
+            "id".into(),
+            "Patient.name".into(),
+        ];
+        assert_eq!(elements_for(&e, "Observation"), ["status", "id"]);
+        assert_eq!(elements_for(&e, "Encounter"), ["id"]);
+    }
+}

@@ -1,0 +1,198 @@
+//! Fetches one slice page by page and appends its resources to the slice's NDJSON files.
+//!
+//! Per page the order is the crash-safety contract: fetch, write, fsync the files, then commit the cursor
+//! that covers them. A crash anywhere leaves a cursor whose files hold at least its committed bytes; resume
+//! truncates them back to exactly that and refetches the page after it.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::path::Path;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::export::elements::{write_compact, write_subset};
+use crate::export::writer::NdjsonWriter;
+use crate::store::{Slice, SliceState, Store, StoreError};
+use crate::upstream::{SearchPage, Upstream};
+
+/// Failures that stop the whole job (the local disk or store), as opposed to a slice's upstream failure.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the export files failed.
+    #[error("writing export files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How a slice run ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// Done or failed, and committed as such.
+    Finished,
+    /// Stopped because the job was cancelled or deleted.
+    Stopped,
+}
+
+/// What one slice needs besides its cursor.
+pub struct SliceContext<'a> {
+    /// Job store.
+    pub store: &'a Store,
+    /// Upstream client.
+    pub upstream: &'a Upstream,
+    /// The job's file directory.
+    pub dir: &'a Path,
+    /// Resources per file.
+    pub per_file: u64,
+    /// `_elements` entries that apply to the slice's type (empty: whole resources).
+    pub elements: Vec<String>,
+    /// Set when the job is cancelled.
+    pub cancel: &'a CancellationToken,
+}
+
+/// One page, converted to output lines.
+struct Page {
+    data: Vec<u8>,
+    /// End offset of each line in `data` (lines carry no newline).
+    ends: Vec<usize>,
+    /// Ids written, for deduplicated slices.
+    ids: Vec<String>,
+    next: Option<String>,
+    total: Option<u64>,
+}
+
+/// Runs `slice` to its end (or until cancelled), resuming from its committed cursor.
+pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<SliceEnd, WorkerError> {
+    let stem = format!("{}.{:04}", slice.resource_type, slice.index);
+    let (dir, per_file, parts) = (ctx.dir.to_owned(), ctx.per_file, slice.files.clone());
+    let mut writer =
+        tokio::task::spawn_blocking(move || NdjsonWriter::resume(&dir, stem, per_file, parts))
+            .await
+            .expect("writer task panicked")?;
+    let dedupe = slice.searches.len() > 1;
+    while slice.state == SliceState::Pending {
+        let url = slice
+            .next
+            .clone()
+            .unwrap_or_else(|| slice.searches[slice.search_index].clone());
+        let fetched = tokio::select! {
+            _ = ctx.cancel.cancelled() => return Ok(SliceEnd::Stopped),
+            r = ctx.upstream.fetch(&url, |body| convert(body, &slice, dedupe, ctx)) => r,
+        };
+        let page = match fetched {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(job = %slice.job_id, slice = slice.index, error = %e, "slice failed");
+                slice.state = SliceState::Failed {
+                    message: e.to_string(),
+                };
+                return commit(ctx, &slice, &[]);
+            }
+        };
+        let next = match page.next.as_deref().map(|n| ctx.upstream.check_own(n)) {
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(_)) if page.next.as_deref() == Some(url.as_str()) => Err(format!(
+                "upstream next link {url} points at the page itself"
+            )),
+            _ => Ok(page.next.clone()),
+        };
+        let ids = page.ids;
+        let (data, ends) = (page.data, page.ends);
+        let (returned, parts) = tokio::task::spawn_blocking(move || {
+            let mut start = 0;
+            for end in ends {
+                writer.write_line(&data[start..end])?;
+                start = end;
+            }
+            let parts = writer.sync()?;
+            Ok::<_, std::io::Error>((writer, parts))
+        })
+        .await
+        .expect("writer task panicked")?;
+        writer = returned;
+        slice.files = parts;
+        slice.pages += 1;
+        if slice.next.is_none() {
+            if let Some(t) = page.total {
+                slice.total = Some(slice.total.unwrap_or(0) + t);
+            }
+        }
+        match next {
+            Ok(Some(n)) => slice.next = Some(n),
+            Ok(None) => {
+                slice.next = None;
+                slice.search_index += 1;
+                if slice.search_index == slice.searches.len() {
+                    slice.state = SliceState::Done;
+                }
+            }
+            Err(message) => slice.state = SliceState::Failed { message },
+        }
+        if commit(ctx, &slice, &ids)? == SliceEnd::Stopped {
+            return Ok(SliceEnd::Stopped);
+        }
+    }
+    Ok(SliceEnd::Finished)
+}
+
+fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd, WorkerError> {
+    if ctx.store.commit_slice(slice, ids)? {
+        Ok(SliceEnd::Finished)
+    } else {
+        Ok(SliceEnd::Stopped)
+    }
+}
+
+/// The members every resource line is checked for.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(rename = "resourceType", borrow)]
+    resource_type: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+}
+
+/// Parses a page and renders its matches as output lines; an `Err` makes the fetch retry.
+fn convert(
+    body: &bytes::Bytes,
+    slice: &Slice,
+    dedupe: bool,
+    ctx: &SliceContext,
+) -> Result<Page, String> {
+    let page = SearchPage::parse(body)?;
+    let mut out = Page {
+        data: Vec::with_capacity(body.len()),
+        ends: Vec::new(),
+        ids: Vec::new(),
+        next: page.next().map(str::to_owned),
+        total: page.total,
+    };
+    let mut page_ids = HashSet::new();
+    for raw in page.matches() {
+        let head: Head = serde_json::from_str(raw.get())
+            .map_err(|e| format!("resource without resourceType: {e}"))?;
+        if head.resource_type != slice.resource_type {
+            return Err(format!(
+                "a {} search returned a {} as a match",
+                slice.resource_type, head.resource_type
+            ));
+        }
+        if dedupe {
+            let id = head.id.ok_or("a resource has no id")?.into_owned();
+            if !page_ids.insert(id.clone())
+                || ctx.store.seen(slice, &id).map_err(|e| e.to_string())?
+            {
+                continue;
+            }
+            out.ids.push(id);
+        }
+        if ctx.elements.is_empty() {
+            write_compact(raw.get(), &mut out.data);
+        } else {
+            write_subset(raw, &ctx.elements, &mut out.data)?;
+        }
+        out.ends.push(out.data.len());
+    }
+    Ok(out)
+}

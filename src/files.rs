@@ -1,0 +1,68 @@
+//! Streams export files to clients, gzip-compressed on the fly when they accept it.
+
+use std::path::Path;
+
+use async_compression::tokio::bufread::GzipEncoder;
+use futures_util::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, VARY};
+use hyper::Response;
+use tokio::io::BufReader;
+use tokio_util::io::ReaderStream;
+
+use crate::http::{ApiError, Body, BoxError};
+
+/// Whether an `Accept-Encoding` value allows gzip (and does not refuse it with `q=0`).
+pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
+    accept_encoding.is_some_and(|v| {
+        v.split(',').any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused =
+                parts.any(|p| p.replace(' ', "") == "q=0" || p.replace(' ', "") == "q=0.0");
+            name.eq_ignore_ascii_case("gzip") && !refused
+        })
+    })
+}
+
+/// A streaming `application/fhir+ndjson` response of the file at `path`.
+pub async fn serve(path: &Path, gzip: bool) -> Result<Response<Body>, ApiError> {
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    let to_frame = |chunk: bytes::Bytes| Frame::data(chunk);
+    let body: Body = if gzip {
+        let stream = ReaderStream::new(GzipEncoder::new(BufReader::new(file)));
+        StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
+    } else {
+        let stream = ReaderStream::with_capacity(file, 64 * 1024);
+        StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
+    };
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/fhir+ndjson"),
+    );
+    headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
+    if gzip {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    } else {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gzip_negotiation() {
+        assert!(accepts_gzip(Some("gzip")));
+        assert!(accepts_gzip(Some("br, GZIP;q=0.5")));
+        assert!(!accepts_gzip(Some("gzip;q=0")));
+        assert!(!accepts_gzip(Some("identity")));
+        assert!(!accepts_gzip(None));
+    }
+}

@@ -1,0 +1,159 @@
+//! HTTP plumbing shared by the handlers, and the one place where errors become responses.
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Method, Response, StatusCode};
+
+use crate::export::kickoff::KickoffError;
+use crate::outcome::outcome;
+use crate::store::StoreError;
+use crate::upstream::UpstreamError;
+
+/// Error type of response bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Body of every response the proxy sends.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A complete in-memory body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A JSON response with the given content type.
+pub fn json(
+    status: StatusCode,
+    content_type: &'static str,
+    value: &serde_json::Value,
+) -> Response<Body> {
+    let mut response = Response::new(full(value.to_string()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// Everything a request to the proxy's own endpoints can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The kick-off request is invalid.
+    #[error(transparent)]
+    Kickoff(#[from] KickoffError),
+    /// No such job, file or Group (for this client).
+    #[error("{0}")]
+    NotFound(String),
+    /// The endpoint exists but not for this method.
+    #[error("{0} is not supported on this endpoint")]
+    MethodNotAllowed(Method),
+    /// Too many jobs run already.
+    #[error("{message}")]
+    Busy { message: String, retry_after: u64 },
+    /// The client polls faster than `Retry-After` allows.
+    #[error("status polled too often; wait {0} s between polls")]
+    PollTooSoon(u64),
+    /// The request body exceeds the configured limit.
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(usize),
+    /// The request body could not be read.
+    #[error("reading the request body failed: {0}")]
+    BodyRead(String),
+    /// The export job failed as a whole.
+    #[error("{message}")]
+    JobFailed { status: u16, message: String },
+    /// The job store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An upstream call of the proxy's own failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// Pass-through could not reach the upstream.
+    #[error("the upstream FHIR server could not be reached: {0}")]
+    Gateway(String),
+    /// A local file could not be read.
+    #[error("reading an export file failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Kickoff(KickoffError::Param { .. }) => {
+                (StatusCode::BAD_REQUEST, "not-supported")
+            }
+            ApiError::Kickoff(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
+            ApiError::Busy { .. } | ApiError::PollTooSoon(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "throttled")
+            }
+            ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ApiError::JobFailed { status, .. } => (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                "exception",
+            ),
+            ApiError::Store(_) | ApiError::Io(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "exception")
+            }
+            ApiError::Upstream(e) => match e.status().map(|s| s.as_u16()) {
+                Some(404 | 410) => (StatusCode::NOT_FOUND, "not-found"),
+                _ => (StatusCode::BAD_GATEWAY, "transient"),
+            },
+            ApiError::Gateway(_) => (StatusCode::BAD_GATEWAY, "transient"),
+        }
+    }
+
+    /// The response: status, OperationOutcome body, and `Retry-After` where waiting helps.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = json(
+            status,
+            "application/fhir+json",
+            &outcome("error", code, &self.to_string()),
+        );
+        let retry_after = match &self {
+            ApiError::Busy { retry_after, .. } => Some(*retry_after),
+            ApiError::PollTooSoon(secs) => Some(*secs),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn errors_become_operation_outcomes() {
+        let r = ApiError::Kickoff(KickoffError::Param {
+            name: "_since".into(),
+            reason: "bad".into(),
+        })
+        .into_response();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["resourceType"], "OperationOutcome");
+        assert!(v["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .contains("_since"));
+        let r = ApiError::PollTooSoon(3).into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[RETRY_AFTER], "3");
+    }
+}

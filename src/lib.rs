@@ -1,0 +1,12 @@
+//! fhir-bulk-proxy: a reverse proxy that adds FHIR Bulk Data `$export` to a FHIR server lacking it.
+
+pub mod api;
+pub mod config;
+pub mod export;
+pub mod files;
+pub mod http;
+pub mod outcome;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod upstream;

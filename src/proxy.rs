@@ -1,0 +1,333 @@
+//! Pass-through: every request the proxy does not own goes to the upstream and back, streamed.
+
+use std::net::SocketAddr;
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH,
+    CONTENT_LOCATION, CONTENT_TYPE, HOST, LOCATION,
+};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use url::Url;
+
+use crate::http::{full, ApiError, Body, BoxError};
+
+/// Largest CapabilityStatement the proxy will rewrite.
+const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bulk Data Access canonical URLs advertised in the CapabilityStatement.
+const BULK_CAPABILITY: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
+const OPERATION_BASE: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/";
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The forwarding client and the two base URLs it translates between.
+pub struct PassThrough {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>,
+    upstream: Url,
+    public: Url,
+}
+
+impl PassThrough {
+    /// A pass-through from `public` (what clients see) to `upstream`.
+    pub fn new(upstream: Url, public: Url) -> Self {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let client = Client::builder(TokioExecutor::new()).build(https);
+        Self {
+            client,
+            upstream,
+            public,
+        }
+    }
+
+    /// Forwards `req` and streams the upstream's answer back.
+    pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ApiError> {
+        let response = self.send(req, peer).await?;
+        Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+    }
+
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Incoming>, ApiError> {
+        *req.uri_mut() = self.upstream_uri(req.uri())?;
+        prepare_request_headers(req.headers_mut(), peer, &self.upstream);
+        let mut response = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| ApiError::Gateway(error_chain(&e)))?;
+        strip_hop_by_hop(response.headers_mut());
+        for name in [LOCATION, CONTENT_LOCATION] {
+            if let Some(v) = response.headers().get(&name).and_then(|v| v.to_str().ok()) {
+                if let Some(rewritten) = self.rewrite(v) {
+                    response.headers_mut().insert(name, rewritten);
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    /// `GET [base]/metadata`: the upstream's CapabilityStatement with the export operations added.
+    pub async fn metadata(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ApiError> {
+        // The body is rewritten, so ask for it uncompressed.
+        req.headers_mut().remove(ACCEPT_ENCODING);
+        let response = self.send(req, peer).await?;
+        let is_json = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.contains("json"));
+        if response.status() != StatusCode::OK || !is_json {
+            return Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()));
+        }
+        let (mut parts, body) = response.into_parts();
+        let bytes = Limited::new(body, MAX_METADATA_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ApiError::Gateway(format!("reading the CapabilityStatement: {e}")))?
+            .to_bytes();
+        let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(mut statement) if statement["resourceType"] == "CapabilityStatement" => {
+                add_export_operations(&mut statement);
+                bytes::Bytes::from(statement.to_string())
+            }
+            _ => bytes,
+        };
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        Ok(Response::from_parts(parts, full(body)))
+    }
+
+    /// The upstream URI of a request: the public base path swapped for the upstream's.
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ApiError> {
+        let path = uri.path();
+        let public_path = self.public.path().trim_end_matches('/');
+        let upstream_path = self.upstream.path().trim_end_matches('/');
+        let mapped = match path.strip_prefix(public_path) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                format!("{upstream_path}{rest}")
+            }
+            _ => path.to_owned(),
+        };
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let origin = self.upstream.origin().ascii_serialization();
+        format!("{origin}{mapped}{query}")
+            .parse()
+            .map_err(|e| ApiError::Gateway(format!("cannot build upstream URI: {e}")))
+    }
+
+    /// `value` with the upstream base replaced by the public base, if it starts with it.
+    fn rewrite(&self, value: &str) -> Option<HeaderValue> {
+        let upstream = self.upstream.as_str().trim_end_matches('/');
+        let rest = value.strip_prefix(upstream)?;
+        if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
+            return None;
+        }
+        let public = self.public.as_str().trim_end_matches('/');
+        HeaderValue::from_str(&format!("{public}{rest}")).ok()
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, upstream: &Url) {
+    strip_hop_by_hop(headers);
+    let original_host = headers.remove(HOST);
+    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) => format!("{previous}, {}", peer.ip()),
+        None => peer.ip().to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let (false, Some(host)) = (headers.contains_key("x-forwarded-host"), original_host) {
+        headers.insert("x-forwarded-host", host);
+    }
+    if let Some(authority) = upstream.host_str() {
+        let host = match upstream.port() {
+            Some(port) => format!("{authority}:{port}"),
+            None => authority.to_owned(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            headers.insert(HOST, v);
+        }
+    }
+}
+
+/// Adds the Bulk Data operations and canonical to a CapabilityStatement (idempotently).
+pub fn add_export_operations(statement: &mut serde_json::Value) {
+    fn add_operation(target: &mut serde_json::Value, definition: &str) {
+        let Some(obj) = target.as_object_mut() else {
+            return;
+        };
+        let ops = obj
+            .entry("operation")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let Some(ops) = ops.as_array_mut() {
+            let definition = format!("{OPERATION_BASE}{definition}");
+            if !ops.iter().any(|o| o["definition"] == definition.as_str()) {
+                ops.push(serde_json::json!({"name": "export", "definition": definition}));
+            }
+        }
+    }
+    if let Some(obj) = statement.as_object_mut() {
+        let instantiates = obj
+            .entry("instantiates")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let Some(list) = instantiates.as_array_mut() {
+            if !list.iter().any(|v| v == BULK_CAPABILITY) {
+                list.push(BULK_CAPABILITY.into());
+            }
+        }
+    }
+    let Some(rests) = statement["rest"].as_array_mut() else {
+        return;
+    };
+    let Some(rest) = rests.iter_mut().find(|r| r["mode"] == "server") else {
+        return;
+    };
+    add_operation(rest, "export");
+    for resource in rest["resource"].as_array_mut().into_iter().flatten() {
+        match resource["type"].as_str() {
+            Some("Patient") => add_operation(resource, "patient-export"),
+            Some("Group") => add_operation(resource, "group-export"),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass() -> PassThrough {
+        PassThrough::new(
+            Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
+            Url::parse("http://127.0.0.1:7000/r4").unwrap(),
+        )
+    }
+
+    #[test]
+    fn maps_paths_and_rewrites_locations() {
+        let p = pass();
+        let uri = p
+            .upstream_uri(&"/r4/Patient/1/_history?_count=2".parse().unwrap())
+            .unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "http://127.0.0.1:8090/fhir/Patient/1/_history?_count=2"
+        );
+        let uri = p.upstream_uri(&"/r4x/Patient".parse().unwrap()).unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:8090/r4x/Patient");
+        assert_eq!(
+            p.rewrite("http://127.0.0.1:8090/fhir/Patient/1/_history/1")
+                .unwrap(),
+            "http://127.0.0.1:7000/r4/Patient/1/_history/1"
+        );
+        assert!(p.rewrite("http://127.0.0.1:8090/fhirx/Patient").is_none());
+        assert!(p.rewrite("http://elsewhere/fhir/Patient").is_none());
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert(HOST, HeaderValue::from_static("proxy.example:443"));
+        prepare_request_headers(
+            &mut h,
+            "10.0.0.1:5000".parse().unwrap(),
+            &Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
+        );
+        assert!(
+            h.get("x-secret").is_none()
+                && h.get(CONNECTION).is_none()
+                && h.get("keep-alive").is_none()
+        );
+        assert_eq!(h["x-kept"], "1");
+        assert_eq!(h[HOST], "127.0.0.1:8090");
+        assert_eq!(h["x-forwarded-host"], "proxy.example:443");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn capability_statement_gains_export_operations_once() {
+        let mut cs = serde_json::json!({"resourceType":"CapabilityStatement","rest":[{"mode":"server",
+            "resource":[{"type":"Patient"},{"type":"Group","operation":[]},{"type":"Observation"}]}]});
+        add_export_operations(&mut cs);
+        add_export_operations(&mut cs);
+        assert_eq!(cs["instantiates"], serde_json::json!([BULK_CAPABILITY]));
+        assert_eq!(cs["rest"][0]["operation"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            cs["rest"][0]["resource"][0]["operation"][0]["definition"],
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
+        );
+        assert_eq!(
+            cs["rest"][0]["resource"][1]["operation"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(cs["rest"][0]["resource"][2].get("operation").is_none());
+    }
+}

@@ -1,0 +1,112 @@
+//! Process start-up: opens the store, resumes jobs, and serves HTTP until told to stop.
+
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+
+use crate::api::App;
+use crate::config::Config;
+use crate::export::runner::Runner;
+use crate::store::{Store, StoreError};
+use crate::upstream::Upstream;
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The job store could not be opened or resumed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The data directory or listener could not be set up.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    /// The upstream HTTP client could not be built.
+    #[error("cannot build the upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Runs the proxy until SIGTERM or Ctrl-C.
+pub async fn run(config: Config) -> Result<(), ServerError> {
+    let data_dir = config.export.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::Io {
+        what: format!("cannot create data directory {}", data_dir.display()),
+        source,
+    })?;
+    let store = Arc::new(Store::open(&data_dir.join("store"))?);
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|source| ServerError::Io {
+            what: format!("cannot listen on {}", config.server.listen),
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| ServerError::Io {
+        what: "cannot read the bound address".into(),
+        source,
+    })?;
+    let public_base = config.public_base(bound);
+    let upstream = Arc::new(Upstream::new(&config.upstream)?);
+    let runner = Runner::new(
+        store.clone(),
+        upstream.clone(),
+        config.export.clone(),
+        data_dir.join("files"),
+    );
+    runner.start().await?;
+    runner.spawn_reaper();
+    let app = Arc::new(App::new(
+        config,
+        public_base.clone(),
+        store.clone(),
+        upstream,
+        runner,
+    ));
+
+    tracing::info!(%bound, %public_base, "listening");
+    // Tests and scripts read this one stdout line to learn the port.
+    println!("listening on {bound}, public base {public_base}");
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let app = app.clone();
+                async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down");
+    store.flush().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,421 @@
+//! Durable job state: job records, slice cursors and dedup sets, in sled.
+//!
+//! Everything that touches sled lives here, so the engine can be swapped without touching the export path.
+//! Records are JSON so that a store can be inspected with ordinary tools.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+/// Errors of the job store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled could not open the store; the directory is left untouched.
+    #[error("cannot open job store at {path}: {source} (the directory is left as it is; move it aside to start empty)")]
+    Open { path: String, source: sled::Error },
+    /// A read or write failed.
+    #[error("job store error: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record does not decode: the store is damaged or from an incompatible version.
+    #[error("job store record {key} is unreadable: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Which population a job exports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Level {
+    /// `[base]/$export`: every resource of the listed types.
+    System,
+    /// `[base]/Patient/$export`: the Patient compartments of all patients.
+    Patient,
+    /// `[base]/Group/[id]/$export`: the Patient compartments of the group's members.
+    Group { id: String },
+}
+
+/// What a kick-off asked for, after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportSpec {
+    /// Population to export.
+    pub level: Level,
+    /// Requested `_outputFormat` as given (all accepted values mean NDJSON).
+    pub output_format: String,
+    /// `_since` as a FHIR instant.
+    pub since: Option<String>,
+    /// `_type`, or empty for all types the level allows.
+    pub types: Vec<String>,
+    /// `_typeFilter` queries by type: each a query string without the leading `Type?`.
+    pub type_filters: Vec<(String, String)>,
+    /// `_elements`: `Type.element` or bare `element` entries.
+    pub elements: Vec<String>,
+    /// `patient` references (ids only), Patient and Group level.
+    pub patients: Vec<String>,
+}
+
+/// Lifecycle of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum JobState {
+    /// Accepted, not yet planned.
+    Accepted,
+    /// Planned into slices, which are being fetched.
+    Running,
+    /// Every slice ended; the manifest is available.
+    Completed,
+    /// The job as a whole failed; status answers `status` with `message`.
+    Failed { status: u16, message: String },
+}
+
+/// One export job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// 32 lowercase hex digits.
+    pub id: String,
+    /// The kick-off URL, as the manifest's `request`.
+    pub request: String,
+    /// The validated request.
+    pub spec: ExportSpec,
+    /// Where the job is.
+    pub state: JobState,
+    /// Snapshot instant: nothing updated after it is exported.
+    pub transaction_time: String,
+    /// Unix seconds of kick-off.
+    pub created: i64,
+    /// Unix seconds after which a finished job is removed.
+    pub expires: Option<i64>,
+    /// Client that started the job, when authorization is on.
+    pub owner: Option<String>,
+    /// Messages for the manifest's OperationOutcome (ignored parameters, failed slices).
+    pub notes: Vec<String>,
+    /// The OperationOutcome NDJSON file written at completion, if there was anything to report.
+    pub error_file: Option<FilePart>,
+}
+
+impl Job {
+    /// Whether the job still needs work.
+    pub fn is_active(&self) -> bool {
+        matches!(self.state, JobState::Accepted | JobState::Running)
+    }
+}
+
+/// One NDJSON file of a slice, as far as it is committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePart {
+    /// File name inside the job's directory.
+    pub name: String,
+    /// Resources (lines) committed.
+    pub lines: u64,
+    /// Bytes committed; a resumed job truncates the file back to this.
+    pub bytes: u64,
+}
+
+/// Where a slice is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum SliceState {
+    /// More pages to fetch.
+    Pending,
+    /// Every page fetched.
+    Done,
+    /// Gave up; what was written stays, the message goes to the error file.
+    Failed { message: String },
+}
+
+/// A resumable unit of work: one resource type, one or more searches fetched in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slice {
+    /// Owning job.
+    pub job_id: String,
+    /// Position within the job; names its files.
+    pub index: u32,
+    /// Resource type all searches return.
+    pub resource_type: String,
+    /// First-page URLs; more than one means OR-ed `_typeFilter` queries, deduplicated by id.
+    pub searches: Vec<String>,
+    /// Index into `searches` of the search under way.
+    pub search_index: usize,
+    /// Next page to fetch of the current search; `None` means its first page.
+    pub next: Option<String>,
+    /// Progress state.
+    pub state: SliceState,
+    /// Files written, the last one possibly still growing.
+    pub files: Vec<FilePart>,
+    /// Pages fetched.
+    pub pages: u64,
+    /// Sum of `Bundle.total` of the searches started, when the upstream gave it.
+    pub total: Option<u64>,
+}
+
+impl Slice {
+    /// Resources written so far.
+    pub fn lines(&self) -> u64 {
+        self.files.iter().map(|f| f.lines).sum()
+    }
+}
+
+/// The sled-backed store.
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    slices: sled::Tree,
+    seen: sled::Tree,
+}
+
+fn slice_key(job_id: &str, index: u32) -> String {
+    format!("{job_id}/{index:08}")
+}
+
+fn seen_key(job_id: &str, index: u32, id: &str) -> String {
+    format!("{job_id}/{index:08}/{id}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+fn decode<T: for<'a> Deserialize<'a>>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn abort(e: TransactionError<()>) -> Option<StoreError> {
+    match e {
+        TransactionError::Abort(()) => None,
+        TransactionError::Storage(e) => Some(e.into()),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`; a damaged store is an error, never silently emptied.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let open = || -> Result<Self, sled::Error> {
+            let db = sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()?;
+            Ok(Self {
+                jobs: db.open_tree("jobs")?,
+                slices: db.open_tree("slices")?,
+                seen: db.open_tree("seen")?,
+                db,
+            })
+        };
+        let store = open().map_err(|source| StoreError::Open {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        // Decode every job now: a damaged record must stop start-up, not surface mid-export.
+        store.jobs()?;
+        Ok(store)
+    }
+
+    /// Makes every write so far durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Inserts or replaces a job record.
+    pub fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.jobs.insert(job.id.as_bytes(), encode(job))?;
+        Ok(())
+    }
+
+    /// Reads one job.
+    pub fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        match self.jobs.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every job.
+    pub fn jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Replaces an existing job record; false (and nothing written) if the job was deleted meanwhile.
+    pub fn replace_job(&self, job: &Job) -> Result<bool, StoreError> {
+        self.commit_plan(job, &[])
+    }
+
+    /// Stores a job's plan and its new state in one atomic step, unless the job was deleted meanwhile.
+    pub fn commit_plan(&self, job: &Job, slices: &[Slice]) -> Result<bool, StoreError> {
+        let result = (&self.jobs, &self.slices).transaction(|(jobs, tx_slices)| {
+            if jobs.get(job.id.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            for s in slices {
+                tx_slices.insert(slice_key(&s.job_id, s.index).as_bytes(), encode(s))?;
+            }
+            jobs.insert(job.id.as_bytes(), encode(job))?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => abort(e).map_or(Ok(false), Err),
+        }
+    }
+
+    /// The slices of a job, in index order.
+    pub fn slices(&self, job_id: &str) -> Result<Vec<Slice>, StoreError> {
+        self.slices
+            .scan_prefix(format!("{job_id}/").as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Commits a slice cursor and the ids it newly wrote (for deduplicated slices), unless the job is gone.
+    ///
+    /// Returns false when the job was deleted meanwhile, so a cancelled job never gets records back.
+    pub fn commit_slice(&self, slice: &Slice, new_ids: &[String]) -> Result<bool, StoreError> {
+        let result = (&self.jobs, &self.slices, &self.seen).transaction(|(jobs, slices, seen)| {
+            if jobs.get(slice.job_id.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            for id in new_ids {
+                seen.insert(seen_key(&slice.job_id, slice.index, id).as_bytes(), &[])?;
+            }
+            slices.insert(
+                slice_key(&slice.job_id, slice.index).as_bytes(),
+                encode(slice),
+            )?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => abort(e).map_or(Ok(false), Err),
+        }
+    }
+
+    /// Whether a deduplicated slice has already written resource `id`.
+    pub fn seen(&self, slice: &Slice, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .seen
+            .contains_key(seen_key(&slice.job_id, slice.index, id).as_bytes())?)
+    }
+
+    /// Removes a job with its slices and dedup sets.
+    pub fn delete_job(&self, id: &str) -> Result<(), StoreError> {
+        self.jobs.remove(id.as_bytes())?;
+        let prefix = format!("{id}/");
+        for tree in [&self.slices, &self.seen] {
+            let mut batch = sled::Batch::default();
+            for key in tree.scan_prefix(prefix.as_bytes()).keys() {
+                batch.remove(key?);
+            }
+            tree.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn job(id: &str) -> Job {
+        Job {
+            id: id.into(),
+            request: "http://proxy/fhir/$export".into(),
+            spec: ExportSpec {
+                level: Level::System,
+                output_format: "application/fhir+ndjson".into(),
+                since: None,
+                types: vec![],
+                type_filters: vec![],
+                elements: vec![],
+                patients: vec![],
+            },
+            state: JobState::Accepted,
+            transaction_time: "2026-01-01T00:00:00.000Z".into(),
+            created: 0,
+            expires: None,
+            owner: None,
+            notes: vec![],
+            error_file: None,
+        }
+    }
+
+    fn slice(job_id: &str, index: u32) -> Slice {
+        Slice {
+            job_id: job_id.into(),
+            index,
+            resource_type: "Patient".into(),
+            searches: vec!["http://u/Patient".into()],
+            search_index: 0,
+            next: None,
+            state: SliceState::Pending,
+            files: vec![],
+            pages: 0,
+            total: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_and_deletes_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut j = job("a");
+            assert!(
+                !store.commit_plan(&j, &[slice("a", 0)]).unwrap(),
+                "plan of a deleted job"
+            );
+            store.put_job(&j).unwrap();
+            j.state = JobState::Running;
+            assert!(store
+                .commit_plan(&j, &[slice("a", 0), slice("a", 1)])
+                .unwrap());
+            store.put_job(&job("b")).unwrap();
+            let mut s = slice("a", 1);
+            s.pages = 3;
+            assert!(store.commit_slice(&s, &["x".into()]).unwrap());
+            store.flush().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.jobs().unwrap().len(), 2);
+        let slices = store.slices("a").unwrap();
+        assert_eq!(slices.len(), 2);
+        assert_eq!(slices[1].pages, 3);
+        assert!(store.seen(&slices[1], "x").unwrap());
+        assert!(store.slices("b").unwrap().is_empty());
+        store.delete_job("a").unwrap();
+        assert!(store.job("a").unwrap().is_none());
+        assert!(store.slices("a").unwrap().is_empty());
+        assert!(!store.seen(&slices[1], "x").unwrap());
+        // A worker finishing a page after cancellation must not resurrect the slice.
+        assert!(!store.commit_slice(&slices[1], &[]).unwrap());
+        assert!(store.slices("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn damaged_record_is_reported_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.jobs.insert(b"bad", b"{not json".to_vec()).unwrap();
+            store.db.flush().unwrap();
+        }
+        match Store::open(dir.path()) {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "bad"),
+            other => panic!("expected Corrupt, got {:?}", other.err()),
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The proxy's own calls to the upstream FHIR server: rate-limited, bounded, retried.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::Rng;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::StatusCode;
+use serde::Deserialize;
+use tokio::sync::{RwLock, Semaphore};
+use url::Url;
+
+use crate::config::UpstreamConfig;
+
+/// How long a fetched CapabilityStatement is trusted.
+const CAPABILITY_TTL: Duration = Duration::from_secs(300);
+
+/// Errors of upstream calls, after retries.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream answered with a status that retrying does not fix (or retries ran out).
+    #[error("upstream answered {status} for {url}: {detail}")]
+    Status {
+        status: StatusCode,
+        url: String,
+        detail: String,
+    },
+    /// Connection, timeout or body errors, after the last retry.
+    #[error("upstream request to {url} failed: {detail}")]
+    Transport { url: String, detail: String },
+    /// The body arrived but is not what FHIR promised (not JSON, not a Bundle, too large…).
+    #[error("upstream response from {url} is unusable: {detail}")]
+    Invalid { url: String, detail: String },
+    /// A URL (a `next` link, a reference) points outside the upstream: never followed.
+    #[error("refusing to follow {url}: it is not under the upstream base {base}")]
+    Foreign { url: String, base: String },
+}
+
+impl UpstreamError {
+    /// The upstream's own HTTP status, when it gave one.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            UpstreamError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// What the upstream's CapabilityStatement says the export can search.
+#[derive(Debug, Default, Clone)]
+pub struct Capability {
+    /// Searchable resource types and their search parameters.
+    pub types: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Capability {
+    /// Reads `rest[mode=server].resource[]` with a `search-type` interaction.
+    pub fn from_statement(statement: &serde_json::Value) -> Capability {
+        let mut types = BTreeMap::new();
+        let rests = statement["rest"].as_array().into_iter().flatten();
+        for rest in rests.filter(|r| r["mode"] == "server") {
+            for resource in rest["resource"].as_array().into_iter().flatten() {
+                let searchable = resource["interaction"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|i| i["code"] == "search-type");
+                let Some(name) = resource["type"].as_str() else {
+                    continue;
+                };
+                if searchable {
+                    let params = resource["searchParam"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                        .collect();
+                    types.insert(name.to_owned(), params);
+                }
+            }
+        }
+        Capability { types }
+    }
+}
+
+/// Client for the proxy's own upstream requests.
+pub struct Upstream {
+    http: reqwest::Client,
+    base: Url,
+    auth: Option<HeaderValue>,
+    limiter: DefaultDirectRateLimiter,
+    permits: Semaphore,
+    max_retries: u32,
+    retry_base: Duration,
+    retry_max: Duration,
+    max_page_bytes: usize,
+    capability: RwLock<Option<(Instant, Arc<Capability>)>>,
+}
+
+impl Upstream {
+    /// Builds the client from config.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(cfg.timeout_secs))
+            .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(10)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(cfg.max_concurrent_requests)
+            .build()?;
+        let auth = cfg.bearer_token.as_ref().map(|t| {
+            let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+            v.set_sensitive(true);
+            v
+        });
+        let rps = NonZeroU32::new(cfg.requests_per_second).unwrap_or(NonZeroU32::MIN);
+        Ok(Self {
+            http,
+            base: cfg.base_url.clone(),
+            auth,
+            limiter: RateLimiter::direct(Quota::per_second(rps)),
+            permits: Semaphore::new(cfg.max_concurrent_requests),
+            max_retries: cfg.max_retries,
+            retry_base: Duration::from_millis(cfg.retry_base_ms),
+            retry_max: Duration::from_millis(cfg.retry_max_ms),
+            max_page_bytes: cfg.max_page_bytes,
+            capability: RwLock::new(None),
+        })
+    }
+
+    /// The upstream FHIR base URL.
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// `[base]/{path}` with no query.
+    pub fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        url.set_path(&format!(
+            "{}/{}",
+            self.base.path().trim_end_matches('/'),
+            path
+        ));
+        url
+    }
+
+    /// Checks that `url` is under the upstream base, so the proxy's credentials never leave it.
+    pub fn check_own(&self, url: &str) -> Result<Url, UpstreamError> {
+        let foreign = || UpstreamError::Foreign {
+            url: url.to_owned(),
+            base: self.base.to_string(),
+        };
+        let parsed = Url::parse(url).map_err(|_| foreign())?;
+        let base_path = self.base.path().trim_end_matches('/');
+        let under_base =
+            parsed.path() == base_path || parsed.path().starts_with(&format!("{base_path}/"));
+        if parsed.origin() != self.base.origin() || !under_base {
+            return Err(foreign());
+        }
+        Ok(parsed)
+    }
+
+    /// The upstream's CapabilityStatement digest, cached for a few minutes.
+    pub async fn capability(&self) -> Result<Arc<Capability>, UpstreamError> {
+        if let Some((at, cap)) = self.capability.read().await.as_ref() {
+            if at.elapsed() < CAPABILITY_TTL {
+                return Ok(cap.clone());
+            }
+        }
+        let url = self.url("metadata");
+        let statement: serde_json::Value = self
+            .fetch(url.as_str(), |b| {
+                serde_json::from_slice(b).map_err(|e| e.to_string())
+            })
+            .await?;
+        let cap = Arc::new(Capability::from_statement(&statement));
+        *self.capability.write().await = Some((Instant::now(), cap.clone()));
+        Ok(cap)
+    }
+
+    /// GETs `url` and parses the body with `parse`, retrying transient failures.
+    ///
+    /// Retried: 429, 5xx, connection errors, timeouts, truncated bodies and bodies `parse` rejects
+    /// (a proxy in between may have cut them). `Retry-After` is honoured up to `retry_max_ms`.
+    pub async fn fetch<T>(
+        &self,
+        url: &str,
+        parse: impl Fn(&Bytes) -> Result<T, String>,
+    ) -> Result<T, UpstreamError> {
+        let target = self.check_own(url)?;
+        let mut attempt = 0;
+        loop {
+            let (err, retry_after) = match self.fetch_once(&target).await {
+                Ok(body) => match parse(&body) {
+                    Ok(v) => return Ok(v),
+                    Err(detail) => (
+                        UpstreamError::Invalid {
+                            url: url.to_owned(),
+                            detail,
+                        },
+                        None,
+                    ),
+                },
+                Err(Attempt::Final(e)) => return Err(e),
+                Err(Attempt::Retry(e, retry_after)) => (e, retry_after),
+            };
+            if attempt >= self.max_retries {
+                return Err(err);
+            }
+            let delay = self.backoff(attempt, retry_after);
+            tracing::warn!(url, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream request");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = self.retry_base.saturating_mul(1u32 << attempt.min(16));
+        let capped = exp.min(self.retry_max);
+        // Full jitter over the upper half keeps clients that failed together from retrying together.
+        let jittered = capped / 2 + capped.mul_f64(rand::thread_rng().gen::<f64>() / 2.0);
+        match retry_after {
+            Some(ra) => ra.min(self.retry_max).max(jittered),
+            None => jittered,
+        }
+    }
+
+    async fn fetch_once(&self, url: &Url) -> Result<Bytes, Attempt> {
+        self.limiter.until_ready().await;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let transport = |e: reqwest::Error| {
+            Attempt::Retry(
+                UpstreamError::Transport {
+                    url: url.to_string(),
+                    detail: e.to_string(),
+                },
+                None,
+            )
+        };
+        let mut request = self
+            .http
+            .get(url.clone())
+            .header(ACCEPT, "application/fhir+json");
+        if let Some(auth) = &self.auth {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let mut response = request.send().await.map_err(transport)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after);
+            let detail = response
+                .text()
+                .await
+                .map(|t| t.chars().take(500).collect())
+                .unwrap_or_default();
+            let err = UpstreamError::Status {
+                status,
+                url: url.to_string(),
+                detail,
+            };
+            return Err(
+                if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                    Attempt::Retry(err, retry_after)
+                } else {
+                    Attempt::Final(err)
+                },
+            );
+        }
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+            if body.len() + chunk.len() > self.max_page_bytes {
+                return Err(Attempt::Final(UpstreamError::Invalid {
+                    url: url.to_string(),
+                    detail: format!("body larger than max_page_bytes ({})", self.max_page_bytes),
+                }));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+}
+
+enum Attempt {
+    Retry(UpstreamError, Option<Duration>),
+    Final(UpstreamError),
+}
+
+/// `Retry-After` as delay-seconds or an HTTP-date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    if let Ok(secs) = value.trim().parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value.trim()).ok()?;
+    let delta = when.signed_duration_since(chrono::Utc::now());
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The parts of a searchset Bundle the proxy needs; resources stay raw JSON.
+#[derive(Debug, Deserialize)]
+pub struct SearchPage<'a> {
+    /// Must be `Bundle`.
+    #[serde(rename = "resourceType")]
+    pub resource_type: String,
+    /// `Bundle.total`, when the upstream counts.
+    pub total: Option<u64>,
+    /// Paging links.
+    #[serde(default)]
+    pub link: Vec<Link>,
+    /// Entries; only `search.mode = match` (or no mode) are results.
+    #[serde(default, borrow)]
+    pub entry: Vec<Entry<'a>>,
+}
+
+/// `Bundle.link`.
+#[derive(Debug, Deserialize)]
+pub struct Link {
+    /// `next`, `self`…
+    pub relation: String,
+    /// Target.
+    pub url: String,
+}
+
+/// `Bundle.entry`, resource kept as raw JSON so it is written exactly as received.
+#[derive(Debug, Deserialize)]
+pub struct Entry<'a> {
+    /// The resource.
+    #[serde(borrow)]
+    pub resource: Option<&'a serde_json::value::RawValue>,
+    /// `entry.search`.
+    pub search: Option<EntrySearch>,
+}
+
+/// `Bundle.entry.search`.
+#[derive(Debug, Deserialize)]
+pub struct EntrySearch {
+    /// `match`, `include` or `outcome`.
+    pub mode: Option<String>,
+}
+
+impl<'a> SearchPage<'a> {
+    /// Parses a page, checking it is a Bundle.
+    pub fn parse(body: &'a [u8]) -> Result<Self, String> {
+        let page: SearchPage =
+            serde_json::from_slice(body).map_err(|e| format!("not a JSON Bundle: {e}"))?;
+        if page.resource_type != "Bundle" {
+            return Err(format!("expected a Bundle, got {}", page.resource_type));
+        }
+        Ok(page)
+    }
+
+    /// The `next` link, if any.
+    pub fn next(&self) -> Option<&str> {
+        self.link
+            .iter()
+            .find(|l| l.relation == "next")
+            .map(|l| l.url.as_str())
+    }
+
+    /// The search results (entries in `match` mode).
+    pub fn matches(&self) -> impl Iterator<Item = &'a serde_json::value::RawValue> + '_ {
+        self.entry.iter().filter_map(|e| {
+            let is_match = e
+                .search
+                .as_ref()
+                .and_then(|s| s.mode.as_deref())
+                .is_none_or(|m| m == "match");
+            e.resource.filter(|_| is_match)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(base: &str) -> Upstream {
+        let cfg: crate::config::Config =
+            toml::from_str(&format!("[upstream]\nbase_url = \"{base}\"\n")).unwrap();
+        Upstream::new(&cfg.upstream).unwrap()
+    }
+
+    #[test]
+    fn only_urls_under_the_base_are_own() {
+        let u = upstream("http://127.0.0.1:8090/fhir");
+        assert!(u
+            .check_own("http://127.0.0.1:8090/fhir/Patient?_offset=5")
+            .is_ok());
+        for foreign in [
+            "http://127.0.0.1:8091/fhir/Patient",
+            "https://127.0.0.1:8090/fhir/Patient",
+            "http://localhost:8090/fhir/Patient",
+            "http://127.0.0.1:8090/fhirx/Patient",
+            "http://127.0.0.1:8090/other",
+            "/fhir/Patient",
+        ] {
+            assert!(u.check_own(foreign).is_err(), "{foreign} accepted");
+        }
+    }
+
+    #[test]
+    fn page_keeps_matches_only_and_finds_next() {
+        let body = br#"{"resourceType":"Bundle","total":2,"link":[{"relation":"self","url":"a"},{"relation":"next","url":"b"}],
+            "entry":[{"resource":{"resourceType":"Patient","id":"1"},"search":{"mode":"match"}},
+                     {"resource":{"resourceType":"Organization","id":"o"},"search":{"mode":"include"}},
+                     {"resource":{"resourceType":"Patient","id":"2"}}]}"#;
+        let page = SearchPage::parse(body).unwrap();
+        assert_eq!(page.next(), Some("b"));
+        assert_eq!(page.total, Some(2));
+        let ids: Vec<_> = page.matches().map(|r| r.get()).collect();
+        assert_eq!(
+            ids,
+            [
+                r#"{"resourceType":"Patient","id":"1"}"#,
+                r#"{"resourceType":"Patient","id":"2"}"#
+            ]
+        );
+        assert!(SearchPage::parse(br#"{"resourceType":"Patient"}"#).is_err());
+        assert!(SearchPage::parse(b"<html>").is_err());
+    }
+
+    #[test]
+    fn retry_after_accepts_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn capability_lists_searchable_types_with_params() {
+        let cs = serde_json::json!({"rest":[{"mode":"server","resource":[
+            {"type":"Patient","interaction":[{"code":"read"},{"code":"search-type"}],"searchParam":[{"name":"_id"}]},
+            {"type":"Binary","interaction":[{"code":"read"}]}]}]});
+        let cap = Capability::from_statement(&cs);
+        assert_eq!(cap.types.keys().collect::<Vec<_>>(), ["Patient"]);
+        assert!(cap.types["Patient"].contains("_id"));
+    }
+}
