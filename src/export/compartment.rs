@@ -82,9 +82,9 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
 
 /// The parameter that finds a type's resources by patient, given what the upstream supports.
 ///
-/// `patient` is preferred wherever the upstream has it: it is the record's own patient (e.g.
-/// `Observation.subject` restricted to Patient), whereas `performer`, `author`… would pull in records
-/// where the patient only acted. `None` when the type is outside the compartment or the upstream has no
+/// `patient`, then `subject`, are preferred wherever the upstream has them: they are the record's own
+/// patient (e.g. `Observation.subject`), whereas `performer`, `author`… would pull in records where the
+/// patient only acted. `None` when the type is outside the compartment or the upstream has no
 /// linking parameter for it.
 pub fn patient_param<'a>(
     resource_type: &str,
@@ -93,7 +93,8 @@ pub fn patient_param<'a>(
     let (_, params) = PATIENT_COMPARTMENT
         .iter()
         .find(|(t, _)| *t == resource_type)?;
-    std::iter::once(&"patient")
+    ["patient", "subject"]
+        .iter()
         .chain(params.iter())
         .find_map(|p| upstream_params.get(*p).map(String::as_str))
 }

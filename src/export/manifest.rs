@@ -15,7 +15,9 @@ pub fn file_url(public_base: &Url, job_id: &str, name: &str) -> String {
     )
 }
 
-/// `X-Progress` text: a percentage when every started search reported `Bundle.total`, else pages done.
+/// `X-Progress` text: a percentage when the upstream reports `Bundle.total`, else pages fetched.
+///
+/// Each search counts equally; a running one counts by the share of its `Bundle.total` written.
 pub fn progress(job: &Job, slices: &[Slice]) -> String {
     if slices.is_empty() {
         return format!("{} (planning)", state_word(job));
@@ -24,27 +26,29 @@ pub fn progress(job: &Job, slices: &[Slice]) -> String {
         .iter()
         .filter(|s| s.state != SliceState::Pending)
         .count();
+    let written: u64 = slices.iter().map(Slice::lines).sum();
     let pages: u64 = slices.iter().map(|s| s.pages).sum();
-    let totals: Option<u64> = slices
+    let searches = slices.len();
+    let running_shares: Option<Vec<f64>> = slices
         .iter()
+        .filter(|s| s.state == SliceState::Pending && s.pages > 0)
         .map(|s| {
-            if s.state == SliceState::Pending {
-                s.total
-            } else {
-                Some(s.lines())
-            }
+            s.total.map(|t| {
+                if t == 0 {
+                    1.0
+                } else {
+                    (s.lines() as f64 / t as f64).min(1.0)
+                }
+            })
         })
-        .sum();
-    match totals {
-        Some(total) if total > 0 => {
-            let written: u64 = slices.iter().map(Slice::lines).sum();
-            let pct = (written * 100 / total).min(99);
-            format!("{pct}% complete ({written} of {total} resources)")
+        .collect();
+    match running_shares {
+        Some(shares) if slices.iter().any(|s| s.total.is_some()) => {
+            let done = finished as f64 + shares.iter().sum::<f64>();
+            let pct = ((done * 100.0 / searches as f64) as u64).min(99);
+            format!("{pct}% complete ({written} resources, {finished} of {searches} searches finished)")
         }
-        _ => format!(
-            "{pages} pages fetched, {finished} of {} searches finished",
-            slices.len()
-        ),
+        _ => format!("{pages} pages fetched ({written} resources, {finished} of {searches} searches finished)"),
     }
 }
 
@@ -125,4 +129,66 @@ pub fn error_lines(job: &Job, slices: &[Slice]) -> Vec<String> {
         .iter()
         .map(|n| crate::outcome::outcome("information", "informational", n));
     failures.chain(notes).map(|o| o.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ExportSpec, JobState, Level};
+
+    fn job() -> Job {
+        Job {
+            id: "j".into(),
+            request: "r".into(),
+            spec: ExportSpec {
+                level: Level::System,
+                output_format: "ndjson".into(),
+                since: None,
+                types: vec![],
+                type_filters: vec![],
+                elements: vec![],
+                patients: vec![],
+            },
+            state: JobState::Running,
+            transaction_time: "t".into(),
+            created: 0,
+            expires: None,
+            owner: None,
+            notes: vec![],
+            error_file: None,
+        }
+    }
+
+    fn slice(state: SliceState, pages: u64, lines: u64, total: Option<u64>) -> Slice {
+        Slice {
+            job_id: "j".into(),
+            index: 0,
+            resource_type: "Patient".into(),
+            searches: vec!["u".into()],
+            search_index: 0,
+            next: None,
+            state,
+            files: vec![FilePart {
+                name: "f".into(),
+                lines,
+                bytes: 0,
+            }],
+            pages,
+            total,
+        }
+    }
+
+    #[test]
+    fn progress_is_a_percentage_when_totals_are_known() {
+        let slices = [
+            slice(SliceState::Done, 2, 10, Some(10)),
+            slice(SliceState::Pending, 1, 5, Some(10)),
+            slice(SliceState::Pending, 0, 0, None),
+            slice(SliceState::Pending, 0, 0, None),
+        ];
+        assert!(progress(&job(), &slices).starts_with("37% complete (15 resources, 1 of 4"));
+        let unknown = [slice(SliceState::Pending, 3, 7, None)];
+        assert!(progress(&job(), &unknown).starts_with("3 pages fetched (7 resources"));
+        assert_eq!(progress(&job(), &[]), "accepted (planning)");
+    }
 }
