@@ -211,7 +211,8 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, upstream: 
     }
 }
 
-/// Adds the Bulk Data operations and canonical to a CapabilityStatement (idempotently).
+/// Adds the Bulk Data operations and canonical to a CapabilityStatement, replacing any `export` the
+/// upstream lists (idempotent).
 pub fn add_export_operations(statement: &mut serde_json::Value) {
     fn add_operation(target: &mut serde_json::Value, definition: &str) {
         let Some(obj) = target.as_object_mut() else {
@@ -221,10 +222,10 @@ pub fn add_export_operations(statement: &mut serde_json::Value) {
             .entry("operation")
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         if let Some(ops) = ops.as_array_mut() {
+            // The upstream may advertise an `export` it cannot run; the proxy's is the one that works.
+            ops.retain(|o| o["name"] != "export");
             let definition = format!("{OPERATION_BASE}{definition}");
-            if !ops.iter().any(|o| o["definition"] == definition.as_str()) {
-                ops.push(serde_json::json!({"name": "export", "definition": definition}));
-            }
+            ops.push(serde_json::json!({"name": "export", "definition": definition}));
         }
     }
     if let Some(obj) = statement.as_object_mut() {
@@ -312,7 +313,7 @@ mod tests {
     #[test]
     fn capability_statement_gains_export_operations_once() {
         let mut cs = serde_json::json!({"resourceType":"CapabilityStatement","rest":[{"mode":"server",
-            "resource":[{"type":"Patient"},{"type":"Group","operation":[]},{"type":"Observation"}]}]});
+            "resource":[{"type":"Patient"},{"type":"Group","operation":[{"name":"export","definition":"x"}]},{"type":"Observation"}]}]});
         add_export_operations(&mut cs);
         add_export_operations(&mut cs);
         assert_eq!(cs["instantiates"], serde_json::json!([BULK_CAPABILITY]));

@@ -1,0 +1,634 @@
+//! Shared harness of the integration tests: runs the real binary against the real upstream.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Base URL of the read-only upstream loaded with synthetic patients (set by `tests/run`).
+pub fn upstream() -> String {
+    std::env::var("FBP_TEST_UPSTREAM")
+        .expect("FBP_TEST_UPSTREAM is not set: run the integration tests through tests/run")
+}
+
+/// Base URL of the upstream that tests may write to (set by `tests/run`).
+pub fn upstream_rw() -> String {
+    std::env::var("FBP_TEST_UPSTREAM_RW")
+        .expect("FBP_TEST_UPSTREAM_RW is not set: run the integration tests through tests/run")
+}
+
+/// A running proxy process with its own data directory.
+pub struct Proxy {
+    /// Public FHIR base URL of the proxy, e.g. `http://127.0.0.1:PORT/fhir`.
+    pub base: String,
+    /// The data directory (kept across restarts of the same `Proxy`).
+    pub data_dir: PathBuf,
+    config: PathBuf,
+    child: Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Proxy {
+    /// Starts the proxy in front of `upstream`; `extra_export_toml` is appended to the `[export]` table.
+    pub fn start(upstream: &str, extra_export_toml: &str) -> Proxy {
+        Proxy::start_with_config(upstream, extra_export_toml, "")
+    }
+
+    /// Like `start`, with `upstream_toml` appended to the `[upstream]` table. The fast polling defaults
+    /// (`min_poll_interval_ms = 0`, `retry_after_secs = 1`) apply unless `export_toml` sets those keys,
+    /// since TOML rejects a key set twice.
+    pub fn start_with_config(upstream: &str, export_toml: &str, upstream_toml: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = dir.path().join("proxy.toml");
+        let mut defaults = String::new();
+        for (key, value) in [("min_poll_interval_ms", "0"), ("retry_after_secs", "1")] {
+            if !sets_key(export_toml, key) {
+                defaults.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{upstream}\"\n{upstream_toml}\n\n\
+                 [export]\ndata_dir = \"{}\"\n{defaults}{export_toml}\n",
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+        let (child, base) = spawn(&config);
+        Proxy {
+            base,
+            data_dir,
+            config,
+            child,
+            _dir: Some(dir),
+        }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts the process again on the same config and data directory (new port).
+    pub fn restart(&mut self) {
+        let (child, base) = spawn(&self.config);
+        self.child = child;
+        self.base = base;
+    }
+
+    /// Path of the config file, for tests that need to edit it before a restart.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(config: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "fhir_bulk_proxy=debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn fhir-bulk-proxy");
+    let stdout = child.stdout.take().unwrap();
+    // Read on a thread so that a proxy that hangs silently still hits the deadline; the thread keeps
+    // draining stdout afterwards so the child never blocks on a full pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // The binary prints exactly one line to stdout once it accepts connections:
+            // `listening on 127.0.0.1:PORT, public base http://127.0.0.1:PORT/fhir`
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let base = rest
+                    .split("public base ")
+                    .nth(1)
+                    .map(|b| b.trim().to_owned());
+                let _ = tx.send(base);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(base)) => (child, base),
+        failure => {
+            let _ = child.kill();
+            let status = child.wait();
+            match failure {
+                Ok(_) => panic!("malformed listening line (no public base)"),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("proxy did not start listening within 30 s")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("proxy exited before listening: {status:?}")
+                }
+            }
+        }
+    }
+}
+
+/// A blocking HTTP client with no redirects and a generous timeout.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+fn sets_key(toml: &str, key: &str) -> bool {
+    toml.lines().any(|line| {
+        line.trim_start()
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    })
+}
+
+/// How long any export may take before a test gives up.
+pub const EXPORT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// `(id, meta.versionId)` of a resource: what an export must reproduce exactly.
+pub type Key = (String, String);
+
+/// Resources per type, each keyed by `(id, versionId)`.
+pub type Expected = BTreeMap<String, BTreeMap<Key, Value>>;
+
+pub fn key_of(resource: &Value) -> Key {
+    let id = resource["id"].as_str().unwrap_or_default().to_owned();
+    let version = resource["meta"]["versionId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    (id, version)
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+pub fn enc(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+/// GETs a JSON document from the upstream, insisting on 200.
+pub fn get_json(url: &str) -> Value {
+    let resp = client()
+        .get(url)
+        .header("Accept", "application/fhir+json")
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let body = resp.text().unwrap();
+    assert_eq!(status, 200, "GET {url} answered {status}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {body}"))
+}
+
+/// Every resource of a direct search, following `Bundle.link[relation=next]`.
+pub fn search_all(url: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut next = Some(url.to_owned());
+    while let Some(url) = next.take() {
+        let bundle = get_json(&url);
+        if let Some(entries) = bundle["entry"].as_array() {
+            out.extend(entries.iter().map(|e| e["resource"].clone()));
+        }
+        next = bundle["link"].as_array().and_then(|links| {
+            links
+                .iter()
+                .find(|l| l["relation"] == "next")
+                .and_then(|l| l["url"].as_str().map(str::to_owned))
+        });
+    }
+    out
+}
+
+/// Adds the resources of a direct search (`query` without `_count`) of `ty` to `expected`.
+pub fn add_search(expected: &mut Expected, upstream: &str, ty: &str, query: &str) {
+    let sep = if query.is_empty() { "" } else { "&" };
+    for resource in search_all(&format!("{upstream}/{ty}?_count=500{sep}{query}")) {
+        assert_eq!(
+            resource["resourceType"], ty,
+            "direct search of {ty} returned another type"
+        );
+        expected
+            .entry(ty.to_owned())
+            .or_default()
+            .insert(key_of(&resource), resource);
+    }
+}
+
+/// Types the upstream's CapabilityStatement declares searchable, with their search parameters.
+pub fn searchable_types(upstream: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let cap = get_json(&format!("{upstream}/metadata"));
+    let mut out = BTreeMap::new();
+    for rest in cap["rest"].as_array().unwrap() {
+        for resource in rest["resource"].as_array().unwrap() {
+            let searchable = resource["interaction"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|i| i["code"] == "search-type"));
+            if searchable {
+                let params = resource["searchParam"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.insert(resource["type"].as_str().unwrap().to_owned(), params);
+            }
+        }
+    }
+    out
+}
+
+/// What a system export of `types` (all searchable types when `None`) must contain.
+pub fn direct_system(upstream: &str, types: Option<&[&str]>) -> Expected {
+    let all: Vec<String> = match types {
+        Some(types) => types.iter().map(|t| t.to_string()).collect(),
+        None => searchable_types(upstream).into_keys().collect(),
+    };
+    let mut expected = Expected::new();
+    for ty in &all {
+        add_search(&mut expected, upstream, ty, "");
+    }
+    expected
+}
+
+/// The ids of all Patients of the upstream.
+pub fn all_patient_ids(upstream: &str) -> Vec<String> {
+    search_all(&format!("{upstream}/Patient?_count=500"))
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The patient ids of a Group's `member.entity`.
+pub fn group_member_ids(upstream: &str, group: &str) -> Vec<String> {
+    let group = get_json(&format!("{upstream}/Group/{group}"));
+    group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let reference = m["entity"]["reference"].as_str().unwrap();
+            reference.strip_prefix("Patient/").unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// The FHIR R4 Patient CompartmentDefinition: type and the parameters that tie it to a patient.
+/// `Group` (by `member`) and `Patient` (by `link`) are left out: the proxy exports the patients
+/// themselves and treats a Group as a roster, not part of a patient's record.
+const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
+    ("Account", &["subject"]),
+    ("AdverseEvent", &["subject"]),
+    ("AllergyIntolerance", &["patient", "recorder", "asserter"]),
+    ("Appointment", &["actor"]),
+    ("AppointmentResponse", &["actor"]),
+    ("AuditEvent", &["patient"]),
+    ("Basic", &["patient", "author"]),
+    ("BodyStructure", &["patient"]),
+    ("CarePlan", &["patient", "performer"]),
+    ("CareTeam", &["patient", "participant"]),
+    ("ChargeItem", &["subject"]),
+    ("Claim", &["patient", "payee"]),
+    ("ClaimResponse", &["patient"]),
+    ("ClinicalImpression", &["subject"]),
+    ("Communication", &["subject", "sender", "recipient"]),
+    (
+        "CommunicationRequest",
+        &["subject", "sender", "recipient", "requester"],
+    ),
+    ("Composition", &["subject", "author", "attester"]),
+    ("Condition", &["patient", "asserter"]),
+    ("Consent", &["patient"]),
+    (
+        "Coverage",
+        &["policy-holder", "subscriber", "beneficiary", "payor"],
+    ),
+    ("CoverageEligibilityRequest", &["patient"]),
+    ("CoverageEligibilityResponse", &["patient"]),
+    ("DetectedIssue", &["patient"]),
+    ("DeviceRequest", &["subject", "performer"]),
+    ("DeviceUseStatement", &["subject"]),
+    ("DiagnosticReport", &["subject"]),
+    ("DocumentManifest", &["subject", "author", "recipient"]),
+    ("DocumentReference", &["subject", "author"]),
+    ("Encounter", &["patient"]),
+    ("EnrollmentRequest", &["subject"]),
+    ("EpisodeOfCare", &["patient"]),
+    ("ExplanationOfBenefit", &["patient", "payee"]),
+    ("FamilyMemberHistory", &["patient"]),
+    ("Flag", &["patient"]),
+    ("Goal", &["patient"]),
+    ("ImagingStudy", &["patient"]),
+    ("Immunization", &["patient"]),
+    ("ImmunizationEvaluation", &["patient"]),
+    ("ImmunizationRecommendation", &["patient"]),
+    ("Invoice", &["subject", "patient", "recipient"]),
+    ("List", &["subject", "source"]),
+    ("MeasureReport", &["patient"]),
+    ("Media", &["subject"]),
+    (
+        "MedicationAdministration",
+        &["patient", "performer", "subject"],
+    ),
+    ("MedicationDispense", &["subject", "patient", "receiver"]),
+    ("MedicationRequest", &["subject"]),
+    ("MedicationStatement", &["subject"]),
+    ("MolecularSequence", &["patient"]),
+    ("NutritionOrder", &["patient"]),
+    ("Observation", &["subject", "performer"]),
+    ("Person", &["patient"]),
+    ("Procedure", &["patient", "performer"]),
+    ("Provenance", &["patient"]),
+    ("QuestionnaireResponse", &["subject", "author"]),
+    ("RelatedPerson", &["patient"]),
+    ("RequestGroup", &["subject", "participant"]),
+    ("ResearchSubject", &["individual"]),
+    ("RiskAssessment", &["subject"]),
+    ("Schedule", &["actor"]),
+    ("ServiceRequest", &["subject", "performer"]),
+    ("Specimen", &["subject"]),
+    ("SupplyDelivery", &["patient"]),
+    ("SupplyRequest", &["subject"]),
+    ("VisionPrescription", &["patient"]),
+];
+
+/// What a Patient-level export over `patient_ids` must contain: the Patients themselves and every
+/// resource of their compartment, searched with each compartment parameter the upstream supports.
+pub fn direct_compartment(upstream: &str, patient_ids: &[String]) -> Expected {
+    let searchable = searchable_types(upstream);
+    let mut expected = Expected::new();
+    for chunk in patient_ids.chunks(20) {
+        let refs: Vec<String> = chunk.iter().map(|id| format!("Patient/{id}")).collect();
+        let refs = enc(&refs.join(","));
+        add_search(
+            &mut expected,
+            upstream,
+            "Patient",
+            &format!("_id={}", enc(&chunk.join(","))),
+        );
+        for (ty, params) in PATIENT_COMPARTMENT {
+            let Some(supported) = searchable.get(*ty) else {
+                continue;
+            };
+            for param in params.iter().filter(|p| supported.contains(**p)) {
+                add_search(&mut expected, upstream, ty, &format!("{param}={refs}"));
+            }
+        }
+    }
+    expected
+}
+
+/// GET kick-off with the required headers; `path_and_query` is relative to the proxy base.
+pub fn kickoff_get(base: &str, path_and_query: &str) -> reqwest::blocking::Response {
+    client()
+        .get(format!("{base}/{path_and_query}"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .unwrap()
+}
+
+/// POST kick-off with a `Parameters` body.
+pub fn kickoff_post(base: &str, path: &str, parameters: &Value) -> reqwest::blocking::Response {
+    client()
+        .post(format!("{base}/{path}"))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .header("Content-Type", "application/fhir+json")
+        .body(parameters.to_string())
+        .send()
+        .unwrap()
+}
+
+/// Checks a kick-off answer is 202 with a well-formed `Content-Location` on `base`; returns that URL.
+pub fn accepted_status_url(base: &str, resp: reqwest::blocking::Response) -> String {
+    let status = resp.status();
+    let location = resp
+        .headers()
+        .get("Content-Location")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body = resp.text().unwrap();
+    assert_eq!(status, 202, "kick-off answered {status}: {body}");
+    let location =
+        location.unwrap_or_else(|| panic!("kick-off 202 without Content-Location: {body}"));
+    let id = location
+        .strip_prefix(&format!("{base}/$bulk-status/"))
+        .unwrap_or_else(|| panic!("Content-Location {location} is not {base}/$bulk-status/ID"));
+    assert!(
+        id.len() == 32
+            && id
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        "job id {id:?} is not 32 lowercase hex digits"
+    );
+    location
+}
+
+/// The path of a status URL (`/fhir/$bulk-status/ID`), which survives a restart on a new port.
+pub fn url_path(url: &str) -> String {
+    let after_scheme = url.split_once("://").unwrap().1;
+    after_scheme[after_scheme.find('/').unwrap()..].to_owned()
+}
+
+/// `http://host:port` of a base URL.
+pub fn origin(base: &str) -> String {
+    base[..base.len() - url_path(base).len()].to_owned()
+}
+
+/// One status poll: `Some((manifest, headers))` once complete, `None` while the job runs. A running
+/// job must answer 202 with `X-Progress` and `Retry-After`; anything else fails the test.
+pub fn poll_once(status_url: &str) -> Option<(Value, reqwest::header::HeaderMap)> {
+    let resp = client().get(status_url).send().unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.text().unwrap();
+    match status.as_u16() {
+        202 => {
+            assert!(
+                headers.contains_key("X-Progress"),
+                "202 status without X-Progress: {headers:?}"
+            );
+            let retry_after = headers
+                .get("Retry-After")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let retry_after = retry_after
+                .unwrap_or_else(|| panic!("202 status without Retry-After: {headers:?}"));
+            assert!(
+                retry_after.parse::<u64>().is_ok(),
+                "Retry-After {retry_after:?} is not seconds"
+            );
+            None
+        }
+        200 => {
+            let manifest = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("manifest is not JSON ({e}): {body}"));
+            Some((manifest, headers))
+        }
+        _ => panic!("status {status_url} answered {status}: {body}"),
+    }
+}
+
+/// Polls every 200 ms until the job completes; panics after `EXPORT_DEADLINE`.
+pub fn wait_manifest(status_url: &str) -> (Value, reqwest::header::HeaderMap) {
+    let deadline = Instant::now() + EXPORT_DEADLINE;
+    loop {
+        if let Some(done) = poll_once(status_url) {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "export {status_url} not complete after {EXPORT_DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Downloads one file without compression, checking its content type; returns its lines.
+pub fn download_lines(url: &str) -> Vec<String> {
+    let resp = client().get(url).send().unwrap();
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("Content-Type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.text().unwrap();
+    assert_eq!(status, 200, "GET {url} answered {status}: {body}");
+    assert!(
+        content_type.starts_with("application/fhir+ndjson"),
+        "GET {url}: Content-Type {content_type:?}, expected application/fhir+ndjson"
+    );
+    body.lines().map(str::to_owned).collect()
+}
+
+/// One file of a manifest: its type, URL and lines.
+pub struct OutputFile {
+    pub ty: String,
+    pub url: String,
+    pub lines: Vec<String>,
+}
+
+/// Downloads every `output` file, checking each `count` equals its lines and each line is a
+/// resource of the declared type.
+pub fn download_all(manifest: &Value) -> Vec<OutputFile> {
+    let outputs = manifest["output"]
+        .as_array()
+        .unwrap_or_else(|| panic!("manifest without output: {manifest}"));
+    outputs
+        .iter()
+        .map(|out| {
+            let ty = out["type"]
+                .as_str()
+                .unwrap_or_else(|| panic!("output without type: {out}"))
+                .to_owned();
+            let url = out["url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("output without url: {out}"))
+                .to_owned();
+            let lines = download_lines(&url);
+            if let Some(count) = out.get("count") {
+                assert_eq!(
+                    count.as_u64(),
+                    Some(lines.len() as u64),
+                    "count of {url} differs from its lines"
+                );
+            }
+            for line in &lines {
+                let resource: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{url}: a line is not JSON ({e}): {line}"));
+                assert_eq!(
+                    resource["resourceType"],
+                    ty.as_str(),
+                    "{url} holds another type: {line}"
+                );
+            }
+            OutputFile { ty, url, lines }
+        })
+        .collect()
+}
+
+/// Resources per type from downloaded files.
+pub fn resources_by_type(files: &[OutputFile]) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for file in files {
+        let resources = file.lines.iter().map(|l| serde_json::from_str(l).unwrap());
+        out.entry(file.ty.clone()).or_default().extend(resources);
+    }
+    out
+}
+
+/// Asserts the export holds, per type, exactly the resources of `expected`, byte-for-byte equal
+/// as JSON, with no resource twice (not even in two versions).
+pub fn assert_same(exported: &BTreeMap<String, Vec<Value>>, expected: &Expected) {
+    let mut problems = Vec::new();
+    let types: BTreeSet<&String> = exported.keys().chain(expected.keys()).collect();
+    for ty in types {
+        let got = exported.get(ty).map(Vec::as_slice).unwrap_or_default();
+        let empty = BTreeMap::new();
+        let want = expected.get(ty).unwrap_or(&empty);
+        let mut seen_ids = BTreeMap::new();
+        for resource in got {
+            let (id, version) = key_of(resource);
+            if let Some(before) = seen_ids.insert(id.clone(), version.clone()) {
+                problems.push(format!(
+                    "{ty}/{id}: exported twice (versions {before} and {version})"
+                ));
+            }
+        }
+        let got_keys: BTreeSet<Key> = got.iter().map(key_of).collect();
+        let want_keys: BTreeSet<&Key> = want.keys().collect();
+        let missing: Vec<_> = want_keys
+            .iter()
+            .filter(|k| !got_keys.contains(**k))
+            .collect();
+        let extra: Vec<_> = got_keys.iter().filter(|k| !want_keys.contains(k)).collect();
+        if !missing.is_empty() || !extra.is_empty() {
+            problems.push(format!(
+                "{ty}: exported {} (distinct {}), direct search {}; missing {} e.g. {:?}; unexpected {} e.g. {:?}",
+                got.len(),
+                got_keys.len(),
+                want.len(),
+                missing.len(),
+                missing.iter().take(3).collect::<Vec<_>>(),
+                extra.len(),
+                extra.iter().take(3).collect::<Vec<_>>()
+            ));
+        }
+        for resource in got {
+            if let Some(direct) = want.get(&key_of(resource)) {
+                if direct != resource {
+                    problems.push(format!(
+                        "{ty}/{}: exported content differs from upstream",
+                        resource["id"]
+                    ));
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "export differs from the direct search:\n{}",
+        problems.join("\n")
+    );
+}
+
+/// Total resources of an `Expected`.
+pub fn total(expected: &Expected) -> usize {
+    expected.values().map(BTreeMap::len).sum()
+}

@@ -1,0 +1,164 @@
+//! Crash safety: the proxy is killed with SIGKILL while an export runs, restarted on the same data
+//! directory, and the job must still complete with exactly the direct-search set.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Small pages and files and a slow upstream rate, so that an export lasts several seconds and a
+/// kill lands inside it.
+fn slow_proxy() -> Proxy {
+    Proxy::start_with_config(
+        &upstream(),
+        "page_size = 20\nresources_per_file = 50",
+        "requests_per_second = 10",
+    )
+}
+
+fn kickoff(proxy: &Proxy, path_and_query: &str) -> String {
+    url_path(&accepted_status_url(
+        &proxy.base,
+        kickoff_get(&proxy.base, path_and_query),
+    ))
+}
+
+/// Restarts on the same data directory and waits for the job under its new base.
+fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
+    proxy.restart();
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)));
+    let files = download_all(&manifest);
+    for file in &files {
+        assert!(
+            file.url.starts_with(&proxy.base),
+            "file URL {} is not on the restarted proxy {}",
+            file.url,
+            proxy.base
+        );
+    }
+    files
+}
+
+/// A kill after the job finished would test nothing: the export must still be running.
+fn assert_running(proxy: &Proxy, status_path: &str) {
+    let status_url = format!("{}{status_path}", origin(&proxy.base));
+    assert!(
+        poll_once(&status_url).is_none(),
+        "the export finished before the kill: slow the upstream down further"
+    );
+}
+
+/// A fixed-seed xorshift: reproducible "random" kill points without another dependency.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// NDJSON files the proxy has started under its data directory.
+fn ndjson_files(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                ndjson_files(&path)
+            } else {
+                usize::from(
+                    path.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .contains(".ndjson"),
+                )
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn kill_right_after_kickoff() {
+    let mut proxy = slow_proxy();
+    let status_path = kickoff(&proxy, "$export");
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), None),
+    );
+}
+
+#[test]
+fn kill_mid_page_at_seeded_delays() {
+    let mut rng = XorShift(0x5eed_f00d_cafe_2024);
+    let mut proxy = slow_proxy();
+    let status_path = kickoff(&proxy, "$export");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300 + rng.below(1500)));
+        assert_running(&proxy, &status_path);
+        proxy.kill9();
+        proxy.restart();
+    }
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), None),
+    );
+}
+
+#[test]
+fn kill_between_files() {
+    let mut proxy = slow_proxy();
+    let status_path = kickoff(&proxy, "$export?_type=Patient,Observation,DiagnosticReport");
+    for seen in [2, 5] {
+        // The data directory is watched rather than the status, to kill right when a file rolls over.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ndjson_files(&proxy.data_dir) < seen {
+            assert!(
+                Instant::now() < deadline,
+                "no {seen}th NDJSON file under {} within 60 s",
+                proxy.data_dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        proxy.kill9();
+        proxy.restart();
+    }
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    let expected = direct_system(
+        &upstream(),
+        Some(&["Patient", "Observation", "DiagnosticReport"]),
+    );
+    assert_same(&resources_by_type(&files), &expected);
+}
+
+#[test]
+fn kill_during_patient_export() {
+    let mut rng = XorShift(0x0b5e_55ed_1234_5678);
+    let mut proxy = Proxy::start_with_config(
+        &upstream(),
+        "page_size = 20\nresources_per_file = 50\npatient_batch_size = 3",
+        "requests_per_second = 10",
+    );
+    let status_path = kickoff(&proxy, "Patient/$export");
+    std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
+    assert_running(&proxy, &status_path);
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    let upstream = upstream();
+    assert_same(
+        &resources_by_type(&files),
+        &direct_compartment(&upstream, &all_patient_ids(&upstream)),
+    );
+}
