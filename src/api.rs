@@ -11,7 +11,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use percent_encoding::percent_decode_str;
 use url::Url;
 
-use crate::config::Config;
+use crate::auth::{Auth, AuthError, Principal};
+use crate::config::{Config, PassThroughAuth};
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
 use crate::export::runner::{is_job_id, now_secs, AdmitError, Runner};
@@ -38,6 +39,8 @@ pub struct App {
     pub pass_through: PassThrough,
     /// Jobs polled within the last `min_poll_interval_ms`.
     pub recent_polls: moka::sync::Cache<String, ()>,
+    /// Authorization.
+    pub auth: Arc<Auth>,
 }
 
 /// What a request is for, decided from its path alone.
@@ -46,6 +49,8 @@ enum Route {
     Status(String),
     File(String, String),
     Metadata,
+    SmartConfiguration,
+    Token,
     /// Under an owned prefix but of no known shape.
     Unknown,
     PassThrough,
@@ -59,8 +64,14 @@ impl App {
         store: Arc<Store>,
         upstream: Arc<Upstream>,
         runner: Arc<Runner>,
+        auth: Arc<Auth>,
     ) -> Self {
-        let pass_through = PassThrough::new(config.upstream.base_url.clone(), public_base.clone());
+        let security = auth.enabled().then(|| auth.capability_security());
+        let pass_through = PassThrough::new(
+            config.upstream.base_url.clone(),
+            public_base.clone(),
+            security,
+        );
         let poll_window = Duration::from_millis(config.export.min_poll_interval_ms.max(1));
         Self {
             recent_polls: moka::sync::Cache::builder()
@@ -72,6 +83,7 @@ impl App {
             upstream,
             runner,
             pass_through,
+            auth,
         }
     }
 
@@ -79,16 +91,25 @@ impl App {
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let result = match self.route(req.uri().path()) {
             Route::Kickoff(level) => self.kickoff(level, req).await,
-            Route::Status(id) => self.status(&id, req.method()).await,
+            Route::Status(id) => self.status(&id, req).await,
             Route::File(id, name) => self.file(&id, &name, &req).await,
             Route::Metadata if req.method() == Method::GET => {
                 self.pass_through.metadata(req, peer).await
+            }
+            Route::SmartConfiguration if req.method() == Method::GET => Ok(json(
+                StatusCode::OK,
+                "application/json",
+                &self.auth.smart_configuration(),
+            )),
+            Route::Token if req.method() == Method::POST => self.token(req).await,
+            Route::SmartConfiguration | Route::Token => {
+                Err(ApiError::MethodNotAllowed(req.method().clone()))
             }
             Route::Unknown => Err(ApiError::NotFound(format!(
                 "no such bulk data resource: {}",
                 req.uri().path()
             ))),
-            Route::Metadata | Route::PassThrough => self.pass_through.forward(req, peer).await,
+            Route::Metadata | Route::PassThrough => self.forward(req, peer).await,
         };
         result.unwrap_or_else(ApiError::into_response)
     }
@@ -122,9 +143,47 @@ impl App {
             ["$bulk-status", id] => Route::Status(id.to_string()),
             ["$bulk-files", id, name] => Route::File(id.to_string(), name.to_string()),
             ["metadata"] => Route::Metadata,
+            [".well-known", "smart-configuration"] if self.auth.enabled() => {
+                Route::SmartConfiguration
+            }
+            ["auth", "token"] if self.auth.enabled() => Route::Token,
             ["$bulk-status" | "$bulk-files", ..] => Route::Unknown,
             _ => Route::PassThrough,
         }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ApiError> {
+        if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {
+            self.auth.authenticate(req.headers()).await?;
+            // The proxy's token means nothing upstream and must not leak there.
+            req.headers_mut().remove(hyper::header::AUTHORIZATION);
+        }
+        self.pass_through.forward(req, peer).await
+    }
+
+    async fn token(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let form = self.read_body(req.into_body()).await?;
+        let body = self.auth.token(&form).await.map_err(AuthError::from)?;
+        let mut response = json(StatusCode::OK, "application/json", &body);
+        let headers = response.headers_mut();
+        headers.insert(
+            hyper::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        );
+        headers.insert(hyper::header::PRAGMA, HeaderValue::from_static("no-cache"));
+        Ok(response)
+    }
+
+    /// The caller, when authorization is on.
+    async fn principal(&self, headers: &hyper::HeaderMap) -> Result<Option<Principal>, ApiError> {
+        if !self.auth.enabled() {
+            return Ok(None);
+        }
+        Ok(Some(self.auth.authenticate(headers).await?))
     }
 
     async fn kickoff(
@@ -132,6 +191,7 @@ impl App {
         level: Level,
         req: Request<Incoming>,
     ) -> Result<Response<Body>, ApiError> {
+        let principal = self.principal(req.headers()).await?;
         let (parts, body) = req.into_parts();
         let body = match parts.method {
             Method::GET => None,
@@ -151,13 +211,16 @@ impl App {
                 .collect(),
         };
         let capability = self.upstream.capability().await?;
-        let kickoff = kickoff::parse(
+        let mut kickoff = kickoff::parse(
             level,
             &headers,
             parts.uri.query(),
             body.as_deref(),
             &capability,
         )?;
+        if let Some(principal) = &principal {
+            restrict_to_grant(&mut kickoff, principal, &capability)?;
+        }
         if let Level::Group { id } = &kickoff.spec.level {
             self.check_group(id).await?;
         }
@@ -179,7 +242,7 @@ impl App {
             transaction_time: now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
             created: now.timestamp(),
             expires: None,
-            owner: None,
+            owner: principal.map(|p| p.client_id),
             notes: kickoff.notes,
             error_file: None,
         };
@@ -238,19 +301,25 @@ impl App {
         }
     }
 
-    fn job(&self, id: &str) -> Result<Job, ApiError> {
+    /// The job `id`, if it exists and belongs to the caller (another client's job is "not found").
+    fn job(&self, id: &str, principal: Option<&Principal>) -> Result<Job, ApiError> {
         let missing = || ApiError::NotFound(format!("no export job {id}"));
         if !is_job_id(id) {
             return Err(missing());
         }
-        self.store.job(id)?.ok_or_else(missing)
+        let job = self.store.job(id)?.ok_or_else(missing)?;
+        match principal {
+            Some(p) if job.owner.as_deref() != Some(p.client_id.as_str()) => Err(missing()),
+            _ => Ok(job),
+        }
     }
 
-    async fn status(&self, id: &str, method: &Method) -> Result<Response<Body>, ApiError> {
-        match *method {
+    async fn status(&self, id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let principal = self.principal(req.headers()).await?;
+        match *req.method() {
             Method::GET => {}
             Method::DELETE => {
-                self.job(id)?;
+                self.job(id, principal.as_ref())?;
                 if !self.runner.remove(id).await? {
                     return Err(ApiError::NotFound(format!("no export job {id}")));
                 }
@@ -267,7 +336,7 @@ impl App {
             }
             ref other => return Err(ApiError::MethodNotAllowed(other.clone())),
         }
-        let job = self.job(id)?;
+        let job = self.job(id, principal.as_ref())?;
         let retry_after = self.config.export.retry_after_secs;
         if self.config.export.min_poll_interval_ms > 0 {
             if self.recent_polls.contains_key(id) {
@@ -291,7 +360,8 @@ impl App {
             }
             JobState::Completed => {
                 let slices = self.store.slices(id)?;
-                let body = manifest::manifest(&job, &slices, &self.public_base, false);
+                let body =
+                    manifest::manifest(&job, &slices, &self.public_base, self.auth.enabled());
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
                     .expires
@@ -320,7 +390,8 @@ impl App {
         if req.method() != Method::GET {
             return Err(ApiError::MethodNotAllowed(req.method().clone()));
         }
-        let job = self.job(id)?;
+        let principal = self.principal(req.headers()).await?;
+        let job = self.job(id, principal.as_ref())?;
         let missing = || ApiError::NotFound(format!("export job {id} has no file {name:?}"));
         if job.state != JobState::Completed || job.expires.is_some_and(|e| e <= now_secs()) {
             return Err(missing());
@@ -335,4 +406,54 @@ impl App {
         );
         files::serve(&self.runner.job_dir(id).join(&part.name), gzip).await
     }
+}
+
+/// Narrows a kick-off to the types the caller's token allows.
+///
+/// Asking for a type outside the grant is refused (403), unless the client asked for lenient handling:
+/// then the export narrows and the manifest's OperationOutcome says so.
+fn restrict_to_grant(
+    kickoff: &mut kickoff::Kickoff,
+    principal: &Principal,
+    capability: &crate::upstream::Capability,
+) -> Result<(), ApiError> {
+    let grant = &principal.grant;
+    let spec = &mut kickoff.spec;
+    if spec.types.is_empty() {
+        if grant.all_types() {
+            return Ok(());
+        }
+        spec.types = kickoff::level_types(&spec.level, capability)
+            .into_iter()
+            .filter(|t| grant.allows(t))
+            .collect();
+    } else {
+        let denied: Vec<String> = spec
+            .types
+            .iter()
+            .filter(|t| !grant.allows(t))
+            .cloned()
+            .collect();
+        if !denied.is_empty() {
+            let message = format!(
+                "the access token does not allow exporting {}",
+                denied.join(", ")
+            );
+            if !kickoff.lenient {
+                return Err(AuthError::Forbidden(message).into());
+            }
+            spec.types.retain(|t| grant.allows(t));
+            kickoff.notes.push(format!(
+                "{message}; the export was narrowed to the granted types"
+            ));
+        }
+    }
+    if spec.types.is_empty() {
+        return Err(AuthError::Forbidden(
+            "the access token allows none of the requested resource types".into(),
+        )
+        .into());
+    }
+    spec.type_filters.retain(|(t, _)| grant.allows(t));
+    Ok(())
 }

@@ -38,6 +38,9 @@ pub struct Config {
     /// Bulk export behaviour.
     #[serde(default)]
     pub export: ExportConfig,
+    /// SMART Backend Services authorization of the proxy's own endpoints.
+    #[serde(default)]
+    pub auth: AuthConfig,
 }
 
 /// Listener settings.
@@ -92,6 +95,130 @@ pub struct UpstreamConfig {
     /// Largest upstream page body accepted, in bytes.
     #[serde(default = "defaults::max_page_bytes")]
     pub max_page_bytes: usize,
+    /// OAuth client credentials for the proxy's own upstream calls (instead of `bearer_token`).
+    #[serde(default)]
+    pub oauth: Option<UpstreamOAuthConfig>,
+}
+
+/// How the proxy authenticates to the upstream's token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamOAuthMethod {
+    /// HTTP Basic with client id and secret (RFC 6749 §2.3.1).
+    ClientSecretBasic,
+    /// A signed JWT assertion (SMART Backend Services, RFC 7523).
+    PrivateKeyJwt,
+}
+
+/// OAuth 2.0 client credentials grant against the upstream's authorization server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamOAuthConfig {
+    /// The upstream's token endpoint.
+    pub token_url: Url,
+    /// The proxy's client id there.
+    pub client_id: String,
+    /// `client_secret_basic` or `private_key_jwt`.
+    pub method: UpstreamOAuthMethod,
+    /// File holding the client secret (`client_secret_basic`); env `FBP_UPSTREAM_CLIENT_SECRET` wins.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8) signing the assertion (`private_key_jwt`).
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// `kid` of that key as registered with the upstream.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// `RS384` or `ES384` (also `RS256`, `ES256`).
+    #[serde(default = "defaults::oauth_algorithm")]
+    pub algorithm: String,
+    /// Scope to request.
+    #[serde(default = "defaults::oauth_scope")]
+    pub scope: String,
+    /// Renew the token this many seconds before it expires.
+    #[serde(default = "defaults::renew_before_secs")]
+    pub renew_before_secs: u64,
+}
+
+/// How pass-through requests are authorized when auth is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PassThroughAuth {
+    /// Forward the caller's `Authorization` unchanged; the upstream decides.
+    #[default]
+    Forward,
+    /// Require a valid proxy token too (it is not forwarded).
+    RequireToken,
+}
+
+/// SMART Backend Services settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Require tokens on kick-off, status, cancel and files.
+    pub enabled: bool,
+    /// Lifetime of issued access tokens, in seconds.
+    pub token_lifetime_secs: u64,
+    /// Secret (at least 32 bytes) signing access tokens; generated under the data directory when unset.
+    pub signing_key_file: Option<PathBuf>,
+    /// A client's `jwks_url` is fetched again at most this often, in seconds.
+    pub jwks_min_refetch_secs: u64,
+    /// Pass-through authorization.
+    pub pass_through: PassThroughAuth,
+    /// Registered clients.
+    pub clients: Vec<ClientConfig>,
+    /// Trust an existing authorization server instead of the built-in token endpoint.
+    pub external: Option<ExternalAuthConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            token_lifetime_secs: 300,
+            signing_key_file: None,
+            jwks_min_refetch_secs: 60,
+            pass_through: PassThroughAuth::Forward,
+            clients: Vec::new(),
+            external: None,
+        }
+    }
+}
+
+/// One registered backend client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The client's id (`iss` and `sub` of its assertions).
+    pub client_id: String,
+    /// Scopes the client may be granted, e.g. `system/*.rs`, `system/Observation.read`.
+    pub scopes: Vec<String>,
+    /// Inline JWKS (`{"keys": [...]}`) of the client's public keys.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// URL of the client's JWKS (HTTPS, or HTTP on loopback only).
+    #[serde(default)]
+    pub jwks_url: Option<Url>,
+}
+
+/// An external authorization server whose access tokens the proxy accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAuthConfig {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// The issuer's JWKS.
+    pub jwks_url: Url,
+    /// Expected `aud`.
+    pub audience: String,
+    /// The issuer's token endpoint, advertised in smart-configuration.
+    pub token_endpoint: Url,
+    /// Claim holding the granted scopes (space-separated string or array).
+    #[serde(default = "defaults::scope_claim")]
+    pub scope_claim: String,
+    /// Claim naming the client, the owner of its jobs.
+    #[serde(default = "defaults::client_claim")]
+    pub client_claim: String,
 }
 
 /// Bulk export settings.
@@ -158,6 +285,21 @@ mod defaults {
     }
     pub fn max_page_bytes() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn oauth_algorithm() -> String {
+        "RS384".into()
+    }
+    pub fn oauth_scope() -> String {
+        "system/*.rs".into()
+    }
+    pub fn renew_before_secs() -> u64 {
+        30
+    }
+    pub fn scope_claim() -> String {
+        "scope".into()
+    }
+    pub fn client_claim() -> String {
+        "client_id".into()
     }
 }
 
@@ -240,6 +382,24 @@ impl Config {
                 }
             }
         }
+        if self.upstream.bearer_token.is_some() && self.upstream.oauth.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "upstream.oauth",
+                reason: "set either upstream.bearer_token or upstream.oauth, not both".into(),
+            });
+        }
+        for client in &self.auth.clients {
+            if client.jwks.is_some() == client.jwks_url.is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "auth.clients",
+                    reason: format!(
+                        "client {:?} needs exactly one of jwks or jwks_url",
+                        client.client_id
+                    ),
+                });
+            }
+        }
+        positive("auth.token_lifetime_secs", self.auth.token_lifetime_secs)?;
         positive("export.page_size", self.export.page_size.into())?;
         positive("export.resources_per_file", self.export.resources_per_file)?;
         positive(

@@ -3,9 +3,10 @@
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Method, Response, StatusCode};
 
+use crate::auth::AuthError;
 use crate::export::kickoff::KickoffError;
 use crate::outcome::outcome;
 use crate::store::StoreError;
@@ -77,6 +78,9 @@ pub enum ApiError {
     /// A local file could not be read.
     #[error("reading an export file failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Authorization failed.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl ApiError {
@@ -105,6 +109,13 @@ impl ApiError {
                 _ => (StatusCode::BAD_GATEWAY, "transient"),
             },
             ApiError::Gateway(_) => (StatusCode::BAD_GATEWAY, "transient"),
+            ApiError::Auth(AuthError::Unauthorized(_)) => (StatusCode::UNAUTHORIZED, "login"),
+            ApiError::Auth(AuthError::Forbidden(_)) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Auth(AuthError::Token(e)) if e.code == "invalid_client" => {
+                (StatusCode::UNAUTHORIZED, "security")
+            }
+            ApiError::Auth(AuthError::Token(_)) => (StatusCode::BAD_REQUEST, "security"),
+            ApiError::Auth(AuthError::Setup(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
         }
     }
 
@@ -113,6 +124,18 @@ impl ApiError {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
+        }
+        // The token endpoint speaks OAuth (RFC 6749 §5.2), not FHIR.
+        if let ApiError::Auth(AuthError::Token(e)) = &self {
+            let mut response = json(
+                status,
+                "application/json",
+                &serde_json::json!({"error": e.code, "error_description": e.description}),
+            );
+            response
+                .headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            return response;
         }
         let mut response = json(
             status,
@@ -128,6 +151,12 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
         }
         response
     }

@@ -1,6 +1,7 @@
 //! fhir-bulk-proxy: a reverse proxy that adds FHIR Bulk Data `$export` to a FHIR server lacking it.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod export;
 pub mod files;

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         data_dir: args.data_dir,
         upstream_bearer_token: args.upstream_bearer_token,
     };
-    let config = match Config::load(&args.config, overrides) {
+    let config = match Config::load(&args.config, overrides.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fhir-bulk-proxy: {e}");
@@ -69,7 +69,7 @@ fn main() -> ExitCode {
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(fhir_bulk_proxy::server::run(config)) {
+    match runtime.block_on(fhir_bulk_proxy::server::run(config, args.config, overrides)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "fhir-bulk-proxy stopped");

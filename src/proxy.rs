@@ -39,11 +39,13 @@ pub struct PassThrough {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>,
     upstream: Url,
     public: Url,
+    security: Option<serde_json::Value>,
 }
 
 impl PassThrough {
-    /// A pass-through from `public` (what clients see) to `upstream`.
-    pub fn new(upstream: Url, public: Url) -> Self {
+    /// A pass-through from `public` (what clients see) to `upstream`; `security` replaces
+    /// `rest.security` in the CapabilityStatement when the proxy enforces authorization.
+    pub fn new(upstream: Url, public: Url, security: Option<serde_json::Value>) -> Self {
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
@@ -54,6 +56,7 @@ impl PassThrough {
             client,
             upstream,
             public,
+            security,
         }
     }
 
@@ -115,7 +118,7 @@ impl PassThrough {
             .to_bytes();
         let body = match serde_json::from_slice::<serde_json::Value>(&bytes) {
             Ok(mut statement) if statement["resourceType"] == "CapabilityStatement" => {
-                add_export_operations(&mut statement);
+                add_export_operations(&mut statement, self.security.as_ref());
                 bytes::Bytes::from(statement.to_string())
             }
             _ => bytes,
@@ -213,7 +216,10 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, upstream: 
 
 /// Adds the Bulk Data operations and canonical to a CapabilityStatement, replacing any `export` the
 /// upstream lists (idempotent).
-pub fn add_export_operations(statement: &mut serde_json::Value) {
+pub fn add_export_operations(
+    statement: &mut serde_json::Value,
+    security: Option<&serde_json::Value>,
+) {
     fn add_operation(target: &mut serde_json::Value, definition: &str) {
         let Some(obj) = target.as_object_mut() else {
             return;
@@ -245,6 +251,15 @@ pub fn add_export_operations(statement: &mut serde_json::Value) {
         return;
     };
     add_operation(rest, "export");
+    if let (Some(security), Some(rest)) = (security, rest.as_object_mut()) {
+        // Keep what the upstream says about CORS; the rest describes the proxy's authorization.
+        let cors = rest.get("security").and_then(|s| s.get("cors")).cloned();
+        let mut security = security.clone();
+        if let (Some(cors), Some(obj)) = (cors, security.as_object_mut()) {
+            obj.insert("cors".into(), cors);
+        }
+        rest.insert("security".into(), security);
+    }
     for resource in rest["resource"].as_array_mut().into_iter().flatten() {
         match resource["type"].as_str() {
             Some("Patient") => add_operation(resource, "patient-export"),
@@ -262,6 +277,7 @@ mod tests {
         PassThrough::new(
             Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
             Url::parse("http://127.0.0.1:7000/r4").unwrap(),
+            None,
         )
     }
 
@@ -314,9 +330,13 @@ mod tests {
     fn capability_statement_gains_export_operations_once() {
         let mut cs = serde_json::json!({"resourceType":"CapabilityStatement","rest":[{"mode":"server",
             "resource":[{"type":"Patient"},{"type":"Group","operation":[{"name":"export","definition":"x"}]},{"type":"Observation"}]}]});
-        add_export_operations(&mut cs);
-        add_export_operations(&mut cs);
+        add_export_operations(&mut cs, None);
+        add_export_operations(&mut cs, Some(&serde_json::json!({"service": []})));
         assert_eq!(cs["instantiates"], serde_json::json!([BULK_CAPABILITY]));
+        assert_eq!(
+            cs["rest"][0]["security"],
+            serde_json::json!({"service": []})
+        );
         assert_eq!(cs["rest"][0]["operation"].as_array().unwrap().len(), 1);
         assert_eq!(
             cs["rest"][0]["resource"][0]["operation"][0]["definition"],

@@ -1,14 +1,17 @@
 //! Process start-up: opens the store, resumes jobs, and serves HTTP until told to stop.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api::App;
-use crate::config::Config;
+use crate::auth::{Auth, AuthError};
+use crate::config::{Config, Overrides};
 use crate::export::runner::Runner;
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
@@ -25,13 +28,20 @@ pub enum ServerError {
         what: String,
         source: std::io::Error,
     },
-    /// The upstream HTTP client could not be built.
-    #[error("cannot build the upstream client: {0}")]
-    Client(#[from] reqwest::Error),
+    /// Upstream calls could not be set up (client, credentials).
+    #[error("cannot set up upstream calls: {0}")]
+    Upstream(#[from] crate::upstream::UpstreamError),
+    /// Authorization could not be set up.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
-/// Runs the proxy until SIGTERM or Ctrl-C.
-pub async fn run(config: Config) -> Result<(), ServerError> {
+/// Runs the proxy until SIGTERM or Ctrl-C; SIGHUP reloads the client registry from `config_path`.
+pub async fn run(
+    config: Config,
+    config_path: PathBuf,
+    overrides: Overrides,
+) -> Result<(), ServerError> {
     let data_dir = config.export.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::Io {
         what: format!("cannot create data directory {}", data_dir.display()),
@@ -50,6 +60,8 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     })?;
     let public_base = config.public_base(bound);
     let upstream = Arc::new(Upstream::new(&config.upstream)?);
+    let auth = Arc::new(Auth::new(&config.auth, &public_base, &data_dir)?);
+    spawn_reloader(auth.clone(), config_path, overrides);
     let runner = Runner::new(
         store.clone(),
         upstream.clone(),
@@ -64,6 +76,7 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
         store.clone(),
         upstream,
         runner,
+        auth,
     ));
 
     tracing::info!(%bound, %public_base, "listening");
@@ -102,9 +115,31 @@ pub async fn run(config: Config) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// Reloads registered clients on SIGHUP; a bad file keeps the current registry.
+fn spawn_reloader(auth: Arc<Auth>, config_path: PathBuf, overrides: Overrides) {
+    tokio::spawn(async move {
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                return tracing::warn!(error = %e, "no SIGHUP handler; client reload disabled")
+            }
+        };
+        while hup.recv().await.is_some() {
+            let reloaded = Config::load(&config_path, overrides.clone())
+                .map_err(|e| e.to_string())
+                .and_then(|c| auth.reload(&c.auth.clients).map_err(|e| e.to_string()));
+            match reloaded {
+                Ok(n) => tracing::info!(clients = n, "client registry reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "client registry reload failed; keeping the previous one")
+                }
+            }
+        }
+    });
+}
+
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

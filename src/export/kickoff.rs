@@ -58,6 +58,8 @@ pub struct Kickoff {
     pub spec: ExportSpec,
     /// What lenient handling ignored, for the kick-off's and the manifest's OperationOutcome.
     pub notes: Vec<String>,
+    /// Whether the client asked for `Prefer: handling=lenient`.
+    pub lenient: bool,
 }
 
 /// Checks headers and parameters; `body` is the POST body, `None` for GET.
@@ -91,7 +93,7 @@ pub fn parse(
     let mut b = Builder {
         lenient,
         notes: Vec::new(),
-        allowed: allowed_types(&level, capability),
+        allowed: level_types(&level, capability),
         spec: ExportSpec {
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
@@ -128,6 +130,7 @@ pub fn parse(
     Ok(Kickoff {
         spec: b.spec,
         notes: b.notes,
+        lenient,
     })
 }
 
@@ -194,7 +197,7 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, KickoffError> {
 }
 
 /// Types a level may export: every searchable type (system) or the Patient compartment (Patient, Group).
-fn allowed_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
+pub fn level_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
     capability
         .types
         .iter()

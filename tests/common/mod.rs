@@ -632,3 +632,223 @@ pub fn assert_same(exported: &BTreeMap<String, Vec<Value>>, expected: &Expected)
 pub fn total(expected: &Expected) -> usize {
     expected.values().map(BTreeMap::len).sum()
 }
+
+// ---- Additions for tests that need a bearer token or captured logs (tests/auth.rs). ----
+
+impl Proxy {
+    /// Like `start_with_config`, with the process's stderr written to `log_file` and `RUST_LOG` set to
+    /// `rust_log`, so that a test can read what the proxy logged.
+    pub fn start_logged(
+        upstream: &str,
+        export_toml: &str,
+        upstream_toml: &str,
+        rust_log: &str,
+        log_file: &Path,
+    ) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = dir.path().join("proxy.toml");
+        let mut defaults = String::new();
+        for (key, value) in [("min_poll_interval_ms", "0"), ("retry_after_secs", "1")] {
+            if !sets_key(export_toml, key) {
+                defaults.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{upstream}\"\n{upstream_toml}\n\n\
+                 [export]\ndata_dir = \"{}\"\n{defaults}{export_toml}\n",
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+        let stderr = std::fs::File::create(log_file).unwrap();
+        let (child, base) = spawn_with(&config, rust_log, Stdio::from(stderr));
+        Proxy {
+            base,
+            data_dir,
+            config,
+            child,
+            _dir: Some(dir),
+        }
+    }
+}
+
+/// `spawn` with a chosen `RUST_LOG` and stderr.
+fn spawn_with(config: &Path, rust_log: &str, stderr: Stdio) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", rust_log)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn fhir-bulk-proxy");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                let base = rest
+                    .split("public base ")
+                    .nth(1)
+                    .map(|b| b.trim().to_owned());
+                let _ = tx.send(base);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Some(base)) => (child, base),
+        failure => {
+            let _ = child.kill();
+            let status = child.wait();
+            match failure {
+                Ok(_) => panic!("malformed listening line (no public base)"),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("proxy did not start listening within 30 s")
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("proxy exited before listening: {status:?}")
+                }
+            }
+        }
+    }
+}
+
+/// A GET with `Authorization: Bearer <token>` when `token` is given.
+pub fn get_with_token(url: &str, token: Option<&str>) -> reqwest::blocking::RequestBuilder {
+    with_token(client().get(url), token)
+}
+
+/// Adds `Authorization: Bearer <token>` when `token` is given.
+pub fn with_token(
+    request: reqwest::blocking::RequestBuilder,
+    token: Option<&str>,
+) -> reqwest::blocking::RequestBuilder {
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+}
+
+/// `kickoff_get` with an optional bearer token.
+pub fn kickoff_get_auth(
+    base: &str,
+    path_and_query: &str,
+    token: Option<&str>,
+) -> reqwest::blocking::Response {
+    get_with_token(&format!("{base}/{path_and_query}"), token)
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .unwrap()
+}
+
+/// `poll_once` with an optional bearer token.
+pub fn poll_once_auth(
+    status_url: &str,
+    token: Option<&str>,
+) -> Option<(Value, reqwest::header::HeaderMap)> {
+    let resp = get_with_token(status_url, token).send().unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.text().unwrap();
+    match status.as_u16() {
+        202 => {
+            assert!(
+                headers.contains_key("X-Progress"),
+                "202 status without X-Progress: {headers:?}"
+            );
+            let retry_after = headers
+                .get("Retry-After")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_else(|| panic!("202 status without Retry-After: {headers:?}"));
+            assert!(
+                retry_after.parse::<u64>().is_ok(),
+                "Retry-After {retry_after:?} is not seconds"
+            );
+            None
+        }
+        200 => {
+            let manifest = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("manifest is not JSON ({e}): {body}"));
+            Some((manifest, headers))
+        }
+        _ => panic!("status {status_url} answered {status}: {body}"),
+    }
+}
+
+/// `wait_manifest` with an optional bearer token.
+pub fn wait_manifest_auth(
+    status_url: &str,
+    token: Option<&str>,
+) -> (Value, reqwest::header::HeaderMap) {
+    let deadline = Instant::now() + EXPORT_DEADLINE;
+    loop {
+        if let Some(done) = poll_once_auth(status_url, token) {
+            return done;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "export {status_url} not complete after {EXPORT_DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `download_lines` with an optional bearer token.
+pub fn download_lines_auth(url: &str, token: Option<&str>) -> Vec<String> {
+    let resp = get_with_token(url, token).send().unwrap();
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("Content-Type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.text().unwrap();
+    assert_eq!(status, 200, "GET {url} answered {status}: {body}");
+    assert!(
+        content_type.starts_with("application/fhir+ndjson"),
+        "GET {url}: Content-Type {content_type:?}, expected application/fhir+ndjson"
+    );
+    body.lines().map(str::to_owned).collect()
+}
+
+/// `download_all` with an optional bearer token, over the manifest array `field` (`output` or `error`).
+pub fn download_all_auth(manifest: &Value, field: &str, token: Option<&str>) -> Vec<OutputFile> {
+    let outputs = manifest[field]
+        .as_array()
+        .unwrap_or_else(|| panic!("manifest without {field}: {manifest}"));
+    outputs
+        .iter()
+        .map(|out| {
+            let ty = out["type"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{field} entry without type: {out}"))
+                .to_owned();
+            let url = out["url"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{field} entry without url: {out}"))
+                .to_owned();
+            let lines = download_lines_auth(&url, token);
+            if let Some(count) = out.get("count") {
+                assert_eq!(
+                    count.as_u64(),
+                    Some(lines.len() as u64),
+                    "count of {url} differs from its lines"
+                );
+            }
+            for line in &lines {
+                let resource: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{url}: a line is not JSON ({e}): {line}"));
+                assert_eq!(
+                    resource["resourceType"],
+                    ty.as_str(),
+                    "{url} holds another type: {line}"
+                );
+            }
+            OutputFile { ty, url, lines }
+        })
+        .collect()
+}

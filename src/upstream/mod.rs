@@ -1,5 +1,7 @@
 //! The proxy's own calls to the upstream FHIR server: rate-limited, bounded, retried.
 
+pub mod credentials;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -9,12 +11,14 @@ use bytes::{Bytes, BytesMut};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::Response;
 use reqwest::StatusCode;
 use serde::Deserialize;
 use tokio::sync::{RwLock, Semaphore};
 use url::Url;
 
 use crate::config::UpstreamConfig;
+use credentials::{Credentials, CredentialsError};
 
 /// How long a fetched CapabilityStatement is trusted.
 const CAPABILITY_TTL: Duration = Duration::from_secs(300);
@@ -38,6 +42,12 @@ pub enum UpstreamError {
     /// A URL (a `next` link, a reference) points outside the upstream: never followed.
     #[error("refusing to follow {url}: it is not under the upstream base {base}")]
     Foreign { url: String, base: String },
+    /// No access token could be had for the upstream, or its credentials are unusable.
+    #[error("cannot authenticate to the upstream: {0}")]
+    Credentials(#[from] CredentialsError),
+    /// The HTTP client itself could not be built.
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(reqwest::Error),
 }
 
 impl UpstreamError {
@@ -91,7 +101,7 @@ impl Capability {
 pub struct Upstream {
     http: reqwest::Client,
     base: Url,
-    auth: Option<HeaderValue>,
+    credentials: Credentials,
     limiter: DefaultDirectRateLimiter,
     permits: Semaphore,
     max_retries: u32,
@@ -102,25 +112,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds the client from config.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Self, reqwest::Error> {
+    /// Builds the client from config, reading the credentials' secret and key files.
+    pub fn new(cfg: &UpstreamConfig) -> Result<Self, UpstreamError> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(cfg.timeout_secs))
             .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(10)))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(cfg.max_concurrent_requests)
-            .build()?;
-        let auth = cfg.bearer_token.as_ref().map(|t| {
-            let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
-                .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
-            v.set_sensitive(true);
-            v
-        });
+            .build()
+            .map_err(UpstreamError::Client)?;
+        let credentials = Credentials::from_config(cfg, http.clone())?;
         let rps = NonZeroU32::new(cfg.requests_per_second).unwrap_or(NonZeroU32::MIN);
         Ok(Self {
             http,
             base: cfg.base_url.clone(),
-            auth,
+            credentials,
             limiter: RateLimiter::direct(Quota::per_second(rps)),
             permits: Semaphore::new(cfg.max_concurrent_requests),
             max_retries: cfg.max_retries,
@@ -235,23 +241,15 @@ impl Upstream {
             .acquire()
             .await
             .expect("semaphore never closed");
-        let transport = |e: reqwest::Error| {
-            Attempt::Retry(
-                UpstreamError::Transport {
-                    url: url.to_string(),
-                    detail: e.to_string(),
-                },
-                None,
-            )
-        };
-        let mut request = self
-            .http
-            .get(url.clone())
-            .header(ACCEPT, "application/fhir+json");
-        if let Some(auth) = &self.auth {
-            request = request.header(AUTHORIZATION, auth.clone());
+        let (mut response, sent) = self.send(url).await?;
+        // A token can be revoked or expire early; one renewal is worth a try, a loop is not.
+        if response.status() == StatusCode::UNAUTHORIZED
+            && sent.is_some_and(|rejected| self.credentials.invalidate(&rejected))
+        {
+            tracing::info!(%url, "upstream refused the access token; renewing it");
+            self.limiter.until_ready().await;
+            response = self.send(url).await?.0;
         }
-        let mut response = request.send().await.map_err(transport)?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -278,7 +276,7 @@ impl Upstream {
             );
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        while let Some(chunk) = response.chunk().await.map_err(|e| transport(url, e))? {
             if body.len() + chunk.len() > self.max_page_bytes {
                 return Err(Attempt::Final(UpstreamError::Invalid {
                     url: url.to_string(),
@@ -289,6 +287,36 @@ impl Upstream {
         }
         Ok(body.freeze())
     }
+
+    /// Sends one GET with the current credentials; returns the `Authorization` it carried.
+    async fn send(&self, url: &Url) -> Result<(Response, Option<HeaderValue>), Attempt> {
+        let authorization = self.credentials.authorization().await.map_err(|e| {
+            if e.is_transient() {
+                Attempt::Retry(e.into(), None)
+            } else {
+                Attempt::Final(e.into())
+            }
+        })?;
+        let mut request = self
+            .http
+            .get(url.clone())
+            .header(ACCEPT, "application/fhir+json");
+        if let Some(value) = &authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let response = request.send().await.map_err(|e| transport(url, e))?;
+        Ok((response, authorization))
+    }
+}
+
+fn transport(url: &Url, e: reqwest::Error) -> Attempt {
+    Attempt::Retry(
+        UpstreamError::Transport {
+            url: url.to_string(),
+            detail: e.to_string(),
+        },
+        None,
+    )
 }
 
 enum Attempt {

@@ -1,0 +1,157 @@
+//! SMART system scopes (v1 `system/Type.read` and v2 `system/Type.rs`) and what they let a client export.
+
+/// Permission bits in SMART v2 order: create, read, update, delete, search.
+const PERMISSIONS: &str = "cruds";
+const READ: u8 = 1 << 1;
+const SEARCH: u8 = 1 << 4;
+
+/// One parsed `system/` scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// A resource type, or `*`.
+    pub resource: String,
+    /// Bit set over `cruds`.
+    pub permissions: u8,
+}
+
+impl Scope {
+    /// Parses `system/<Type|*>.<read|write|*|cruds-subset>`; other scopes (patient/, user/, with
+    /// query parameters, …) are not system scopes this server grants.
+    pub fn parse(text: &str) -> Option<Scope> {
+        let rest = text.strip_prefix("system/")?;
+        let (resource, perms) = rest.split_once('.')?;
+        let resource_ok = resource == "*"
+            || (resource.starts_with(|c: char| c.is_ascii_uppercase())
+                && resource.chars().all(|c| c.is_ascii_alphabetic()));
+        if !resource_ok {
+            return None;
+        }
+        let permissions = match perms {
+            "read" => READ | SEARCH,
+            "write" => 0b01101,
+            "*" => 0b11111,
+            v2 => {
+                // v2 permissions are a non-empty subsequence of `cruds`, in that order.
+                let mut bits = 0u8;
+                let mut last = None;
+                for c in v2.chars() {
+                    let i = PERMISSIONS.find(c)?;
+                    if last.is_some_and(|l| i <= l) {
+                        return None;
+                    }
+                    last = Some(i);
+                    bits |= 1 << i;
+                }
+                if bits == 0 {
+                    return None;
+                }
+                bits
+            }
+        };
+        Some(Scope {
+            resource: resource.to_owned(),
+            permissions,
+        })
+    }
+
+    /// Whether holding `self` is enough to be granted `other`.
+    pub fn covers(&self, other: &Scope) -> bool {
+        (self.resource == "*" || self.resource == other.resource)
+            && self.permissions & other.permissions == other.permissions
+    }
+
+    /// Whether the scope allows exporting its type(s): bulk export reads and searches.
+    pub fn allows_export(&self) -> bool {
+        self.permissions & (READ | SEARCH) == READ | SEARCH
+    }
+}
+
+/// The scopes of an access token, as far as export is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    scopes: Vec<Scope>,
+}
+
+impl Grant {
+    /// Parses a space-separated scope string, ignoring what is not a system scope.
+    pub fn from_scope_string(scopes: &str) -> Grant {
+        Grant {
+            scopes: scopes.split_whitespace().filter_map(Scope::parse).collect(),
+        }
+    }
+
+    /// Whether every type may be exported.
+    pub fn all_types(&self) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| s.resource == "*" && s.allows_export())
+    }
+
+    /// Whether `resource_type` may be exported.
+    pub fn allows(&self, resource_type: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|s| (s.resource == "*" || s.resource == resource_type) && s.allows_export())
+    }
+}
+
+/// The requested scopes that `allowed` covers, in request order (the granted subset).
+pub fn grantable<'a>(requested: &'a str, allowed: &[Scope]) -> Vec<&'a str> {
+    requested
+        .split_whitespace()
+        .filter(|r| Scope::parse(r).is_some_and(|r| allowed.iter().any(|a| a.covers(&r))))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scopes(list: &[&str]) -> Vec<Scope> {
+        list.iter().map(|s| Scope::parse(s).unwrap()).collect()
+    }
+
+    #[test]
+    fn parses_v1_and_v2() {
+        assert_eq!(Scope::parse("system/*.read"), Scope::parse("system/*.rs"));
+        assert!(Scope::parse("system/Observation.cruds").is_some());
+        for bad in [
+            "patient/*.read",
+            "system/*.sr",
+            "system/*.rr",
+            "system/*.",
+            "system/obs.read",
+            "system/Observation.rs?category=x",
+            "openid",
+        ] {
+            assert!(Scope::parse(bad).is_none(), "{bad} parsed");
+        }
+    }
+
+    #[test]
+    fn grants_the_covered_subset() {
+        let allowed = scopes(&["system/*.rs", "system/Patient.cruds"]);
+        assert_eq!(
+            grantable(
+                "system/Observation.rs system/*.read system/Observation.c system/Patient.u openid",
+                &allowed
+            ),
+            ["system/Observation.rs", "system/*.read", "system/Patient.u"]
+        );
+        let narrow = scopes(&["system/Observation.read"]);
+        assert!(grantable("system/*.rs", &narrow).is_empty());
+        assert_eq!(
+            grantable("system/Observation.rs", &narrow),
+            ["system/Observation.rs"]
+        );
+    }
+
+    #[test]
+    fn export_needs_read_and_search() {
+        let g = Grant::from_scope_string("system/Patient.rs system/Observation.r");
+        assert!(g.allows("Patient"));
+        assert!(!g.allows("Observation"));
+        assert!(!g.all_types());
+        assert!(Grant::from_scope_string("system/*.read").all_types());
+    }
+}
