@@ -159,8 +159,13 @@ impl App {
     ) -> Result<Response<Body>, ApiError> {
         if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {
             self.auth.authenticate(req.headers()).await?;
-            // The proxy's token means nothing upstream and must not leak there.
+            // The proxy's token means nothing upstream and must not leak there; the proxy's own
+            // upstream credentials (if any) stand in for it.
             req.headers_mut().remove(hyper::header::AUTHORIZATION);
+            if let Some(authorization) = self.upstream.authorization().await? {
+                req.headers_mut()
+                    .insert(hyper::header::AUTHORIZATION, authorization);
+            }
         }
         self.pass_through.forward(req, peer).await
     }

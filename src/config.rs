@@ -486,6 +486,14 @@ mod tests {
     }
 
     #[test]
+    fn example_config_loads_with_auth_on() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        let c = Config::load(&path, Overrides::default()).unwrap();
+        assert!(c.auth.enabled);
+        assert_eq!(c.auth.clients.len(), 1);
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_zero_values() {
         assert!(matches!(
             parse("[upstream]\nbase_url = \"http://a/\"\nbogus = 1\n"),

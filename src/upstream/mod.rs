@@ -153,6 +153,11 @@ impl Upstream {
         url
     }
 
+    /// The proxy's own `Authorization` for the upstream, if it has credentials.
+    pub async fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
+        Ok(self.credentials.authorization().await?)
+    }
+
     /// Checks that `url` is under the upstream base, so the proxy's credentials never leave it.
     pub fn check_own(&self, url: &str) -> Result<Url, UpstreamError> {
         let foreign = || UpstreamError::Foreign {
