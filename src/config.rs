@@ -53,6 +53,10 @@ pub struct ServerConfig {
     pub public_base_url: Option<Url>,
     /// Largest accepted `$export` POST body, in bytes.
     pub max_kickoff_body_bytes: usize,
+    /// Largest request head (request line and headers), in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +65,8 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             public_base_url: None,
             max_kickoff_body_bytes: 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            shutdown_grace_secs: 25,
         }
     }
 }
@@ -95,6 +101,12 @@ pub struct UpstreamConfig {
     /// Largest upstream page body accepted, in bytes.
     #[serde(default = "defaults::max_page_bytes")]
     pub max_page_bytes: usize,
+    /// A job whose upstream stays unreachable this long fails instead of retrying on, in seconds.
+    #[serde(default = "defaults::give_up_after_secs")]
+    pub give_up_after_secs: u64,
+    /// Most upstream requests one job may make; past it the job fails (0: no limit).
+    #[serde(default)]
+    pub max_requests_per_job: u64,
     /// OAuth client credentials for the proxy's own upstream calls (instead of `bearer_token`).
     #[serde(default)]
     pub oauth: Option<UpstreamOAuthConfig>,
@@ -245,6 +257,12 @@ pub struct ExportConfig {
     pub expire_after_secs: u64,
     /// How often expired jobs are looked for, in seconds.
     pub reaper_interval_secs: u64,
+    /// Jobs one client may have running at once (with authorization on).
+    pub max_jobs_per_client: usize,
+    /// Most resources one export may hold; past it the job fails (0: no limit).
+    pub max_resources_per_job: u64,
+    /// Most bytes all export files together may take; a job that would pass it fails (0: no limit).
+    pub max_disk_bytes: u64,
 }
 
 impl Default for ExportConfig {
@@ -260,6 +278,9 @@ impl Default for ExportConfig {
             min_poll_interval_ms: 1000,
             expire_after_secs: 3600,
             reaper_interval_secs: 60,
+            max_jobs_per_client: 2,
+            max_resources_per_job: 0,
+            max_disk_bytes: 0,
         }
     }
 }
@@ -285,6 +306,9 @@ mod defaults {
     }
     pub fn max_page_bytes() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn give_up_after_secs() -> u64 {
+        600
     }
     pub fn oauth_algorithm() -> String {
         "RS384".into()

@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -66,6 +68,7 @@ pub async fn run(
         store.clone(),
         upstream.clone(),
         config.export.clone(),
+        config.upstream.max_requests_per_job,
         data_dir.join("files"),
     );
     runner.start().await?;
@@ -83,6 +86,13 @@ pub async fn run(
     // Tests and scripts read this one stdout line to learn the port.
     println!("listening on {bound}, public base {public_base}");
 
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper refuses buffers under 8 KiB; a larger head than the limit is answered with 431.
+    builder
+        .http1()
+        .max_buf_size(app.config.server.max_header_bytes.max(8192));
+    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
+    let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -97,21 +107,39 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+        });
+        let connection = graceful.watch(
+            builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });
     }
-    tracing::info!("shutting down");
+    drop(listener);
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "shutting down: no new connections, finishing requests in flight"
+    );
+    // Jobs stop at a page boundary; their committed cursors resume them at the next start.
+    let jobs = app.runner.shutdown();
+    let requests = async {
+        if tokio::time::timeout(grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("grace period over; closing the connections still open");
+        }
+    };
+    tokio::join!(jobs, requests);
     store.flush().await?;
+    tracing::info!("stopped cleanly");
     Ok(())
 }
 

@@ -126,6 +126,17 @@ pub enum SliceState {
     Failed { message: String },
 }
 
+/// What a slice's pages hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SliceKind {
+    /// Search results: the resources themselves.
+    #[default]
+    Resources,
+    /// Type history since `_since`: its DELETE entries become the manifest's `deleted` files.
+    Deleted,
+}
+
 /// A resumable unit of work: one resource type, one or more searches fetched in order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slice {
@@ -135,6 +146,9 @@ pub struct Slice {
     pub index: u32,
     /// Resource type all searches return.
     pub resource_type: String,
+    /// Resources, or deletions.
+    #[serde(default)]
+    pub kind: SliceKind,
     /// First-page URLs; more than one means OR-ed `_typeFilter` queries, deduplicated by id.
     pub searches: Vec<String>,
     /// Index into `searches` of the search under way.
@@ -314,6 +328,11 @@ impl Store {
     /// Removes a job with its slices and dedup sets.
     pub fn delete_job(&self, id: &str) -> Result<(), StoreError> {
         self.jobs.remove(id.as_bytes())?;
+        self.delete_slices(id)
+    }
+
+    /// Removes a job's slices and dedup sets, keeping the job record (a failed job's outcome).
+    pub fn delete_slices(&self, id: &str) -> Result<(), StoreError> {
         let prefix = format!("{id}/");
         for tree in [&self.slices, &self.seen] {
             let mut batch = sled::Batch::default();
@@ -358,6 +377,7 @@ mod tests {
             job_id: job_id.into(),
             index,
             resource_type: "Patient".into(),
+            kind: SliceKind::Resources,
             searches: vec!["http://u/Patient".into()],
             search_index: 0,
             next: None,

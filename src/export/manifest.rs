@@ -2,7 +2,7 @@
 
 use url::Url;
 
-use crate::store::{FilePart, Job, Slice, SliceState};
+use crate::store::{FilePart, Job, Slice, SliceKind, SliceState};
 
 /// Name of a job's OperationOutcome NDJSON file.
 pub const ERROR_FILE: &str = "errors.ndjson";
@@ -78,18 +78,23 @@ pub fn manifest(
 ) -> serde_json::Value {
     let mut ordered: Vec<&Slice> = slices.iter().collect();
     ordered.sort_by(|a, b| (&a.resource_type, a.index).cmp(&(&b.resource_type, b.index)));
-    let output: Vec<serde_json::Value> = ordered
-        .iter()
-        .flat_map(|s| s.files.iter().map(move |f| (s, f)))
-        .filter(|(_, f)| f.lines > 0)
-        .map(|(s, f)| {
-            serde_json::json!({
-                "type": s.resource_type,
-                "url": file_url(public_base, &job.id, &f.name),
-                "count": f.lines,
+    let files = |kind: SliceKind, file_type: Option<&str>| -> Vec<serde_json::Value> {
+        ordered
+            .iter()
+            .filter(|s| s.kind == kind)
+            .flat_map(|s| s.files.iter().map(move |f| (s, f)))
+            .filter(|(_, f)| f.lines > 0)
+            .map(|(s, f)| {
+                serde_json::json!({
+                    "type": file_type.unwrap_or(&s.resource_type),
+                    "url": file_url(public_base, &job.id, &f.name),
+                    "count": f.lines,
+                })
             })
-        })
-        .collect();
+            .collect()
+    };
+    let output = files(SliceKind::Resources, None);
+    let deleted = files(SliceKind::Deleted, Some("Bundle"));
     let error: Vec<serde_json::Value> = job
         .error_file
         .iter()
@@ -101,13 +106,17 @@ pub fn manifest(
             })
         })
         .collect();
-    serde_json::json!({
+    let mut manifest = serde_json::json!({
         "transactionTime": job.transaction_time,
         "request": job.request,
         "requiresAccessToken": requires_token,
         "output": output,
         "error": error,
-    })
+    });
+    if job.spec.since.is_some() {
+        manifest["deleted"] = deleted.into();
+    }
+    manifest
 }
 
 /// The lines of the job's error file: one OperationOutcome per failed slice or note.
@@ -164,6 +173,7 @@ mod tests {
             job_id: "j".into(),
             index: 0,
             resource_type: "Patient".into(),
+            kind: SliceKind::Resources,
             searches: vec!["u".into()],
             search_index: 0,
             next: None,

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment;
-use crate::store::{ExportSpec, Job, Level, Slice, SliceState};
+use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
 use crate::upstream::{Capability, SearchPage, Upstream, UpstreamError};
 
 /// Page size used to list patient ids: only ids travel, so pages can be large.
@@ -31,13 +31,23 @@ pub struct PlanLimits {
     pub patient_batch_size: usize,
 }
 
-/// Plans `job`: lists the searches of every type, per patient batch below the system level.
+/// A job's plan: its slices, and what the manifest should tell the client about it.
+#[derive(Debug)]
+pub struct Plan {
+    /// Searches to run.
+    pub slices: Vec<Slice>,
+    /// Notes for the manifest's OperationOutcome (e.g. deletions that cannot be reported).
+    pub notes: Vec<String>,
+}
+
+/// Plans `job`: lists the searches of every type, per patient batch below the system level, and with
+/// `_since` the type histories that reveal deletions.
 pub async fn plan(
     job: &Job,
     upstream: &Upstream,
     capability: &Capability,
     limits: PlanLimits,
-) -> Result<Vec<Slice>, PlanError> {
+) -> Result<Plan, PlanError> {
     let spec = &job.spec;
     let types = export_types(spec, capability);
     let bounds = Bounds {
@@ -46,11 +56,13 @@ pub async fn plan(
         page_size: limits.page_size,
     };
     let mut slices = Vec::new();
-    let mut push = |resource_type: &str, searches: Vec<String>| {
+    let mut notes = Vec::new();
+    let mut push = |resource_type: &str, kind: SliceKind, searches: Vec<String>| {
         slices.push(Slice {
             job_id: job.id.clone(),
             index: slices.len() as u32,
             resource_type: resource_type.to_owned(),
+            kind,
             searches,
             search_index: 0,
             next: None,
@@ -63,7 +75,21 @@ pub async fn plan(
     match &spec.level {
         Level::System => {
             for t in &types {
-                push(t, bounds.searches(t, &[]));
+                push(t, SliceKind::Resources, bounds.searches(t, &[]));
+            }
+            if let Some(since) = &spec.since {
+                let (with, without): (Vec<&String>, Vec<&String>) =
+                    types.iter().partition(|t| capability.history.contains(*t));
+                for t in with {
+                    push(t, SliceKind::Deleted, vec![bounds.history(t, since)]);
+                }
+                if !without.is_empty() {
+                    let list: Vec<&str> = without.iter().map(|t| t.as_str()).collect();
+                    notes.push(format!(
+                        "deleted resources are not reported for {}: the upstream offers no type history for them",
+                        list.join(", ")
+                    ));
+                }
             }
         }
         Level::Patient | Level::Group { .. } => {
@@ -79,12 +105,19 @@ pub async fn plan(
                             batch.iter().map(|id| format!("Patient/{id}")).collect();
                         (param.to_owned(), refs.join(","))
                     };
-                    push(t, bounds.searches(t, &[by_patient]));
+                    push(t, SliceKind::Resources, bounds.searches(t, &[by_patient]));
                 }
+            }
+            if spec.since.is_some() {
+                // A deleted resource's history entry no longer says whose compartment it was in.
+                notes.push(
+                    "deleted resources are not reported for Patient and Group exports: a deletion no longer shows which patient it belonged to"
+                        .into(),
+                );
             }
         }
     }
-    Ok(slices)
+    Ok(Plan { slices, notes })
 }
 
 /// The types a job exports, in a stable order.
@@ -118,6 +151,15 @@ struct Bounds<'a> {
 }
 
 impl Bounds<'_> {
+    /// First page of a type's history since `since` (deletions are filtered from it by the worker).
+    fn history(&self, resource_type: &str, since: &str) -> String {
+        let mut url: Url = self.upstream.url(&format!("{resource_type}/_history"));
+        url.query_pairs_mut()
+            .append_pair("_since", since)
+            .append_pair("_count", &self.page_size.to_string());
+        url.to_string()
+    }
+
     /// First-page URLs of a type: one per `_typeFilter` of the type (OR), or one plain search.
     fn searches(&self, resource_type: &str, extra: &[(String, String)]) -> Vec<String> {
         let spec = &self.job.spec;

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ExportConfig;
 use crate::export::manifest::{error_lines, ERROR_FILE};
 use crate::export::planner::{self, PlanError, PlanLimits};
-use crate::export::worker::{run_slice, SliceContext, SliceEnd, WorkerError};
+use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::store::{Job, JobState, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
@@ -20,9 +21,9 @@ use crate::upstream::Upstream;
 /// Why a job was not admitted.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
-    /// As many jobs as configured are running.
-    #[error("{0} export jobs are already running; try again later")]
-    Busy(usize),
+    /// As many jobs as configured are running (in all, or for this client).
+    #[error("{0}")]
+    Busy(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -36,6 +37,8 @@ pub struct Runner {
     files_dir: PathBuf,
     tasks: Mutex<HashMap<String, (CancellationToken, JoinHandle<()>)>>,
     admission: tokio::sync::Mutex<()>,
+    disk: Arc<DiskUsage>,
+    upstream_max_requests: u64,
 }
 
 /// Unix seconds now.
@@ -57,15 +60,21 @@ impl Runner {
         store: Arc<Store>,
         upstream: Arc<Upstream>,
         cfg: ExportConfig,
+        upstream_max_requests: u64,
         files_dir: PathBuf,
     ) -> Arc<Self> {
         Arc::new(Self {
+            upstream_max_requests,
             store,
             upstream,
-            cfg,
             files_dir,
             tasks: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
+            disk: Arc::new(DiskUsage {
+                max: cfg.max_disk_bytes,
+                used: AtomicU64::new(0),
+            }),
+            cfg,
         })
     }
 
@@ -77,9 +86,24 @@ impl Runner {
     /// Stores a new job durably and starts it, unless the concurrent job cap is reached.
     pub async fn submit(self: &Arc<Self>, job: Job) -> Result<(), AdmitError> {
         let _admission = self.admission.lock().await;
-        let active = self.store.jobs()?.iter().filter(|j| j.is_active()).count();
-        if active >= self.cfg.max_concurrent_jobs {
-            return Err(AdmitError::Busy(active));
+        let jobs = self.store.jobs()?;
+        let active: Vec<&Job> = jobs.iter().filter(|j| j.is_active()).collect();
+        if active.len() >= self.cfg.max_concurrent_jobs {
+            return Err(AdmitError::Busy(format!(
+                "{} export jobs are already running; try again later",
+                active.len()
+            )));
+        }
+        if let Some(owner) = &job.owner {
+            let mine = active
+                .iter()
+                .filter(|j| j.owner.as_ref() == Some(owner))
+                .count();
+            if mine >= self.cfg.max_jobs_per_client {
+                return Err(AdmitError::Busy(format!(
+                    "client {owner} already has {mine} export jobs running (max_jobs_per_client); try again later"
+                )));
+            }
         }
         self.store.put_job(&job)?;
         self.store.flush().await?;
@@ -92,6 +116,11 @@ impl Runner {
         std::fs::create_dir_all(&self.files_dir).map_err(|e| StoreError::Sled(e.into()))?;
         self.reap().await?;
         let jobs = self.store.jobs()?;
+        let mut used = 0;
+        for job in &jobs {
+            used += self.committed_bytes(job)?;
+        }
+        self.disk.used.store(used, Ordering::Relaxed);
         let known: std::collections::HashSet<&str> = jobs.iter().map(|j| j.id.as_str()).collect();
         // Only directories named like job ids are ours to remove: nothing else in the data directory is touched.
         if let Ok(entries) = std::fs::read_dir(&self.files_dir) {
@@ -138,9 +167,10 @@ impl Runner {
 
     /// Cancels a job if it runs and removes it with its files; false if there was no such job.
     pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
-        if self.store.job(id)?.is_none() {
+        let Some(job) = self.store.job(id)? else {
             return Ok(false);
-        }
+        };
+        let bytes = self.committed_bytes(&job)?;
         self.store.delete_job(id)?;
         self.store.flush().await?;
         let task = self.tasks.lock().expect("tasks lock").remove(id);
@@ -148,13 +178,49 @@ impl Runner {
             cancel.cancel();
             let _ = handle.await;
         }
+        self.remove_files(id, bytes);
+        Ok(true)
+    }
+
+    /// Stops every running job at its next page boundary, for a clean exit; their cursors stay committed
+    /// and the next start resumes them.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<_> = self.tasks.lock().expect("tasks lock").drain().collect();
+        for (_, (cancel, _)) in &tasks {
+            cancel.cancel();
+        }
+        for (id, (_, handle)) in tasks {
+            if handle.await.is_err() {
+                tracing::warn!(job = %id, "job task ended abnormally during shutdown");
+            }
+        }
+    }
+
+    /// Bytes of a job's files that its records account for.
+    fn committed_bytes(&self, job: &Job) -> Result<u64, StoreError> {
+        let slices: u64 = self
+            .store
+            .slices(&job.id)?
+            .iter()
+            .flat_map(|s| s.files.iter())
+            .map(|f| f.bytes)
+            .sum();
+        Ok(slices + job.error_file.as_ref().map_or(0, |f| f.bytes))
+    }
+
+    fn remove_files(&self, id: &str, bytes: u64) {
+        let _ = self
+            .disk
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(bytes))
+            });
         match std::fs::remove_dir_all(self.job_dir(id)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 tracing::warn!(job = %id, error = %e, "could not remove job files")
             }
             _ => {}
         }
-        Ok(true)
     }
 
     fn spawn(self: &Arc<Self>, id: String) {
@@ -165,9 +231,14 @@ impl Runner {
         let handle = tokio::spawn(async move {
             if let Err(e) = runner.run(&task_id, &task_cancel).await {
                 tracing::error!(job = %task_id, error = %e, "job failed");
-                let failed = JobState::Failed {
-                    status: 500,
-                    message: format!("the export failed inside the proxy: {e}"),
+                let failed = match e {
+                    WorkerError::JobFailed { status, message } => {
+                        JobState::Failed { status, message }
+                    }
+                    e => JobState::Failed {
+                        status: 500,
+                        message: format!("the export failed inside the proxy: {e}"),
+                    },
                 };
                 if let Err(e) = runner.finish(&task_id, failed).await {
                     tracing::error!(job = %task_id, error = %e, "could not record job failure");
@@ -191,8 +262,8 @@ impl Runner {
                 Ok(cap) => planner::plan(&job, &self.upstream, &cap, limits).await,
                 Err(e) => Err(e.into()),
             };
-            let slices = match planned {
-                Ok(slices) => slices,
+            let plan = match planned {
+                Ok(plan) => plan,
                 Err(e) => {
                     let status = match &e {
                         PlanError::GroupNotFound(_) => 404,
@@ -202,17 +273,27 @@ impl Runner {
                     return self.finish(id, JobState::Failed { status, message }).await;
                 }
             };
-            tracing::info!(job = %id, slices = slices.len(), "job planned");
+            tracing::info!(job = %id, slices = plan.slices.len(), "job planned");
             job.state = JobState::Running;
-            if !self.store.commit_plan(&job, &slices)? {
+            job.notes.extend(plan.notes);
+            if !self.store.commit_plan(&job, &plan.slices)? {
                 return Ok(());
             }
             self.store.flush().await?;
         }
         let dir = self.job_dir(id);
-        let pending: Vec<_> = self
-            .store
-            .slices(id)?
+        let snapshot = chrono::DateTime::parse_from_rfc3339(&job.transaction_time)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_else(|_| chrono::Utc::now());
+        let slices = self.store.slices(id)?;
+        let limits = JobLimits {
+            max_resources: self.cfg.max_resources_per_job,
+            max_requests: self.upstream_max_requests,
+            resources: AtomicU64::new(slices.iter().map(|s| s.lines()).sum()),
+            requests: AtomicU64::new(slices.iter().map(|s| s.pages).sum()),
+            disk: self.disk.clone(),
+        };
+        let pending: Vec<_> = slices
             .into_iter()
             .filter(|s| s.state == SliceState::Pending)
             .collect();
@@ -226,6 +307,8 @@ impl Runner {
                     per_file: self.cfg.resources_per_file,
                     elements: planner::elements_for(&job.spec.elements, &slice.resource_type),
                     cancel,
+                    limits: &limits,
+                    snapshot,
                 };
                 (ctx, slice)
             })
@@ -268,6 +351,11 @@ impl Runner {
             .await
             .expect("error file task panicked")?;
             job.error_file = Some(part);
+        }
+        if matches!(state, JobState::Failed { .. }) {
+            // A failed job has no manifest: its partial files would only take disk until it expires.
+            self.remove_files(id, self.committed_bytes(&job)?);
+            self.store.delete_slices(id)?;
         }
         tracing::info!(job = %id, state = ?state, "job finished");
         job.state = state;

@@ -7,13 +7,16 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
-use crate::store::{Slice, SliceState, Store, StoreError};
-use crate::upstream::{SearchPage, Upstream};
+use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
+use crate::upstream::{SearchPage, Upstream, UpstreamError};
 
 /// Failures that stop the whole job (the local disk or store), as opposed to a slice's upstream failure.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,68 @@ pub enum WorkerError {
     /// Writing the export files failed.
     #[error("writing export files: {0}")]
     Io(#[from] std::io::Error),
+    /// A limit was reached or the upstream is gone: the whole job fails with this status.
+    #[error("{message}")]
+    JobFailed { status: u16, message: String },
+}
+
+/// Bytes all export files take, against `max_disk_bytes`; shared by every job.
+#[derive(Debug, Default)]
+pub struct DiskUsage {
+    /// Limit in bytes (0: none).
+    pub max: u64,
+    /// Committed bytes of every job's files.
+    pub used: AtomicU64,
+}
+
+/// A job's limits and what it has used of them, shared by its slices.
+#[derive(Debug)]
+pub struct JobLimits {
+    /// Most resources the job may export (0: no limit).
+    pub max_resources: u64,
+    /// Most upstream requests the job may make (0: no limit).
+    pub max_requests: u64,
+    /// Resources written so far.
+    pub resources: AtomicU64,
+    /// Upstream requests made so far.
+    pub requests: AtomicU64,
+    /// Disk used by all jobs.
+    pub disk: Arc<DiskUsage>,
+}
+
+impl JobLimits {
+    fn spend_request(&self) -> Result<(), UpstreamError> {
+        let made = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.max_requests > 0 && made > self.max_requests {
+            return Err(UpstreamError::Budget(self.max_requests));
+        }
+        Ok(())
+    }
+
+    /// Reserves room for a page of `lines` resources and `bytes` bytes, or fails the job.
+    fn admit_page(&self, lines: u64, bytes: u64) -> Result<(), WorkerError> {
+        let total = self.resources.fetch_add(lines, Ordering::Relaxed) + lines;
+        if self.max_resources > 0 && total > self.max_resources {
+            return Err(WorkerError::JobFailed {
+                status: 413,
+                message: format!(
+                    "the export holds more than max_resources_per_job ({}) resources; narrow it with _type, _since or _typeFilter",
+                    self.max_resources
+                ),
+            });
+        }
+        let used = self.disk.used.load(Ordering::Relaxed);
+        if self.disk.max > 0 && used + bytes > self.disk.max {
+            return Err(WorkerError::JobFailed {
+                status: 507,
+                message: format!(
+                    "the export would pass max_disk_bytes ({} bytes, {used} in use); it was stopped and its files removed",
+                    self.disk.max
+                ),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// How a slice run ended.
@@ -49,6 +114,10 @@ pub struct SliceContext<'a> {
     pub elements: Vec<String>,
     /// Set when the job is cancelled.
     pub cancel: &'a CancellationToken,
+    /// The job's limits.
+    pub limits: &'a JobLimits,
+    /// The job's transaction time: later changes are not part of the export.
+    pub snapshot: DateTime<Utc>,
 }
 
 /// One page, converted to output lines.
@@ -64,7 +133,10 @@ struct Page {
 
 /// Runs `slice` to its end (or until cancelled), resuming from its committed cursor.
 pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<SliceEnd, WorkerError> {
-    let stem = format!("{}.{:04}", slice.resource_type, slice.index);
+    let stem = match slice.kind {
+        SliceKind::Resources => format!("{}.{:04}", slice.resource_type, slice.index),
+        SliceKind::Deleted => format!("{}.deleted.{:04}", slice.resource_type, slice.index),
+    };
     let (dir, per_file, parts) = (ctx.dir.to_owned(), ctx.per_file, slice.files.clone());
     let mut writer =
         tokio::task::spawn_blocking(move || NdjsonWriter::resume(&dir, stem, per_file, parts))
@@ -78,10 +150,25 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             .unwrap_or_else(|| slice.searches[slice.search_index].clone());
         let fetched = tokio::select! {
             _ = ctx.cancel.cancelled() => return Ok(SliceEnd::Stopped),
-            r = ctx.upstream.fetch(&url, |body| convert(body, &slice, dedupe, ctx)) => r,
+            r = ctx.upstream.fetch_budgeted(
+                &url,
+                |body| convert(body, &slice, dedupe, ctx),
+                || ctx.limits.spend_request(),
+            ) => r,
         };
         let page = match fetched {
             Ok(page) => page,
+            Err(e @ (UpstreamError::Budget(_) | UpstreamError::Unreachable { .. })) => {
+                let status = if matches!(e, UpstreamError::Budget(_)) {
+                    413
+                } else {
+                    504
+                };
+                return Err(WorkerError::JobFailed {
+                    status,
+                    message: e.to_string(),
+                });
+            }
             Err(e) => {
                 tracing::warn!(job = %slice.job_id, slice = slice.index, error = %e, "slice failed");
                 slice.state = SliceState::Failed {
@@ -97,6 +184,8 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             )),
             _ => Ok(page.next.clone()),
         };
+        let page_bytes = page.data.len() as u64 + page.ends.len() as u64;
+        ctx.limits.admit_page(page.ends.len() as u64, page_bytes)?;
         let ids = page.ids;
         let (data, ends) = (page.data, page.ends);
         let (returned, parts) = tokio::task::spawn_blocking(move || {
@@ -132,6 +221,10 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         if commit(ctx, &slice, &ids)? == SliceEnd::Stopped {
             return Ok(SliceEnd::Stopped);
         }
+        ctx.limits
+            .disk
+            .used
+            .fetch_add(page_bytes, Ordering::Relaxed);
     }
     Ok(SliceEnd::Finished)
 }
@@ -142,6 +235,50 @@ fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd,
     } else {
         Ok(SliceEnd::Stopped)
     }
+}
+
+/// Renders a history page's DELETE entries up to the snapshot as the spec's deleted-resource lines: one
+/// transaction Bundle per deletion.
+fn deletions(
+    page: &SearchPage,
+    slice: &Slice,
+    snapshot: DateTime<Utc>,
+    out: &mut Page,
+) -> Result<(), String> {
+    let prefix = format!("{}/", slice.resource_type);
+    for entry in &page.entry {
+        let Some(request) = entry.request.as_ref().filter(|r| r.method == "DELETE") else {
+            continue;
+        };
+        let id = request
+            .url
+            .strip_prefix(&prefix)
+            .filter(|id| !id.is_empty() && !id.contains(['/', '?']))
+            .ok_or_else(|| {
+                format!(
+                    "history entry for {:?} is not a {} deletion",
+                    request.url, slice.resource_type
+                )
+            })?;
+        let when = entry
+            .response
+            .as_ref()
+            .and_then(|r| r.last_modified.as_deref());
+        let after_snapshot = when
+            .and_then(|w| DateTime::parse_from_rfc3339(w).ok())
+            .is_some_and(|w| w > snapshot);
+        if after_snapshot {
+            continue;
+        }
+        let bundle = serde_json::json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [{"request": {"method": "DELETE", "url": format!("{prefix}{id}")}}],
+        });
+        out.data.extend_from_slice(bundle.to_string().as_bytes());
+        out.ends.push(out.data.len());
+    }
+    Ok(())
 }
 
 /// The members every resource line is checked for.
@@ -168,6 +305,10 @@ fn convert(
         next: page.next().map(str::to_owned),
         total: page.total,
     };
+    if slice.kind == SliceKind::Deleted {
+        deletions(&page, slice, ctx.snapshot, &mut out)?;
+        return Ok(out);
+    }
     let mut page_ids = HashSet::new();
     for raw in page.matches() {
         let head: Head = serde_json::from_str(raw.get())

@@ -39,6 +39,12 @@ pub enum UpstreamError {
     /// The body arrived but is not what FHIR promised (not JSON, not a Bundle, too large…).
     #[error("upstream response from {url} is unusable: {detail}")]
     Invalid { url: String, detail: String },
+    /// The upstream could not be reached for longer than `give_up_after_secs`.
+    #[error("the upstream has been unreachable for {secs} s: {detail}")]
+    Unreachable { secs: u64, detail: String },
+    /// The job's upstream request budget is spent.
+    #[error("the export needs more than max_requests_per_job ({0}) upstream requests")]
+    Budget(u64),
     /// A URL (a `next` link, a reference) points outside the upstream: never followed.
     #[error("refusing to follow {url}: it is not under the upstream base {base}")]
     Foreign { url: String, base: String },
@@ -65,35 +71,42 @@ impl UpstreamError {
 pub struct Capability {
     /// Searchable resource types and their search parameters.
     pub types: BTreeMap<String, BTreeSet<String>>,
+    /// Types with type-level `_history` (where deletions can be found).
+    pub history: BTreeSet<String>,
 }
 
 impl Capability {
     /// Reads `rest[mode=server].resource[]` with a `search-type` interaction.
     pub fn from_statement(statement: &serde_json::Value) -> Capability {
-        let mut types = BTreeMap::new();
+        let mut cap = Capability::default();
         let rests = statement["rest"].as_array().into_iter().flatten();
         for rest in rests.filter(|r| r["mode"] == "server") {
             for resource in rest["resource"].as_array().into_iter().flatten() {
-                let searchable = resource["interaction"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|i| i["code"] == "search-type");
                 let Some(name) = resource["type"].as_str() else {
                     continue;
                 };
-                if searchable {
+                let has = |code: &str| {
+                    resource["interaction"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|i| i["code"] == code)
+                };
+                if has("search-type") {
                     let params = resource["searchParam"]
                         .as_array()
                         .into_iter()
                         .flatten()
                         .filter_map(|p| p["name"].as_str().map(str::to_owned))
                         .collect();
-                    types.insert(name.to_owned(), params);
+                    cap.types.insert(name.to_owned(), params);
+                }
+                if has("history-type") {
+                    cap.history.insert(name.to_owned());
                 }
             }
         }
-        Capability { types }
+        cap
     }
 }
 
@@ -107,6 +120,7 @@ pub struct Upstream {
     max_retries: u32,
     retry_base: Duration,
     retry_max: Duration,
+    give_up_after: Duration,
     max_page_bytes: usize,
     capability: RwLock<Option<(Instant, Arc<Capability>)>>,
 }
@@ -132,6 +146,7 @@ impl Upstream {
             max_retries: cfg.max_retries,
             retry_base: Duration::from_millis(cfg.retry_base_ms),
             retry_max: Duration::from_millis(cfg.retry_max_ms),
+            give_up_after: Duration::from_secs(cfg.give_up_after_secs),
             max_page_bytes: cfg.max_page_bytes,
             capability: RwLock::new(None),
         })
@@ -201,9 +216,25 @@ impl Upstream {
         url: &str,
         parse: impl Fn(&Bytes) -> Result<T, String>,
     ) -> Result<T, UpstreamError> {
+        self.fetch_budgeted(url, parse, || Ok(())).await
+    }
+
+    /// [`Upstream::fetch`], asking `before_attempt` before every request (a job's request budget).
+    ///
+    /// An unreachable upstream (connection refused, timeouts) is retried past `max_retries` until it
+    /// has been unreachable for `give_up_after_secs`: a restarting server should not fail an export,
+    /// one that is gone for good should not keep it waiting forever.
+    pub async fn fetch_budgeted<T>(
+        &self,
+        url: &str,
+        parse: impl Fn(&Bytes) -> Result<T, String>,
+        before_attempt: impl Fn() -> Result<(), UpstreamError>,
+    ) -> Result<T, UpstreamError> {
         let target = self.check_own(url)?;
         let mut attempt = 0;
+        let mut unreachable_since: Option<Instant> = None;
         loop {
+            before_attempt()?;
             let (err, retry_after) = match self.fetch_once(&target).await {
                 Ok(body) => match parse(&body) {
                     Ok(v) => return Ok(v),
@@ -218,8 +249,19 @@ impl Upstream {
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry(e, retry_after)) => (e, retry_after),
             };
-            if attempt >= self.max_retries {
-                return Err(err);
+            if matches!(err, UpstreamError::Transport { .. }) {
+                let since = *unreachable_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.give_up_after {
+                    return Err(UpstreamError::Unreachable {
+                        secs: since.elapsed().as_secs(),
+                        detail: err.to_string(),
+                    });
+                }
+            } else {
+                unreachable_since = None;
+                if attempt >= self.max_retries {
+                    return Err(err);
+                }
             }
             let delay = self.backoff(attempt, retry_after);
             tracing::warn!(url, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream request");
@@ -372,6 +414,27 @@ pub struct Entry<'a> {
     pub resource: Option<&'a serde_json::value::RawValue>,
     /// `entry.search`.
     pub search: Option<EntrySearch>,
+    /// `entry.request` (history bundles).
+    pub request: Option<EntryRequest>,
+    /// `entry.response` (history bundles).
+    pub response: Option<EntryResponse>,
+}
+
+/// `Bundle.entry.request`.
+#[derive(Debug, Deserialize)]
+pub struct EntryRequest {
+    /// HTTP method of the recorded interaction.
+    pub method: String,
+    /// `Type/id` it applied to.
+    pub url: String,
+}
+
+/// `Bundle.entry.response`.
+#[derive(Debug, Deserialize)]
+pub struct EntryResponse {
+    /// When the interaction happened.
+    #[serde(rename = "lastModified")]
+    pub last_modified: Option<String>,
 }
 
 /// `Bundle.entry.search`.
@@ -475,10 +538,11 @@ mod tests {
     #[test]
     fn capability_lists_searchable_types_with_params() {
         let cs = serde_json::json!({"rest":[{"mode":"server","resource":[
-            {"type":"Patient","interaction":[{"code":"read"},{"code":"search-type"}],"searchParam":[{"name":"_id"}]},
+            {"type":"Patient","interaction":[{"code":"history-type"},{"code":"search-type"}],"searchParam":[{"name":"_id"}]},
             {"type":"Binary","interaction":[{"code":"read"}]}]}]});
         let cap = Capability::from_statement(&cs);
         assert_eq!(cap.types.keys().collect::<Vec<_>>(), ["Patient"]);
         assert!(cap.types["Patient"].contains("_id"));
+        assert_eq!(cap.history.iter().collect::<Vec<_>>(), ["Patient"]);
     }
 }
