@@ -18,6 +18,7 @@ use crate::export::manifest;
 use crate::export::runner::{is_job_id, now_secs, AdmitError, Runner};
 use crate::files;
 use crate::http::{json, ApiError, Body};
+use crate::metrics::METRICS;
 use crate::outcome::outcome;
 use crate::proxy::PassThrough;
 use crate::store::{Job, JobState, Level, Store};
@@ -93,9 +94,7 @@ impl App {
             Route::Kickoff(level) => self.kickoff(level, req).await,
             Route::Status(id) => self.status(&id, req).await,
             Route::File(id, name) => self.file(&id, &name, &req).await,
-            Route::Metadata if req.method() == Method::GET => {
-                self.pass_through.metadata(req, peer).await
-            }
+            Route::Metadata if req.method() == Method::GET => self.forward(req, peer, true).await,
             Route::SmartConfiguration if req.method() == Method::GET => Ok(json(
                 StatusCode::OK,
                 "application/json",
@@ -109,7 +108,7 @@ impl App {
                 "no such bulk data resource: {}",
                 req.uri().path()
             ))),
-            Route::Metadata | Route::PassThrough => self.forward(req, peer).await,
+            Route::Metadata | Route::PassThrough => self.forward(req, peer, false).await,
         };
         result.unwrap_or_else(ApiError::into_response)
     }
@@ -152,10 +151,12 @@ impl App {
         }
     }
 
+    /// Passes a request through; `capability_statement` marks `GET [base]/metadata`, whose body is augmented.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        capability_statement: bool,
     ) -> Result<Response<Body>, ApiError> {
         if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {
             self.auth.authenticate(req.headers()).await?;
@@ -167,7 +168,15 @@ impl App {
                     .insert(hyper::header::AUTHORIZATION, authorization);
             }
         }
-        self.pass_through.forward(req, peer).await
+        let started = std::time::Instant::now();
+        let result = if capability_statement {
+            self.pass_through.metadata(req, peer).await
+        } else {
+            self.pass_through.forward(req, peer).await
+        };
+        let status = result.as_ref().map_or(502, |r| r.status().as_u16());
+        METRICS.passthrough(status, started.elapsed());
+        result
     }
 
     async fn token(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {

@@ -41,6 +41,17 @@ pub struct Config {
     /// SMART Backend Services authorization of the proxy's own endpoints.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// The operators' listener: health, metrics, jobs.
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of `/healthz`, `/readyz`, `/metrics` and `/jobs`; unset: no admin listener.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Listener settings.
@@ -263,6 +274,8 @@ pub struct ExportConfig {
     pub max_resources_per_job: u64,
     /// Most bytes all export files together may take; a job that would pass it fails (0: no limit).
     pub max_disk_bytes: u64,
+    /// Progress of running jobs is logged this often, in seconds.
+    pub progress_log_secs: u64,
 }
 
 impl Default for ExportConfig {
@@ -281,6 +294,7 @@ impl Default for ExportConfig {
             max_jobs_per_client: 2,
             max_resources_per_job: 0,
             max_disk_bytes: 0,
+            progress_log_secs: 30,
         }
     }
 }

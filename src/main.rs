@@ -1,10 +1,11 @@
 //! Command line of fhir-bulk-proxy.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use fhir_bulk_proxy::config::{Config, Overrides};
 use url::Url;
 
@@ -12,14 +13,42 @@ use url::Url;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log format: JSON lines (the container default), human-readable, or pretty when stderr is a terminal.
+    #[arg(long, global = true, env = "FBP_LOG_FORMAT", default_value = "auto")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
+    /// See and cancel export jobs of a running proxy, through its admin listener.
+    Jobs {
+        /// Base URL of the admin listener (`admin.listen`).
+        #[arg(long, env = "FBP_ADMIN_URL", default_value = "http://127.0.0.1:9090")]
+        admin: Url,
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// One line per job: id, state, progress, owner.
+    List,
+    /// A job with its slices, as JSON.
+    Show { id: String },
+    /// Cancel a job and remove its files.
+    Cancel { id: String },
 }
 
 /// Flags win over environment variables, which win over the config file.
@@ -45,15 +74,40 @@ struct ServeArgs {
     upstream_bearer_token: Option<String>,
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let Command::Serve(args) = Cli::parse().command;
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            init_logging(cli.log_format);
+            serve(args)
+        }
+        Command::Jobs { admin, action } => jobs(admin, action),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
     let overrides = Overrides {
         listen: args.listen,
         upstream_url: args.upstream_url,
@@ -77,4 +131,61 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn jobs(admin: Url, action: JobsAction) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match runtime.block_on(jobs_request(admin, action)) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fhir-bulk-proxy jobs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn jobs_request(admin: Url, action: JobsAction) -> Result<String, String> {
+    let client = reqwest::Client::new();
+    let url = |path: &str| admin.join(path).map_err(|e| e.to_string());
+    let request = match &action {
+        JobsAction::List => client.get(url("jobs")?),
+        JobsAction::Show { id } => client.get(url(&format!("jobs/{id}"))?),
+        JobsAction::Cancel { id } => client.delete(url(&format!("jobs/{id}"))?),
+    };
+    let response = request.send().await.map_err(|e| format!("{admin}: {e}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        let detail = body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        return Err(format!("{status}: {detail}"));
+    }
+    Ok(match action {
+        JobsAction::List => {
+            let jobs = body.as_array().cloned().unwrap_or_default();
+            let mut lines = vec![format!(
+                "{:<32}  {:<9}  {:<12}  PROGRESS",
+                "ID", "STATE", "OWNER"
+            )];
+            for j in jobs {
+                lines.push(format!(
+                    "{:<32}  {:<9}  {:<12}  {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["state"].as_str().unwrap_or(""),
+                    j["owner"].as_str().unwrap_or("-"),
+                    j["progress"].as_str().unwrap_or(""),
+                ));
+            }
+            lines.join("\n")
+        }
+        _ => serde_json::to_string_pretty(&body).map_err(|e| e.to_string())?,
+    })
 }

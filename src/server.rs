@@ -73,6 +73,28 @@ pub async fn run(
     );
     runner.start().await?;
     runner.spawn_reaper();
+    let admin_listener = crate::admin::bind(config.admin.listen)
+        .await
+        .map_err(|source| ServerError::Io {
+            what: format!(
+                "cannot listen on the admin address {:?}",
+                config.admin.listen
+            ),
+            source,
+        })?;
+    if let Some(admin_listener) = admin_listener {
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| ServerError::Io {
+                what: "cannot read the admin address".into(),
+                source,
+            })?;
+        tracing::info!(%admin_addr, "admin listening (healthz, readyz, metrics, jobs)");
+        // Printed before the main line, which is the one scripts wait for.
+        println!("admin listening on {admin_addr}");
+        crate::admin::Admin::new(store.clone(), upstream.clone(), runner.clone())
+            .spawn(admin_listener);
+    }
     let app = Arc::new(App::new(
         config,
         public_base.clone(),

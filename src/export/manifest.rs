@@ -42,6 +42,9 @@ pub fn progress(job: &Job, slices: &[Slice]) -> String {
             })
         })
         .collect();
+    if finished == searches {
+        return format!("100% complete ({written} resources, {searches} searches finished)");
+    }
     match running_shares {
         Some(shares) if slices.iter().any(|s| s.total.is_some()) => {
             let done = finished as f64 + shares.iter().sum::<f64>();

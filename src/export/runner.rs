@@ -9,12 +9,14 @@ use std::time::Duration;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::ExportConfig;
-use crate::export::manifest::{error_lines, ERROR_FILE};
+use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
+use crate::metrics::METRICS;
 use crate::store::{Job, JobState, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
 
@@ -228,24 +230,28 @@ impl Runner {
         let runner = self.clone();
         let (task_id, task_cancel) = (id.clone(), cancel.clone());
         let mut tasks = self.tasks.lock().expect("tasks lock");
-        let handle = tokio::spawn(async move {
-            if let Err(e) = runner.run(&task_id, &task_cancel).await {
-                tracing::error!(job = %task_id, error = %e, "job failed");
-                let failed = match e {
-                    WorkerError::JobFailed { status, message } => {
-                        JobState::Failed { status, message }
+        let span = tracing::info_span!("job", job = %id);
+        let handle = tokio::spawn(
+            async move {
+                if let Err(e) = runner.run(&task_id, &task_cancel).await {
+                    tracing::error!(job = %task_id, error = %e, "job failed");
+                    let failed = match e {
+                        WorkerError::JobFailed { status, message } => {
+                            JobState::Failed { status, message }
+                        }
+                        e => JobState::Failed {
+                            status: 500,
+                            message: format!("the export failed inside the proxy: {e}"),
+                        },
+                    };
+                    if let Err(e) = runner.finish(&task_id, failed).await {
+                        tracing::error!(job = %task_id, error = %e, "could not record job failure");
                     }
-                    e => JobState::Failed {
-                        status: 500,
-                        message: format!("the export failed inside the proxy: {e}"),
-                    },
-                };
-                if let Err(e) = runner.finish(&task_id, failed).await {
-                    tracing::error!(job = %task_id, error = %e, "could not record job failure");
                 }
+                runner.tasks.lock().expect("tasks lock").remove(&task_id);
             }
-            runner.tasks.lock().expect("tasks lock").remove(&task_id);
-        });
+            .instrument(span),
+        );
         tasks.insert(id, (cancel, handle));
     }
 
@@ -316,6 +322,9 @@ impl Runner {
         let mut queue = contexts.iter();
         let mut running = FuturesUnordered::new();
         let mut stopped = false;
+        let mut progress =
+            tokio::time::interval(Duration::from_secs(self.cfg.progress_log_secs.max(1)));
+        progress.tick().await;
         loop {
             while running.len() < self.cfg.slice_concurrency {
                 let Some((ctx, slice)) = queue.next() else {
@@ -323,9 +332,15 @@ impl Runner {
                 };
                 running.push(run_slice(ctx, slice.clone()));
             }
-            match running.next().await {
-                Some(end) => stopped |= end? == SliceEnd::Stopped,
-                None => break,
+            tokio::select! {
+                end = running.next() => match end {
+                    Some(end) => stopped |= end? == SliceEnd::Stopped,
+                    None => break,
+                },
+                _ = progress.tick() => {
+                    let slices = self.store.slices(id)?;
+                    tracing::info!(progress = %manifest::progress(&job, &slices), "export progress");
+                }
             }
         }
         if stopped || cancel.is_cancelled() {
@@ -358,6 +373,15 @@ impl Runner {
             self.store.delete_slices(id)?;
         }
         tracing::info!(job = %id, state = ?state, "job finished");
+        let state_label = if state == JobState::Completed {
+            "completed"
+        } else {
+            "failed"
+        };
+        METRICS
+            .export_seconds
+            .with_label_values(&[state_label])
+            .observe((now_secs() - job.created).max(0) as f64);
         job.state = state;
         job.expires = Some(now_secs() + self.cfg.expire_after_secs as i64);
         self.store.replace_job(&job)?;

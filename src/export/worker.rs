@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
+use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
 use crate::upstream::{SearchPage, Upstream, UpstreamError};
 
@@ -184,8 +185,9 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             )),
             _ => Ok(page.next.clone()),
         };
-        let page_bytes = page.data.len() as u64 + page.ends.len() as u64;
-        ctx.limits.admit_page(page.ends.len() as u64, page_bytes)?;
+        let lines = page.ends.len() as u64;
+        let page_bytes = page.data.len() as u64 + lines;
+        ctx.limits.admit_page(lines, page_bytes)?;
         let ids = page.ids;
         let (data, ends) = (page.data, page.ends);
         let (returned, parts) = tokio::task::spawn_blocking(move || {
@@ -225,6 +227,8 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             .disk
             .used
             .fetch_add(page_bytes, Ordering::Relaxed);
+        METRICS.exported_resources.inc_by(lines);
+        METRICS.exported_bytes.inc_by(page_bytes);
     }
     Ok(SliceEnd::Finished)
 }

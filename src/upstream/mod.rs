@@ -18,6 +18,7 @@ use tokio::sync::{RwLock, Semaphore};
 use url::Url;
 
 use crate::config::UpstreamConfig;
+use crate::metrics::METRICS;
 use credentials::{Credentials, CredentialsError};
 
 /// How long a fetched CapabilityStatement is trusted.
@@ -168,6 +169,15 @@ impl Upstream {
         url
     }
 
+    /// One quick request to `[base]/metadata`, no retries: whether the upstream answers at all.
+    pub async fn probe(&self) -> bool {
+        let url = self.url("metadata");
+        match tokio::time::timeout(Duration::from_secs(2), self.send(&url)).await {
+            Ok(Ok((response, _))) => response.status().is_success(),
+            _ => false,
+        }
+    }
+
     /// The proxy's own `Authorization` for the upstream, if it has credentials.
     pub async fn authorization(&self) -> Result<Option<HeaderValue>, UpstreamError> {
         Ok(self.credentials.authorization().await?)
@@ -265,6 +275,7 @@ impl Upstream {
             }
             let delay = self.backoff(attempt, retry_after);
             tracing::warn!(url, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream request");
+            METRICS.upstream_retries.inc();
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
@@ -282,7 +293,10 @@ impl Upstream {
     }
 
     async fn fetch_once(&self, url: &Url) -> Result<Bytes, Attempt> {
-        self.limiter.until_ready().await;
+        if self.limiter.check().is_err() {
+            METRICS.rate_limiter_waits.inc();
+            self.limiter.until_ready().await;
+        }
         let _permit = self
             .permits
             .acquire()
@@ -351,7 +365,13 @@ impl Upstream {
         if let Some(value) = &authorization {
             request = request.header(AUTHORIZATION, value.clone());
         }
-        let response = request.send().await.map_err(|e| transport(url, e))?;
+        let started = Instant::now();
+        let sent = request.send().await;
+        METRICS.upstream(
+            sent.as_ref().ok().map(|r| r.status().as_u16()),
+            started.elapsed(),
+        );
+        let response = sent.map_err(|e| transport(url, e))?;
         Ok((response, authorization))
     }
 }

@@ -1,0 +1,165 @@
+//! Prometheus metrics of the whole process, exposed on the admin listener.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the proxy keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Pass-through requests by response status.
+    pub passthrough_requests: IntCounterVec,
+    /// Pass-through latency until the response head, by status.
+    pub passthrough_seconds: HistogramVec,
+    /// The proxy's own upstream requests (export searches) by status (`error` for no response).
+    pub upstream_requests: IntCounterVec,
+    /// Their latency, by status.
+    pub upstream_seconds: HistogramVec,
+    /// Upstream requests repeated after a transient failure.
+    pub upstream_retries: IntCounter,
+    /// Upstream requests that had to wait for the rate limiter.
+    pub rate_limiter_waits: IntCounter,
+    /// Jobs by state, set at each scrape.
+    pub jobs: IntGaugeVec,
+    /// Resources written to export files.
+    pub exported_resources: IntCounter,
+    /// Bytes written to export files.
+    pub exported_bytes: IntCounter,
+    /// Time from kick-off to completion of finished jobs, by final state.
+    pub export_seconds: HistogramVec,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.0005, 2.0, 16).expect("valid buckets")
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let m = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let counter = |name: &str, help: &str| {
+            let m = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let histogram = |name: &str, help: &str, label: &str, buckets: Vec<f64>| {
+            let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])
+                .expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
+        let jobs = IntGaugeVec::new(Opts::new("fbp_jobs", "Export jobs by state."), &["state"])
+            .expect("valid metric");
+        registry
+            .register(Box::new(jobs.clone()))
+            .expect("unique metric");
+        Self {
+            passthrough_requests: counter_vec(
+                "fbp_passthrough_requests_total",
+                "Requests passed through to the upstream, by response status.",
+                &["status"],
+            ),
+            passthrough_seconds: histogram(
+                "fbp_passthrough_duration_seconds",
+                "Pass-through latency until the response head, by status.",
+                "status",
+                latency_buckets(),
+            ),
+            upstream_requests: counter_vec(
+                "fbp_upstream_requests_total",
+                "The proxy's own upstream requests (export), by status; error means no response.",
+                &["status"],
+            ),
+            upstream_seconds: histogram(
+                "fbp_upstream_request_duration_seconds",
+                "Latency of the proxy's own upstream requests, by status.",
+                "status",
+                latency_buckets(),
+            ),
+            upstream_retries: counter(
+                "fbp_upstream_retries_total",
+                "Upstream requests repeated after a transient failure.",
+            ),
+            rate_limiter_waits: counter(
+                "fbp_rate_limiter_waits_total",
+                "Upstream requests that waited for the rate limiter.",
+            ),
+            jobs,
+            exported_resources: counter(
+                "fbp_exported_resources_total",
+                "Resources written to export files.",
+            ),
+            exported_bytes: counter("fbp_exported_bytes_total", "Bytes written to export files."),
+            export_seconds: histogram(
+                "fbp_export_duration_seconds",
+                "Time from kick-off to the end of finished jobs, by final state.",
+                "state",
+                exponential_buckets(0.5, 2.0, 16).expect("valid buckets"),
+            ),
+            registry,
+        }
+    }
+
+    /// Records one pass-through request.
+    pub fn passthrough(&self, status: u16, elapsed: Duration) {
+        let status = status.to_string();
+        self.passthrough_requests
+            .with_label_values(&[&status])
+            .inc();
+        self.passthrough_seconds
+            .with_label_values(&[&status])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records one upstream request of the proxy's own (`None`: no response).
+    pub fn upstream(&self, status: Option<u16>, elapsed: Duration) {
+        let status = status.map_or_else(|| "error".to_owned(), |s| s.to_string());
+        self.upstream_requests.with_label_values(&[&status]).inc();
+        self.upstream_seconds
+            .with_label_values(&[&status])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails");
+        String::from_utf8(out).expect("text format is UTF-8")
+    }
+}
+
+/// The process-wide metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_recorded_values() {
+        let m = Metrics::new();
+        m.passthrough(200, Duration::from_millis(3));
+        m.upstream(None, Duration::from_millis(1));
+        m.exported_resources.inc_by(7);
+        let text = m.render();
+        assert!(text.contains("fbp_passthrough_requests_total{status=\"200\"} 1"));
+        assert!(text.contains("fbp_upstream_requests_total{status=\"error\"} 1"));
+        assert!(text.contains("fbp_exported_resources_total 7"));
+    }
+}
