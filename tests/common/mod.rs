@@ -852,3 +852,241 @@ pub fn download_all_auth(manifest: &Value, field: &str, token: Option<&str>) -> 
         })
         .collect()
 }
+
+// ---- Additions for tests/limits.rs: any `[server]` keys, extra tables, the process id, its exit. ----
+
+impl Proxy {
+    /// Starts the proxy with `server_toml` added to `[server]`, `upstream_toml` to `[upstream]` and
+    /// `export_toml` to `[export]`; `export_toml` may go on with further tables (`[auth]`...), since it
+    /// comes last. With `log = Some((rust_log, file))` stderr goes to `file` at that `RUST_LOG`.
+    /// The fast polling defaults of `start_with_config` apply the same way.
+    pub fn start_tables(
+        upstream: &str,
+        server_toml: &str,
+        upstream_toml: &str,
+        export_toml: &str,
+        log: Option<(&str, &Path)>,
+    ) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = dir.path().join("proxy.toml");
+        let mut defaults = String::new();
+        for (key, value) in [("min_poll_interval_ms", "0"), ("retry_after_secs", "1")] {
+            if !sets_key(export_toml, key) {
+                defaults.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n{server_toml}\n\n\
+                 [upstream]\nbase_url = \"{upstream}\"\n{upstream_toml}\n\n\
+                 [export]\ndata_dir = \"{}\"\n{defaults}{export_toml}\n",
+                data_dir.display()
+            ),
+        )
+        .unwrap();
+        let (child, base) = match log {
+            None => spawn(&config),
+            Some((rust_log, file)) => {
+                let stderr = std::fs::File::create(file).unwrap();
+                spawn_with(&config, rust_log, Stdio::from(stderr))
+            }
+        };
+        Proxy {
+            base,
+            data_dir,
+            config,
+            child,
+            _dir: Some(dir),
+        }
+    }
+
+    /// The process id of the running proxy.
+    pub fn child_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+// ---- Additions for tests/observability.rs and tests/objectstore.rs: the admin listener, any extra
+// tables (`[admin]`, `[storage]`...), command-line flags and environment of the process. ----
+
+/// How `Proxy::start_custom` runs the process.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// Appended to `[upstream]`.
+    pub upstream_toml: &'a str,
+    /// Appended to `[export]` (the fast polling defaults of `start_with_config` apply the same way).
+    pub export_toml: &'a str,
+    /// Whole tables after `[export]`, e.g. `[admin]\nlisten = "127.0.0.1:0"` or `[storage]...`.
+    pub tables_toml: &'a str,
+    /// Arguments before `serve` (global flags such as `--log-format json`).
+    pub global_args: &'a [&'a str],
+    /// Extra environment variables of the process.
+    pub envs: &'a [(&'a str, &'a str)],
+    /// Where stderr goes; inherited when `None`.
+    pub stderr_file: Option<&'a Path>,
+    /// `RUST_LOG`; `fhir_bulk_proxy=debug` when `None`.
+    pub rust_log: Option<&'a str>,
+}
+
+/// The admin listener table on a free port.
+pub const ADMIN_TOML: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+impl Proxy {
+    /// Starts the proxy with an admin listener and `tables_toml` after `[export]` (so any `[storage]`
+    /// table can go there); returns the proxy and its admin base URL `http://127.0.0.1:PORT`.
+    pub fn start_full(upstream: &str, tables_toml: &str) -> (Proxy, String) {
+        let tables = format!("{ADMIN_TOML}\n{tables_toml}");
+        let (proxy, admin) = Proxy::start_custom(
+            upstream,
+            &Launch {
+                tables_toml: &tables,
+                ..Launch::default()
+            },
+        );
+        (proxy, admin.expect("no `admin listening on` line"))
+    }
+
+    /// Starts the proxy as `launch` says; returns it with the admin base URL when `[admin] listen` is set
+    /// (read from the `admin listening on ADDR` line the binary prints before `listening on`).
+    pub fn start_custom(upstream: &str, launch: &Launch) -> (Proxy, Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = dir.path().join("proxy.toml");
+        let mut defaults = String::new();
+        for (key, value) in [("min_poll_interval_ms", "0"), ("retry_after_secs", "1")] {
+            if !sets_key(launch.export_toml, key) {
+                defaults.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{upstream}\"\n{}\n\n\
+                 [export]\ndata_dir = \"{}\"\n{defaults}{}\n\n{}\n",
+                launch.upstream_toml,
+                data_dir.display(),
+                launch.export_toml,
+                launch.tables_toml,
+            ),
+        )
+        .unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        command
+            .args(launch.global_args)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                launch.rust_log.unwrap_or("fhir_bulk_proxy=debug"),
+            )
+            .envs(launch.envs.iter().copied())
+            .stdout(Stdio::piped());
+        match launch.stderr_file {
+            Some(file) => command.stderr(std::fs::File::create(file).unwrap()),
+            None => command.stderr(Stdio::inherit()),
+        };
+        let mut child = command.spawn().expect("spawn fhir-bulk-proxy");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut admin = None;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("admin listening on ") {
+                    admin = Some(format!("http://{}", addr.trim()));
+                } else if let Some(rest) = line.strip_prefix("listening on ") {
+                    let base = rest
+                        .split("public base ")
+                        .nth(1)
+                        .map(|b| b.trim().to_owned());
+                    let _ = tx.send((base, admin.take()));
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok((Some(base), admin)) => (
+                Proxy {
+                    base,
+                    data_dir,
+                    config,
+                    child,
+                    _dir: Some(dir),
+                },
+                admin,
+            ),
+            failure => {
+                let _ = child.kill();
+                let status = child.wait();
+                match failure {
+                    Ok(_) => panic!("malformed listening line (no public base)"),
+                    Err(RecvTimeoutError::Timeout) => {
+                        panic!("proxy did not start listening within 30 s")
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        panic!("proxy exited before listening: {status:?}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The value of one sample of a Prometheus text exposition: `series` is the metric name with its
+/// labels exactly as exposed, e.g. `fbp_jobs{state="running"}` (`None` when absent).
+pub fn prom_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let rest = l.strip_prefix(series)?;
+            let value = rest.strip_prefix(' ')?;
+            value.split_whitespace().next()?.parse().ok()
+        })
+}
+
+/// GETs `{admin}/metrics`, insisting on 200 and the Prometheus text content type.
+pub fn scrape(admin: &str) -> String {
+    let resp = client().get(format!("{admin}/metrics")).send().unwrap();
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get("Content-Type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = resp.text().unwrap();
+    assert_eq!(status, 200, "GET {admin}/metrics answered {status}: {body}");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "metrics Content-Type {content_type:?}"
+    );
+    body
+}
+
+/// The job id at the end of a status URL.
+pub fn job_id_of(status_url: &str) -> String {
+    status_url.rsplit('/').next().unwrap().to_owned()
+}
+
+/// GET with no headers at all, returning status and body bytes.
+pub fn get_bytes(url: &str) -> (u16, Vec<u8>) {
+    let resp = client()
+        .get(url)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.bytes().unwrap().to_vec())
+}
