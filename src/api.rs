@@ -21,6 +21,7 @@ use crate::http::{json, ApiError, Body};
 use crate::metrics::METRICS;
 use crate::outcome::outcome;
 use crate::proxy::PassThrough;
+use crate::storage::Storage;
 use crate::store::{Job, JobState, Level, Store};
 use crate::upstream::Upstream;
 
@@ -42,6 +43,8 @@ pub struct App {
     pub recent_polls: moka::sync::Cache<String, ()>,
     /// Authorization.
     pub auth: Arc<Auth>,
+    /// Where finished files are kept.
+    pub storage: Arc<Storage>,
 }
 
 /// What a request is for, decided from its path alone.
@@ -66,6 +69,7 @@ impl App {
         upstream: Arc<Upstream>,
         runner: Arc<Runner>,
         auth: Arc<Auth>,
+        storage: Arc<Storage>,
     ) -> Self {
         let security = auth.enabled().then(|| auth.capability_security());
         let pass_through = PassThrough::new(
@@ -85,6 +89,7 @@ impl App {
             runner,
             pass_through,
             auth,
+            storage,
         }
     }
 
@@ -259,6 +264,7 @@ impl App {
             owner: principal.map(|p| p.client_id),
             notes: kickoff.notes,
             error_file: None,
+            stored_remotely: false,
         };
         let (id, notes) = (job.id.clone(), job.notes.join("; "));
         self.runner.submit(job).await.map_err(|e| match e {
@@ -374,8 +380,7 @@ impl App {
             }
             JobState::Completed => {
                 let slices = self.store.slices(id)?;
-                let body =
-                    manifest::manifest(&job, &slices, &self.public_base, self.auth.enabled());
+                let body = self.manifest(&job, &slices).await?;
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
                     .expires
@@ -393,6 +398,39 @@ impl App {
                 message: message.clone(),
             }),
         }
+    }
+
+    /// The manifest, with presigned bucket URLs when files are served from the bucket directly.
+    async fn manifest(
+        &self,
+        job: &Job,
+        slices: &[crate::store::Slice],
+    ) -> Result<serde_json::Value, ApiError> {
+        let bucket = self
+            .storage
+            .bucket()
+            .filter(|b| job.stored_remotely && b.presigned());
+        let Some(bucket) = bucket else {
+            let url = |name: &str| manifest::file_url(&self.public_base, &job.id, name);
+            return Ok(manifest::manifest(job, slices, &url, self.auth.enabled()));
+        };
+        let remaining = std::time::Duration::from_secs(
+            job.expires.map_or(1, |e| (e - now_secs()).max(1)) as u64,
+        );
+        let mut urls = std::collections::HashMap::new();
+        for part in slices
+            .iter()
+            .flat_map(|s| s.files.iter())
+            .chain(job.error_file.iter())
+        {
+            let url = bucket
+                .presigned_url(&job.id, &part.name, remaining)
+                .await
+                .map_err(|e| ApiError::Gateway(e.to_string()))?;
+            urls.insert(part.name.clone(), url);
+        }
+        let url = |name: &str| urls.get(name).cloned().unwrap_or_default();
+        Ok(manifest::manifest(job, slices, &url, false))
     }
 
     async fn file(
@@ -418,7 +456,16 @@ impl App {
                 .get(ACCEPT_ENCODING)
                 .and_then(|v| v.to_str().ok()),
         );
-        files::serve(&self.runner.job_dir(id).join(&part.name), gzip).await
+        match self.storage.bucket().filter(|_| job.stored_remotely) {
+            Some(bucket) => {
+                let (reader, len) = bucket
+                    .open(id, &part.name)
+                    .await
+                    .map_err(|e| ApiError::Gateway(e.to_string()))?;
+                Ok(files::respond(reader, len, gzip))
+            }
+            None => files::serve(&self.runner.job_dir(id).join(&part.name), gzip).await,
+        }
     }
 }
 

@@ -44,6 +44,64 @@ pub struct Config {
     /// The operators' listener: health, metrics, jobs.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Where finished export files are kept.
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// Kinds of file storage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// The data directory (embedded default).
+    #[default]
+    Local,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// How clients get files kept in a bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum S3Serve {
+    /// Through the proxy's file URLs (access token checked, streamed from the bucket).
+    #[default]
+    Proxy,
+    /// Presigned bucket URLs in the manifest (`requiresAccessToken: false`).
+    Presigned,
+}
+
+/// File storage settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `local` or `s3`.
+    pub kind: StorageKind,
+    /// The bucket, for `s3`.
+    pub s3: Option<S3Config>,
+}
+
+/// An S3-compatible bucket; credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// Endpoint of an S3-compatible server; unset means AWS.
+    #[serde(default)]
+    pub endpoint: Option<Url>,
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix; objects are `{prefix}{job_id}/{file}`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Region.
+    #[serde(default = "defaults::region")]
+    pub region: String,
+    /// `proxy` or `presigned`.
+    #[serde(default)]
+    pub serve: S3Serve,
+    /// Lifetime of presigned URLs, in seconds (never past the job's expiry).
+    #[serde(default = "defaults::presign_expiry_secs")]
+    pub presign_expiry_secs: u64,
 }
 
 /// Admin listener settings.
@@ -320,6 +378,12 @@ mod defaults {
     }
     pub fn max_page_bytes() -> usize {
         64 * 1024 * 1024
+    }
+    pub fn region() -> String {
+        "us-east-1".into()
+    }
+    pub fn presign_expiry_secs() -> u64 {
+        3600
     }
     pub fn give_up_after_secs() -> u64 {
         600

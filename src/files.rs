@@ -12,6 +12,7 @@ use tokio::io::BufReader;
 use tokio_util::io::ReaderStream;
 
 use crate::http::{ApiError, Body, BoxError};
+use crate::storage::FileReader;
 
 /// Whether an `Accept-Encoding` value allows gzip (and does not refuse it with `q=0`).
 pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
@@ -26,16 +27,21 @@ pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
     })
 }
 
-/// A streaming `application/fhir+ndjson` response of the file at `path`.
+/// A streaming `application/fhir+ndjson` response of the local file at `path`.
 pub async fn serve(path: &Path, gzip: bool) -> Result<Response<Body>, ApiError> {
     let file = tokio::fs::File::open(path).await?;
     let len = file.metadata().await?.len();
+    Ok(respond(Box::new(file), len, gzip))
+}
+
+/// A streaming `application/fhir+ndjson` response of `reader` (`len` bytes), gzip-encoded on the fly.
+pub fn respond(reader: FileReader, len: u64, gzip: bool) -> Response<Body> {
     let to_frame = |chunk: bytes::Bytes| Frame::data(chunk);
     let body: Body = if gzip {
-        let stream = ReaderStream::new(GzipEncoder::new(BufReader::new(file)));
+        let stream = ReaderStream::new(GzipEncoder::new(BufReader::new(reader)));
         StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
     } else {
-        let stream = ReaderStream::with_capacity(file, 64 * 1024);
+        let stream = ReaderStream::with_capacity(reader, 64 * 1024);
         StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
     };
     let mut response = Response::new(body);
@@ -50,7 +56,7 @@ pub async fn serve(path: &Path, gzip: bool) -> Result<Response<Body>, ApiError> 
     } else {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
-    Ok(response)
+    response
 }
 
 #[cfg(test)]

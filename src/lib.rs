@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod outcome;
 pub mod proxy;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod upstream;

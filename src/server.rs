@@ -15,6 +15,7 @@ use crate::api::App;
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, Overrides};
 use crate::export::runner::Runner;
+use crate::storage::{Storage, StorageError};
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
 
@@ -33,6 +34,9 @@ pub enum ServerError {
     /// Upstream calls could not be set up (client, credentials).
     #[error("cannot set up upstream calls: {0}")]
     Upstream(#[from] crate::upstream::UpstreamError),
+    /// The object store could not be set up.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// Authorization could not be set up.
     #[error(transparent)]
     Auth(#[from] AuthError),
@@ -62,6 +66,7 @@ pub async fn run(
     })?;
     let public_base = config.public_base(bound);
     let upstream = Arc::new(Upstream::new(&config.upstream)?);
+    let storage = Arc::new(Storage::from_config(&config.storage)?);
     let auth = Arc::new(Auth::new(&config.auth, &public_base, &data_dir)?);
     spawn_reloader(auth.clone(), config_path, overrides);
     let runner = Runner::new(
@@ -69,6 +74,7 @@ pub async fn run(
         upstream.clone(),
         config.export.clone(),
         config.upstream.max_requests_per_job,
+        storage.clone(),
         data_dir.join("files"),
     );
     runner.start().await?;
@@ -102,6 +108,7 @@ pub async fn run(
         upstream,
         runner,
         auth,
+        storage,
     ));
 
     tracing::info!(%bound, %public_base, "listening");

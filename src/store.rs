@@ -94,6 +94,9 @@ pub struct Job {
     pub notes: Vec<String>,
     /// The OperationOutcome NDJSON file written at completion, if there was anything to report.
     pub error_file: Option<FilePart>,
+    /// Whether the finished files were moved to the object store.
+    #[serde(default)]
+    pub stored_remotely: bool,
 }
 
 impl Job {
@@ -369,6 +372,7 @@ mod tests {
             owner: None,
             notes: vec![],
             error_file: None,
+            stored_remotely: false,
         }
     }
 
@@ -386,6 +390,19 @@ mod tests {
             pages: 0,
             total: None,
         }
+    }
+
+    /// sled's flusher thread may hold the directory lock briefly after a `Db` is dropped.
+    fn reopen(dir: &Path) -> Result<Store, StoreError> {
+        for _ in 0..50 {
+            match Store::open(dir) {
+                Err(StoreError::Open { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                other => return other,
+            }
+        }
+        Store::open(dir)
     }
 
     #[tokio::test]
@@ -409,7 +426,7 @@ mod tests {
             assert!(store.commit_slice(&s, &["x".into()]).unwrap());
             store.flush().await.unwrap();
         }
-        let store = Store::open(dir.path()).unwrap();
+        let store = reopen(dir.path()).unwrap();
         assert_eq!(store.jobs().unwrap().len(), 2);
         let slices = store.slices("a").unwrap();
         assert_eq!(slices.len(), 2);
@@ -433,7 +450,7 @@ mod tests {
             store.jobs.insert(b"bad", b"{not json".to_vec()).unwrap();
             store.db.flush().unwrap();
         }
-        match Store::open(dir.path()) {
+        match reopen(dir.path()) {
             Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "bad"),
             other => panic!("expected Corrupt, got {:?}", other.err()),
         }

@@ -76,7 +76,7 @@ pub fn find_file<'a>(job: &'a Job, slices: &'a [Slice], name: &str) -> Option<&'
 pub fn manifest(
     job: &Job,
     slices: &[Slice],
-    public_base: &Url,
+    url_of: &dyn Fn(&str) -> String,
     requires_token: bool,
 ) -> serde_json::Value {
     let mut ordered: Vec<&Slice> = slices.iter().collect();
@@ -90,7 +90,7 @@ pub fn manifest(
             .map(|(s, f)| {
                 serde_json::json!({
                     "type": file_type.unwrap_or(&s.resource_type),
-                    "url": file_url(public_base, &job.id, &f.name),
+                    "url": url_of(&f.name),
                     "count": f.lines,
                 })
             })
@@ -104,7 +104,7 @@ pub fn manifest(
         .map(|f| {
             serde_json::json!({
                 "type": "OperationOutcome",
-                "url": file_url(public_base, &job.id, &f.name),
+                "url": url_of(&f.name),
                 "count": f.lines,
             })
         })
@@ -168,6 +168,7 @@ mod tests {
             owner: None,
             notes: vec![],
             error_file: None,
+            stored_remotely: false,
         }
     }
 

@@ -17,6 +17,7 @@ use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
+use crate::storage::Storage;
 use crate::store::{Job, JobState, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
 
@@ -41,6 +42,7 @@ pub struct Runner {
     admission: tokio::sync::Mutex<()>,
     disk: Arc<DiskUsage>,
     upstream_max_requests: u64,
+    storage: Arc<Storage>,
 }
 
 /// Unix seconds now.
@@ -63,10 +65,12 @@ impl Runner {
         upstream: Arc<Upstream>,
         cfg: ExportConfig,
         upstream_max_requests: u64,
+        storage: Arc<Storage>,
         files_dir: PathBuf,
     ) -> Arc<Self> {
         Arc::new(Self {
             upstream_max_requests,
+            storage,
             store,
             upstream,
             files_dir,
@@ -181,6 +185,12 @@ impl Runner {
             let _ = handle.await;
         }
         self.remove_files(id, bytes);
+        if let Some(bucket) = self.storage.bucket() {
+            // Always, not only when stored_remotely: a crash may have left a partial upload.
+            if let Err(e) = bucket.delete_job(id).await {
+                tracing::warn!(job = %id, error = %e, "could not delete the job's objects");
+            }
+        }
         Ok(true)
     }
 
@@ -198,8 +208,11 @@ impl Runner {
         }
     }
 
-    /// Bytes of a job's files that its records account for.
+    /// Bytes of a job's local files that its records account for.
     fn committed_bytes(&self, job: &Job) -> Result<u64, StoreError> {
+        if job.stored_remotely {
+            return Ok(0);
+        }
         let slices: u64 = self
             .store
             .slices(&job.id)?
@@ -351,7 +364,7 @@ impl Runner {
     }
 
     /// Records the end of a job (completed or failed) with its error file and expiry, durably.
-    async fn finish(&self, id: &str, state: JobState) -> Result<(), WorkerError> {
+    async fn finish(&self, id: &str, mut state: JobState) -> Result<(), WorkerError> {
         let Some(mut job) = self.store.job(id)? else {
             return Ok(());
         };
@@ -367,10 +380,30 @@ impl Runner {
             .expect("error file task panicked")?;
             job.error_file = Some(part);
         }
+        let local_bytes = self.committed_bytes(&job)?;
+        if let (JobState::Completed, Some(bucket)) = (&state, self.storage.bucket()) {
+            let names: Vec<String> = slices
+                .iter()
+                .flat_map(|s| s.files.iter())
+                .chain(job.error_file.iter())
+                .filter(|f| f.lines > 0)
+                .map(|f| f.name.clone())
+                .collect();
+            match bucket.upload(id, &self.job_dir(id), &names).await {
+                Ok(()) => job.stored_remotely = true,
+                Err(e) => {
+                    state = JobState::Failed {
+                        status: 502,
+                        message: format!("storing the export files failed: {e}"),
+                    }
+                }
+            }
+        }
         if matches!(state, JobState::Failed { .. }) {
             // A failed job has no manifest: its partial files would only take disk until it expires.
-            self.remove_files(id, self.committed_bytes(&job)?);
+            self.remove_files(id, local_bytes);
             self.store.delete_slices(id)?;
+            job.error_file = None;
         }
         tracing::info!(job = %id, state = ?state, "job finished");
         let state_label = if state == JobState::Completed {
@@ -386,6 +419,10 @@ impl Runner {
         job.expires = Some(now_secs() + self.cfg.expire_after_secs as i64);
         self.store.replace_job(&job)?;
         self.store.flush().await?;
+        if job.stored_remotely {
+            // Only once the record says the bucket has them may the local copies go.
+            self.remove_files(id, local_bytes);
+        }
         Ok(())
     }
 }
