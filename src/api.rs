@@ -95,6 +95,10 @@ impl App {
 
     /// Answers one request; never fails (errors become OperationOutcome responses).
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let limit = self.config.server.max_header_bytes;
+        if head_size(&req) > limit {
+            return ApiError::HeaderTooLarge(limit).into_response();
+        }
         let result = match self.route(req.uri().path()) {
             Route::Kickoff(level) => self.kickoff(level, req).await,
             Route::Status(id) => self.status(&id, req).await,
@@ -467,6 +471,17 @@ impl App {
             None => files::serve(&self.runner.job_dir(id).join(&part.name), gzip).await,
         }
     }
+}
+
+/// Bytes of the request line and headers, as `max_header_bytes` counts them.
+fn head_size(req: &Request<Incoming>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers
 }
 
 /// Narrows a kick-off to the types the caller's token allows.

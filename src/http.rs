@@ -60,6 +60,9 @@ pub enum ApiError {
     /// The request body exceeds the configured limit.
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(usize),
+    /// The request line and headers exceed `max_header_bytes`.
+    #[error("request line and headers are larger than {0} bytes")]
+    HeaderTooLarge(usize),
     /// The request body could not be read.
     #[error("reading the request body failed: {0}")]
     BodyRead(String),
@@ -96,6 +99,9 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "throttled")
             }
             ApiError::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            ApiError::HeaderTooLarge(_) => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too-long")
+            }
             ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ApiError::JobFailed { status, .. } => (
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

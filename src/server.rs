@@ -116,10 +116,11 @@ pub async fn run(
     println!("listening on {bound}, public base {public_base}");
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // hyper refuses buffers under 8 KiB; a larger head than the limit is answered with 431.
+    // The proxy answers heads over max_header_bytes itself, with an OperationOutcome; hyper's own
+    // buffer (at least 8 KiB) is kept well above that so only absurd heads get hyper's bare 431.
     builder
         .http1()
-        .max_buf_size(app.config.server.max_header_bytes.max(8192));
+        .max_buf_size((app.config.server.max_header_bytes * 4).max(8192));
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();

@@ -26,10 +26,10 @@ pub enum StorageError {
     /// A request to the bucket failed.
     #[error("object storage: {0}")]
     Remote(#[from] object_store::Error),
-    /// Reading the local file to upload failed.
-    #[error("reading {path} for upload: {source}")]
-    Local {
-        path: String,
+    /// Uploading a file failed (reading it, or sending it to the bucket).
+    #[error("uploading {name}: {source}")]
+    Upload {
+        name: String,
         source: std::io::Error,
     },
 }
@@ -110,12 +110,13 @@ impl Bucket {
         names: &[String],
     ) -> Result<(), StorageError> {
         for name in names {
-            let path = dir.join(name);
-            let local = |source| StorageError::Local {
-                path: path.display().to_string(),
+            let failed = |source| StorageError::Upload {
+                name: name.clone(),
                 source,
             };
-            let mut file = tokio::fs::File::open(&path).await.map_err(local)?;
+            let mut file = tokio::fs::File::open(dir.join(name))
+                .await
+                .map_err(failed)?;
             let mut writer = BufWriter::with_capacity(
                 self.store.clone(),
                 self.key(job_id, name),
@@ -123,9 +124,9 @@ impl Bucket {
             );
             if let Err(e) = tokio::io::copy(&mut file, &mut writer).await {
                 writer.abort().await?;
-                return Err(local(e));
+                return Err(failed(e));
             }
-            writer.shutdown().await.map_err(local)?;
+            writer.shutdown().await.map_err(failed)?;
         }
         Ok(())
     }

@@ -166,6 +166,9 @@ pub struct Slice {
     pub pages: u64,
     /// Sum of `Bundle.total` of the searches started, when the upstream gave it.
     pub total: Option<u64>,
+    /// Hashes of the page URLs fetched in the current search, to catch paging loops.
+    #[serde(default)]
+    pub visited: Vec<u64>,
 }
 
 impl Slice {
@@ -389,6 +392,7 @@ mod tests {
             files: vec![],
             pages: 0,
             total: None,
+            visited: Vec::new(),
         }
     }
 

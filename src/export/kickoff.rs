@@ -184,7 +184,10 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, KickoffError> {
             .and_then(|(_, v)| match v {
                 serde_json::Value::String(s) => Some(s.clone()),
                 serde_json::Value::Bool(b) => Some(b.to_string()),
-                serde_json::Value::Object(o) => o["reference"].as_str().map(str::to_owned),
+                serde_json::Value::Object(o) => o
+                    .get("reference")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned),
                 _ => None,
             })
             .ok_or_else(|| KickoffError::Param {
@@ -613,5 +616,19 @@ mod tests {
             )),
             "patient"
         );
+        // Objects without the expected member must be refused, not indexed blindly.
+        for body in [
+            r#"{"resourceType":"Parameters","parameter":[{"name":"patient","valueReference":{}}]}"#,
+            r#"{"resourceType":"Parameters","parameter":[{"name":"_type","valueInteger":{}}]}"#,
+        ] {
+            assert!(parse(
+                Level::Patient,
+                &headers("respond-async"),
+                None,
+                Some(body.as_bytes()),
+                &cap()
+            )
+            .is_err());
+        }
     }
 }

@@ -189,6 +189,7 @@ mod tests {
             }],
             pages,
             total,
+            visited: Vec::new(),
         }
     }
 

@@ -70,6 +70,7 @@ pub async fn plan(
             files: Vec::new(),
             pages: 0,
             total: None,
+            visited: Vec::new(),
         })
     };
     match &spec.level {

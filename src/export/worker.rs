@@ -130,6 +130,9 @@ struct Page {
     ids: Vec<String>,
     next: Option<String>,
     total: Option<u64>,
+    /// Hash of the page's resource ids in order (`None` for an empty page), to recognise a page
+    /// served again under another URL.
+    fingerprint: Option<u64>,
 }
 
 /// Runs `slice` to its end (or until cancelled), resuming from its committed cursor.
@@ -178,10 +181,22 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                 return commit(ctx, &slice, &[]);
             }
         };
+        slice.visited.push(url_hash(&url));
+        if let Some(fingerprint) = page.fingerprint {
+            if slice.visited.contains(&fingerprint) {
+                slice.state = SliceState::Failed {
+                    message: format!(
+                        "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
+                    ),
+                };
+                return commit(ctx, &slice, &[]);
+            }
+            slice.visited.push(fingerprint);
+        }
         let next = match page.next.as_deref().map(|n| ctx.upstream.check_own(n)) {
             Some(Err(e)) => Err(e.to_string()),
-            Some(Ok(_)) if page.next.as_deref() == Some(url.as_str()) => Err(format!(
-                "upstream next link {url} points at the page itself"
+            Some(Ok(_)) if page.next.as_deref().is_some_and(|n| slice.visited.contains(&url_hash(n))) => Err(format!(
+                "the upstream's next link after {url} leads back to a page already fetched (a paging loop)"
             )),
             _ => Ok(page.next.clone()),
         };
@@ -211,13 +226,17 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         }
         match next {
             Ok(Some(n)) => slice.next = Some(n),
-            Ok(None) => {
-                slice.next = None;
-                slice.search_index += 1;
-                if slice.search_index == slice.searches.len() {
-                    slice.state = SliceState::Done;
+            Ok(None) => match short_of_total(&slice) {
+                Some(message) => slice.state = SliceState::Failed { message },
+                None => {
+                    slice.next = None;
+                    slice.visited.clear();
+                    slice.search_index += 1;
+                    if slice.search_index == slice.searches.len() {
+                        slice.state = SliceState::Done;
+                    }
                 }
-            }
+            },
             Err(message) => slice.state = SliceState::Failed { message },
         }
         if commit(ctx, &slice, &ids)? == SliceEnd::Stopped {
@@ -231,6 +250,31 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         METRICS.exported_bytes.inc_by(page_bytes);
     }
     Ok(SliceEnd::Finished)
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a: a hash that stays the same across builds, since it is stored in cursors.
+fn fnv(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn url_hash(url: &str) -> u64 {
+    fnv(FNV_OFFSET, url.as_bytes())
+}
+
+/// Why a finished search must not count as complete: it returned fewer resources than its
+/// `Bundle.total` promised (paging that stopped early must not lose resources silently).
+fn short_of_total(slice: &Slice) -> Option<String> {
+    let total = slice.total?;
+    let written = slice.lines();
+    // With several OR-ed searches duplicates are dropped, and deletions are a subset of history.
+    let comparable = slice.searches.len() == 1 && slice.kind == SliceKind::Resources;
+    (comparable && written < total).then(|| {
+        format!("the upstream's paging ended after {written} resources although Bundle.total said {total}")
+    })
 }
 
 fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd, WorkerError> {
@@ -308,6 +352,7 @@ fn convert(
         ids: Vec::new(),
         next: page.next().map(str::to_owned),
         total: page.total,
+        fingerprint: None,
     };
     if slice.kind == SliceKind::Deleted {
         deletions(&page, slice, ctx.snapshot, &mut out)?;
@@ -323,6 +368,8 @@ fn convert(
                 slice.resource_type, head.resource_type
             ));
         }
+        let fingerprint = out.fingerprint.get_or_insert(FNV_OFFSET);
+        *fingerprint = fnv(*fingerprint, head.id.as_deref().unwrap_or("").as_bytes());
         if dedupe {
             let id = head.id.ok_or("a resource has no id")?.into_owned();
             if !page_ids.insert(id.clone())

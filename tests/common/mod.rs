@@ -1049,13 +1049,11 @@ impl Proxy {
 /// The value of one sample of a Prometheus text exposition: `series` is the metric name with its
 /// labels exactly as exposed, e.g. `fbp_jobs{state="running"}` (`None` when absent).
 pub fn prom_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let rest = l.strip_prefix(series)?;
-            let value = rest.strip_prefix(' ')?;
-            value.split_whitespace().next()?.parse().ok()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
 }
 
 /// GETs `{admin}/metrics`, insisting on 200 and the Prometheus text content type.
