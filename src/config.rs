@@ -318,6 +318,8 @@ pub struct ExportConfig {
     pub max_concurrent_jobs: usize,
     /// Slices of one job fetched at once.
     pub slice_concurrency: usize,
+    /// `_lastUpdated` ranges each type's search is split into at system level, fetched in parallel.
+    pub time_slices: usize,
     /// `Retry-After` given to status polls, in seconds.
     pub retry_after_secs: u64,
     /// Polls of one job closer together than this get 429, in milliseconds.
@@ -345,6 +347,7 @@ impl Default for ExportConfig {
             patient_batch_size: 50,
             max_concurrent_jobs: 4,
             slice_concurrency: 2,
+            time_slices: 1,
             retry_after_secs: 2,
             min_poll_interval_ms: 1000,
             expire_after_secs: 3600,

@@ -5,6 +5,7 @@ pub mod elements;
 pub mod kickoff;
 pub mod manifest;
 pub mod planner;
+pub mod ranges;
 pub mod runner;
 pub mod worker;
 pub mod writer;

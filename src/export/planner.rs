@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment;
+use crate::export::ranges::{self, format_ms, parse_ms, Range};
 use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
 use crate::upstream::{Capability, SearchPage, Upstream, UpstreamError};
 
@@ -29,6 +30,8 @@ pub struct PlanLimits {
     pub page_size: u32,
     /// Patients per `patient=` search.
     pub patient_batch_size: usize,
+    /// `_lastUpdated` ranges each type is split into at system level (1: no split).
+    pub time_slices: usize,
 }
 
 /// A job's plan: its slices, and what the manifest should tell the client about it.
@@ -76,7 +79,9 @@ pub async fn plan(
     match &spec.level {
         Level::System => {
             for t in &types {
-                push(t, SliceKind::Resources, bounds.searches(t, &[]));
+                for range in bounds.time_ranges(t, limits.time_slices).await? {
+                    push(t, SliceKind::Resources, bounds.searches(t, &[], range));
+                }
             }
             if let Some(since) = &spec.since {
                 let (with, without): (Vec<&String>, Vec<&String>) =
@@ -106,7 +111,11 @@ pub async fn plan(
                             batch.iter().map(|id| format!("Patient/{id}")).collect();
                         (param.to_owned(), refs.join(","))
                     };
-                    push(t, SliceKind::Resources, bounds.searches(t, &[by_patient]));
+                    push(
+                        t,
+                        SliceKind::Resources,
+                        bounds.searches(t, &[by_patient], None),
+                    );
                 }
             }
             if spec.since.is_some() {
@@ -152,6 +161,69 @@ struct Bounds<'a> {
 }
 
 impl Bounds<'_> {
+    /// The `_lastUpdated` ranges of a type's search: `[None]` (one plain search) unless splitting is
+    /// configured and the type has resources to split.
+    async fn time_ranges(
+        &self,
+        resource_type: &str,
+        n: usize,
+    ) -> Result<Vec<Option<Range>>, PlanError> {
+        if n <= 1 {
+            return Ok(vec![None]);
+        }
+        let spec = &self.job.spec;
+        let Some(hi) = parse_ms(&self.job.transaction_time) else {
+            return Ok(vec![None]);
+        };
+        let mut url = self.upstream.url(resource_type);
+        url.query_pairs_mut()
+            .append_pair("_sort", "_lastUpdated")
+            .append_pair("_count", "1")
+            .append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
+        if let Some(since) = &spec.since {
+            url.query_pairs_mut()
+                .append_pair("_lastUpdated", &format!("gt{since}"));
+        }
+        let (total, oldest) = self
+            .upstream
+            .fetch(url.as_str(), |body| {
+                let page = SearchPage::parse(body)?;
+                let oldest = page.matches().next().and_then(|raw| {
+                    let r: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
+                    r["meta"]["lastUpdated"].as_str().and_then(parse_ms)
+                });
+                Ok((page.total, oldest))
+            })
+            .await?;
+        let (Some(total), Some(oldest)) = (total, oldest) else {
+            return Ok(vec![None]);
+        };
+        let lo = spec
+            .since
+            .as_deref()
+            .and_then(parse_ms)
+            .unwrap_or(oldest - 1);
+        let whole = Range { lo, hi };
+        let ranges = ranges::split(whole, total, n, |r| self.count(resource_type, r)).await?;
+        Ok(ranges.into_iter().map(Some).collect())
+    }
+
+    /// `Bundle.total` of a type's resources in a range.
+    async fn count(&self, resource_type: &str, range: Range) -> Result<u64, UpstreamError> {
+        let mut url = self.upstream.url(resource_type);
+        url.query_pairs_mut()
+            .append_pair("_count", "0")
+            .append_pair("_lastUpdated", &format!("gt{}", format_ms(range.lo)))
+            .append_pair("_lastUpdated", &format!("le{}", format_ms(range.hi)));
+        self.upstream
+            .fetch(url.as_str(), |body| {
+                SearchPage::parse(body)?
+                    .total
+                    .ok_or_else(|| "the upstream gives no Bundle.total".to_owned())
+            })
+            .await
+    }
+
     /// First page of a type's history since `since` (deletions are filtered from it by the worker).
     fn history(&self, resource_type: &str, since: &str) -> String {
         let mut url: Url = self.upstream.url(&format!("{resource_type}/_history"));
@@ -162,7 +234,12 @@ impl Bounds<'_> {
     }
 
     /// First-page URLs of a type: one per `_typeFilter` of the type (OR), or one plain search.
-    fn searches(&self, resource_type: &str, extra: &[(String, String)]) -> Vec<String> {
+    fn searches(
+        &self,
+        resource_type: &str,
+        extra: &[(String, String)],
+        range: Option<Range>,
+    ) -> Vec<String> {
         let spec = &self.job.spec;
         let filters: Vec<&str> = spec
             .type_filters
@@ -176,9 +253,17 @@ impl Bounds<'_> {
             {
                 let mut q = url.query_pairs_mut();
                 q.append_pair("_count", &self.page_size.to_string());
-                q.append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
-                if let Some(since) = &spec.since {
-                    q.append_pair("_lastUpdated", &format!("gt{since}"));
+                match range {
+                    Some(r) => {
+                        q.append_pair("_lastUpdated", &format!("gt{}", format_ms(r.lo)));
+                        q.append_pair("_lastUpdated", &format!("le{}", format_ms(r.hi)));
+                    }
+                    None => {
+                        q.append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
+                        if let Some(since) = &spec.since {
+                            q.append_pair("_lastUpdated", &format!("gt{since}"));
+                        }
+                    }
                 }
                 if !elements.is_empty() {
                     q.append_pair("_elements", &elements.join(","));

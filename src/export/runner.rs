@@ -276,6 +276,7 @@ impl Runner {
             let limits = PlanLimits {
                 page_size: self.cfg.page_size,
                 patient_batch_size: self.cfg.patient_batch_size,
+                time_slices: self.cfg.time_slices,
             };
             let planned = match self.upstream.capability().await {
                 Ok(cap) => planner::plan(&job, &self.upstream, &cap, limits).await,
