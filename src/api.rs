@@ -269,6 +269,7 @@ impl App {
             notes: kickoff.notes,
             error_file: None,
             stored_remotely: false,
+            gzip: self.config.export.gzip,
         };
         let (id, notes) = (job.id.clone(), job.notes.join("; "));
         self.runner.submit(job).await.map_err(|e| match e {
@@ -460,15 +461,19 @@ impl App {
                 .get(ACCEPT_ENCODING)
                 .and_then(|v| v.to_str().ok()),
         );
+        let encoding = files::Encoding {
+            stored_gzip: part.gzip,
+            client_gzip: gzip,
+        };
         match self.storage.bucket().filter(|_| job.stored_remotely) {
             Some(bucket) => {
                 let (reader, len) = bucket
                     .open(id, &part.name)
                     .await
                     .map_err(|e| ApiError::Gateway(e.to_string()))?;
-                Ok(files::respond(reader, len, gzip))
+                Ok(files::respond(reader, len, encoding))
             }
-            None => files::serve(&self.runner.job_dir(id).join(&part.name), gzip).await,
+            None => files::serve(&self.runner.job_dir(id).join(&part.name), encoding).await,
         }
     }
 }

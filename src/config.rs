@@ -320,6 +320,8 @@ pub struct ExportConfig {
     pub slice_concurrency: usize,
     /// `_lastUpdated` ranges each type's search is split into at system level, fetched in parallel.
     pub time_slices: usize,
+    /// Write NDJSON files gzip-compressed (served as they are to clients that accept gzip).
+    pub gzip: bool,
     /// `Retry-After` given to status polls, in seconds.
     pub retry_after_secs: u64,
     /// Polls of one job closer together than this get 429, in milliseconds.
@@ -348,6 +350,7 @@ impl Default for ExportConfig {
             max_concurrent_jobs: 4,
             slice_concurrency: 2,
             time_slices: 1,
+            gzip: false,
             retry_after_secs: 2,
             min_poll_interval_ms: 1000,
             expire_after_secs: 3600,

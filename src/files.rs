@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use async_compression::tokio::bufread::GzipEncoder;
+use async_compression::tokio::bufread::{GzipDecoder, GzipEncoder};
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
@@ -27,23 +27,40 @@ pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {
     })
 }
 
-/// A streaming `application/fhir+ndjson` response of the local file at `path`.
-pub async fn serve(path: &Path, gzip: bool) -> Result<Response<Body>, ApiError> {
-    let file = tokio::fs::File::open(path).await?;
-    let len = file.metadata().await?.len();
-    Ok(respond(Box::new(file), len, gzip))
+/// How a file is stored and how the client wants it.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding {
+    /// The file is gzip at rest.
+    pub stored_gzip: bool,
+    /// The client sent `Accept-Encoding: gzip`.
+    pub client_gzip: bool,
 }
 
-/// A streaming `application/fhir+ndjson` response of `reader` (`len` bytes), gzip-encoded on the fly.
-pub fn respond(reader: FileReader, len: u64, gzip: bool) -> Response<Body> {
+/// A streaming `application/fhir+ndjson` response of the local file at `path`.
+pub async fn serve(path: &Path, encoding: Encoding) -> Result<Response<Body>, ApiError> {
+    let file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    Ok(respond(Box::new(file), len, encoding))
+}
+
+/// A streaming `application/fhir+ndjson` response of `reader` (`len` bytes as stored).
+///
+/// Gzip at rest goes out as is to clients that accept it and is inflated on the fly for the others;
+/// plain files are compressed on the fly for clients that accept gzip.
+pub fn respond(reader: FileReader, len: u64, encoding: Encoding) -> Response<Body> {
     let to_frame = |chunk: bytes::Bytes| Frame::data(chunk);
-    let body: Body = if gzip {
-        let stream = ReaderStream::new(GzipEncoder::new(BufReader::new(reader)));
-        StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
-    } else {
-        let stream = ReaderStream::with_capacity(reader, 64 * 1024);
-        StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError)).boxed_unsync()
+    let reader: FileReader = match (encoding.stored_gzip, encoding.client_gzip) {
+        (true, false) => {
+            let mut decoder = GzipDecoder::new(BufReader::new(reader));
+            decoder.multiple_members(true);
+            Box::new(decoder)
+        }
+        (false, true) => Box::new(GzipEncoder::new(BufReader::new(reader))),
+        _ => reader,
     };
+    let stream = ReaderStream::with_capacity(reader, 64 * 1024);
+    let body: Body = StreamBody::new(stream.map_ok(to_frame).map_err(|e| Box::new(e) as BoxError))
+        .boxed_unsync();
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
@@ -51,9 +68,10 @@ pub fn respond(reader: FileReader, len: u64, gzip: bool) -> Response<Body> {
         HeaderValue::from_static("application/fhir+ndjson"),
     );
     headers.insert(VARY, HeaderValue::from_static("accept-encoding"));
-    if gzip {
+    if encoding.client_gzip {
         headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-    } else {
+    }
+    if encoding.stored_gzip == encoding.client_gzip {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
     response

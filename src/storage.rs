@@ -9,10 +9,11 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::buffered::BufWriter;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
-use object_store::ObjectStore;
+use object_store::{Attribute, Attributes, ObjectStore};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use crate::config::{S3Serve, StorageConfig, StorageKind};
+use crate::store::FilePart;
 
 /// Part size of multipart uploads: memory per upload stays at about this much.
 const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;
@@ -102,14 +103,16 @@ impl Bucket {
         self.serve == S3Serve::Presigned
     }
 
-    /// Uploads the job's files `names` from `dir`, streaming each through a multipart upload.
+    /// Uploads the job's files from `dir`, streaming each through a multipart upload, with the
+    /// content type and encoding a presigned download should carry.
     pub async fn upload(
         &self,
         job_id: &str,
         dir: &Path,
-        names: &[String],
+        files: &[FilePart],
     ) -> Result<(), StorageError> {
-        for name in names {
+        for part in files {
+            let name = &part.name;
             let failed = |source| StorageError::Upload {
                 name: name.clone(),
                 source,
@@ -117,11 +120,17 @@ impl Bucket {
             let mut file = tokio::fs::File::open(dir.join(name))
                 .await
                 .map_err(failed)?;
+            let mut attributes = Attributes::new();
+            attributes.insert(Attribute::ContentType, "application/fhir+ndjson".into());
+            if part.gzip {
+                attributes.insert(Attribute::ContentEncoding, "gzip".into());
+            }
             let mut writer = BufWriter::with_capacity(
                 self.store.clone(),
                 self.key(job_id, name),
                 UPLOAD_PART_BYTES,
-            );
+            )
+            .with_attributes(attributes);
             if let Err(e) = tokio::io::copy(&mut file, &mut writer).await {
                 writer.abort().await?;
                 return Err(failed(e));

@@ -97,6 +97,9 @@ pub struct Job {
     /// Whether the finished files were moved to the object store.
     #[serde(default)]
     pub stored_remotely: bool,
+    /// Whether the job's NDJSON files are written gzip-compressed.
+    #[serde(default)]
+    pub gzip: bool,
 }
 
 impl Job {
@@ -115,6 +118,9 @@ pub struct FilePart {
     pub lines: u64,
     /// Bytes committed; a resumed job truncates the file back to this.
     pub bytes: u64,
+    /// Whether the file is gzip-compressed at rest (a series of gzip members).
+    #[serde(default)]
+    pub gzip: bool,
 }
 
 /// Where a slice is.
@@ -376,6 +382,7 @@ mod tests {
             notes: vec![],
             error_file: None,
             stored_remotely: false,
+            gzip: false,
         }
     }
 

@@ -169,6 +169,7 @@ mod tests {
             notes: vec![],
             error_file: None,
             stored_remotely: false,
+            gzip: false,
         }
     }
 
@@ -186,6 +187,7 @@ mod tests {
                 name: "f".into(),
                 lines,
                 bytes: 0,
+                gzip: false,
             }],
             pages,
             total,

@@ -18,7 +18,7 @@ use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, Slice
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
-use crate::store::{Job, JobState, SliceState, Store, StoreError};
+use crate::store::{FilePart, Job, JobState, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
 
 /// Why a job was not admitted.
@@ -329,6 +329,7 @@ impl Runner {
                     cancel,
                     limits: &limits,
                     snapshot,
+                    gzip: job.gzip,
                 };
                 (ctx, slice)
             })
@@ -383,14 +384,14 @@ impl Runner {
         }
         let local_bytes = self.committed_bytes(&job)?;
         if let (JobState::Completed, Some(bucket)) = (&state, self.storage.bucket()) {
-            let names: Vec<String> = slices
+            let files: Vec<FilePart> = slices
                 .iter()
                 .flat_map(|s| s.files.iter())
                 .chain(job.error_file.iter())
                 .filter(|f| f.lines > 0)
-                .map(|f| f.name.clone())
+                .cloned()
                 .collect();
-            match bucket.upload(id, &self.job_dir(id), &names).await {
+            match bucket.upload(id, &self.job_dir(id), &files).await {
                 Ok(()) => job.stored_remotely = true,
                 Err(e) => {
                     state = JobState::Failed {

@@ -119,6 +119,8 @@ pub struct SliceContext<'a> {
     pub limits: &'a JobLimits,
     /// The job's transaction time: later changes are not part of the export.
     pub snapshot: DateTime<Utc>,
+    /// Whether files are written gzip-compressed.
+    pub gzip: bool,
 }
 
 /// One page, converted to output lines.
@@ -141,11 +143,13 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         SliceKind::Resources => format!("{}.{:04}", slice.resource_type, slice.index),
         SliceKind::Deleted => format!("{}.deleted.{:04}", slice.resource_type, slice.index),
     };
-    let (dir, per_file, parts) = (ctx.dir.to_owned(), ctx.per_file, slice.files.clone());
-    let mut writer =
-        tokio::task::spawn_blocking(move || NdjsonWriter::resume(&dir, stem, per_file, parts))
-            .await
-            .expect("writer task panicked")?;
+    let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
+    let parts = slice.files.clone();
+    let mut writer = tokio::task::spawn_blocking(move || {
+        NdjsonWriter::resume(&dir, stem, per_file, gzip, parts)
+    })
+    .await
+    .expect("writer task panicked")?;
     let dedupe = slice.searches.len() > 1;
     while slice.state == SliceState::Pending {
         let url = slice

@@ -7,14 +7,23 @@ use std::path::{Path, PathBuf};
 use crate::store::FilePart;
 
 /// Writer of one slice's files, positioned at the slice's committed end.
+///
+/// Lines are gathered per page and written with one call when the page is synced (or the file rolls
+/// over). With `gzip`, each such batch becomes one gzip member: concatenated members are a valid gzip
+/// file, and truncating at a committed length always cuts between members.
 pub struct NdjsonWriter {
     dir: PathBuf,
     stem: String,
     per_file: u64,
+    gzip: bool,
     parts: Vec<FilePart>,
     current: Option<File>,
+    /// Lines of the current file not yet written.
+    pending: Vec<u8>,
     /// Files rolled over since the last sync: they are fsynced with the current one.
     unsynced: Vec<File>,
+    /// Whether a file was created since the last sync (its directory entry needs syncing too).
+    created: bool,
 }
 
 impl NdjsonWriter {
@@ -24,6 +33,7 @@ impl NdjsonWriter {
         dir: &Path,
         stem: String,
         per_file: u64,
+        gzip: bool,
         parts: Vec<FilePart>,
     ) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
@@ -31,9 +41,12 @@ impl NdjsonWriter {
             dir: dir.to_owned(),
             stem,
             per_file,
+            gzip,
             parts,
             current: None,
+            pending: Vec::new(),
             unsynced: Vec::new(),
+            created: false,
         };
         for stray in writer.parts.len().. {
             match std::fs::remove_file(writer.dir.join(writer.part_name(stray))) {
@@ -55,7 +68,8 @@ impl NdjsonWriter {
     }
 
     fn part_name(&self, part: usize) -> String {
-        format!("{}.{part:03}.ndjson", self.stem)
+        let ext = if self.gzip { "ndjson.gz" } else { "ndjson" };
+        format!("{}.{part:03}.{ext}", self.stem)
     }
 
     /// Appends one resource line (`line` holds the JSON without the newline).
@@ -64,16 +78,41 @@ impl NdjsonWriter {
         if full {
             self.roll()?;
         }
-        let file = self.current.as_mut().expect("roll opened a file");
-        file.write_all(line)?;
-        file.write_all(b"\n")?;
-        let part = self.parts.last_mut().expect("roll added a part");
-        part.lines += 1;
-        part.bytes += line.len() as u64 + 1;
+        self.pending.extend_from_slice(line);
+        self.pending.push(b'\n');
+        self.parts.last_mut().expect("roll added a part").lines += 1;
+        Ok(())
+    }
+
+    /// Writes the pending lines of the current file (as one gzip member when compressing).
+    fn flush_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let file = self
+            .current
+            .as_mut()
+            .expect("lines pend only with a file open");
+        let written = if self.gzip {
+            let mut encoder = flate2::write::GzEncoder::new(
+                Vec::with_capacity(self.pending.len() / 4),
+                flate2::Compression::fast(),
+            );
+            encoder.write_all(&self.pending)?;
+            let member = encoder.finish()?;
+            file.write_all(&member)?;
+            member.len()
+        } else {
+            file.write_all(&self.pending)?;
+            self.pending.len()
+        };
+        self.parts.last_mut().expect("a part is open").bytes += written as u64;
+        self.pending.clear();
         Ok(())
     }
 
     fn roll(&mut self) -> io::Result<()> {
+        self.flush_pending()?;
         let name = self.part_name(self.parts.len());
         let file = OpenOptions::new()
             .create(true)
@@ -83,24 +122,26 @@ impl NdjsonWriter {
         if let Some(previous) = self.current.replace(file) {
             self.unsynced.push(previous);
         }
+        self.created = true;
         self.parts.push(FilePart {
             name,
             lines: 0,
             bytes: 0,
+            gzip: self.gzip,
         });
         Ok(())
     }
 
     /// Makes everything written durable and returns the parts a cursor may now commit.
     pub fn sync(&mut self) -> io::Result<Vec<FilePart>> {
-        let created = !self.unsynced.is_empty() || self.parts.last().is_some_and(|p| p.lines > 0);
+        self.flush_pending()?;
         for file in self.unsynced.drain(..) {
             file.sync_data()?;
         }
         if let Some(file) = &self.current {
             file.sync_data()?;
         }
-        if created {
+        if std::mem::take(&mut self.created) {
             // New directory entries are only durable once the directory itself is synced.
             File::open(&self.dir)?.sync_all()?;
         }
@@ -126,6 +167,7 @@ pub fn write_file(path: &Path, lines: &[String]) -> io::Result<FilePart> {
             .into_owned(),
         lines: lines.len() as u64,
         bytes,
+        gzip: false,
     })
 }
 
@@ -140,7 +182,8 @@ mod tests {
     #[test]
     fn rolls_at_the_limit_and_counts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = NdjsonWriter::resume(dir.path(), "Patient.0000".into(), 2, vec![]).unwrap();
+        let mut w =
+            NdjsonWriter::resume(dir.path(), "Patient.0000".into(), 2, false, vec![]).unwrap();
         for i in 0..5 {
             w.write_line(format!("{{\"id\":\"{i}\"}}").as_bytes())
                 .unwrap();
@@ -159,7 +202,7 @@ mod tests {
     #[test]
     fn resume_drops_uncommitted_bytes_and_files() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, vec![]).unwrap();
+        let mut w = NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, vec![]).unwrap();
         w.write_line(b"{\"id\":\"a\"}").unwrap();
         let committed = w.sync().unwrap();
         // Written after the commit, then "crashed": a partial line and a rolled-over file.
@@ -167,7 +210,8 @@ mod tests {
         w.write_line(b"{\"id\":\"c\"}").unwrap();
         w.sync().unwrap();
         drop(w);
-        let mut w = NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, committed).unwrap();
+        let mut w =
+            NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, committed).unwrap();
         assert_eq!(read(dir.path(), "Obs.0001.000.ndjson"), "{\"id\":\"a\"}\n");
         assert!(!dir.path().join("Obs.0001.001.ndjson").exists());
         w.write_line(b"{\"id\":\"b\"}").unwrap();
@@ -177,5 +221,31 @@ mod tests {
             read(dir.path(), "Obs.0001.000.ndjson"),
             "{\"id\":\"a\"}\n{\"id\":\"b\"}\n"
         );
+    }
+
+    #[test]
+    fn gzip_members_survive_truncation_at_a_commit() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, vec![]).unwrap();
+        w.write_line(b"{\"id\":\"1\"}").unwrap();
+        w.write_line(b"{\"id\":\"2\"}").unwrap();
+        let committed = w.sync().unwrap();
+        w.write_line(b"{\"id\":\"lost\"}").unwrap();
+        w.sync().unwrap();
+        drop(w);
+        let mut w =
+            NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, committed).unwrap();
+        w.write_line(b"{\"id\":\"3\"}").unwrap();
+        let parts = w.sync().unwrap();
+        assert_eq!(parts[0].name, "P.0000.000.ndjson.gz");
+        assert!(parts[0].gzip);
+        let raw = std::fs::read(dir.path().join(&parts[0].name)).unwrap();
+        assert_eq!(raw.len() as u64, parts[0].bytes);
+        let mut text = String::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":\"3\"}\n");
     }
 }
