@@ -985,3 +985,40 @@ fn patient_listing_down_fails_a_patient_export() {
     let ended = wait_end(&status_url, DEADLINE, &fu);
     assert_job_failed(ended.status, &ended.body);
 }
+
+#[test]
+fn upstream_gone_past_give_up_after_fails_the_job() {
+    // From its third page on, every Observation request dies: the upstream "disappeared" mid-export.
+    let fu = FaultUpstream::start("gone", |req: &Req| {
+        if req.ty == "Observation" && req.n >= 3 {
+            Fault::Reset
+        } else {
+            Fault::Pass
+        }
+    });
+    let proxy = proxy_for(&fu, &format!("{FAST_RETRIES}\ngive_up_after_secs = 2"));
+    let started = Instant::now();
+    let ended = export(&proxy, &fu, QUERY);
+    assert_eq!(
+        ended.status, 504,
+        "expected a 504 job failure: {}",
+        ended.body
+    );
+    assert_job_failed(ended.status, &ended.body);
+    assert!(
+        check_outcome(&ended.body).contains("unreachable"),
+        "the failure does not say the upstream was unreachable: {}",
+        ended.body
+    );
+    // Retries went on past max_retries (4) until give_up_after_secs, and stopped soon after.
+    assert!(
+        fu.injected() > 5,
+        "only {} resets before giving up",
+        fu.injected()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "gave up only after {:?}",
+        started.elapsed()
+    );
+}
