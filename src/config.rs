@@ -47,6 +47,28 @@ pub struct Config {
     /// Where finished export files are kept.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// OpenTelemetry trace export.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// OpenTelemetry settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces endpoint (e.g. `http://127.0.0.1:4318/v1/traces`); unset: no trace export.
+    pub otlp_endpoint: Option<Url>,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "fhir-bulk-proxy".into(),
+        }
+    }
 }
 
 /// Kinds of file storage.

@@ -13,4 +13,5 @@ pub mod proxy;
 pub mod server;
 pub mod storage;
 pub mod store;
+pub mod telemetry;
 pub mod upstream;

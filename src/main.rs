@@ -74,40 +74,15 @@ struct ServeArgs {
     upstream_bearer_token: Option<String>,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let json = match format {
-        LogFormat::Json => true,
-        LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
-    };
-    if json {
-        builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => {
-            init_logging(cli.log_format);
-            serve(args)
-        }
+        Command::Serve(args) => serve(args, cli.log_format),
         Command::Jobs { admin, action } => jobs(admin, action),
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn serve(args: ServeArgs, log_format: LogFormat) -> ExitCode {
     let overrides = Overrides {
         listen: args.listen,
         upstream_url: args.upstream_url,
@@ -122,15 +97,31 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let json = match log_format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let telemetry = match fhir_bulk_proxy::telemetry::init(json, &config.telemetry) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("fhir-bulk-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(fhir_bulk_proxy::server::run(config, args.config, overrides)) {
+    let result = runtime.block_on(fhir_bulk_proxy::server::run(config, args.config, overrides));
+    drop(runtime);
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "fhir-bulk-proxy stopped");
             eprintln!("fhir-bulk-proxy: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown();
+    code
 }
 
 fn jobs(admin: Url, action: JobsAction) -> ExitCode {

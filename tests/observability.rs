@@ -595,3 +595,100 @@ fn json_logs_by_environment_variable() {
     );
     assert!(first.contains("INFO") || first.contains("DEBUG"), "{first}");
 }
+
+/// Collects the bodies POSTed to an OTLP/HTTP traces endpoint.
+fn otlp_sink(
+    listener: TcpListener,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
+) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).is_err() {
+            continue;
+        }
+        let mut length = 0;
+        let mut content_type = String::new();
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header).unwrap();
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').unwrap_or((header, ""));
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                "content-type" => content_type = value.trim().to_owned(),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("")
+            .to_owned();
+        bodies
+            .lock()
+            .unwrap()
+            .push((format!("{path} {content_type}"), body));
+        let _ =
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+}
+
+#[test]
+fn traces_go_to_the_configured_otlp_endpoint() {
+    let upstream = upstream();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = bodies.clone();
+    std::thread::spawn(move || otlp_sink(listener, sink));
+    let tables = format!("[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}/v1/traces\"\n");
+    let (mut proxy, _) = Proxy::start_custom(
+        &upstream,
+        &Launch {
+            tables_toml: &tables,
+            rust_log: Some("info"),
+            ..Launch::default()
+        },
+    );
+    let status_url = accepted_status_url(
+        &proxy.base,
+        kickoff_get(&proxy.base, "$export?_type=Patient"),
+    );
+    let id = job_id_of(&status_url);
+    wait_manifest(&status_url);
+    // SIGTERM: a clean exit flushes the spans still batched.
+    Command::new("kill")
+        .args(["-TERM", &proxy.child_pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(proxy
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    let bodies = bodies.lock().unwrap();
+    assert!(!bodies.is_empty(), "no OTLP request arrived");
+    assert!(
+        bodies
+            .iter()
+            .all(|(what, _)| what == "/v1/traces application/x-protobuf"),
+        "unexpected OTLP requests: {:?}",
+        bodies.iter().map(|(w, _)| w).collect::<Vec<_>>()
+    );
+    let contains = |needle: &[u8]| {
+        bodies
+            .iter()
+            .any(|(_, b)| b.windows(needle.len()).any(|w| w == needle))
+    };
+    assert!(contains(id.as_bytes()), "no exported span carries job {id}");
+    assert!(
+        contains(b"upstream_request"),
+        "no upstream request span was exported"
+    );
+    assert!(contains(b"fhir-bulk-proxy"), "spans lack the service name");
+}

@@ -17,6 +17,8 @@ use serde::Deserialize;
 use tokio::sync::{RwLock, Semaphore};
 use url::Url;
 
+use tracing::Instrument;
+
 use crate::config::UpstreamConfig;
 use crate::metrics::METRICS;
 use credentials::{Credentials, CredentialsError};
@@ -241,6 +243,9 @@ impl Upstream {
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
     ) -> Result<T, UpstreamError> {
         let target = self.check_own(url)?;
+        // A span per request (retries included): inside a job's span, so traces group by job.
+        let span = tracing::info_span!("upstream_request", url = %target);
+        async move {
         let mut attempt = 0;
         let mut unreachable_since: Option<Instant> = None;
         loop {
@@ -279,6 +284,9 @@ impl Upstream {
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
+        }
+        .instrument(span)
+        .await
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
