@@ -596,11 +596,11 @@ fn json_logs_by_environment_variable() {
     assert!(first.contains("INFO") || first.contains("DEBUG"), "{first}");
 }
 
+/// Requests an OTLP sink received: `"{path} {content type}"` and the body.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Collects the bodies POSTed to an OTLP/HTTP traces endpoint.
-fn otlp_sink(
-    listener: TcpListener,
-    bodies: std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>,
-) {
+fn otlp_sink(listener: TcpListener, bodies: Received) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let mut reader = BufReader::new(stream.try_clone().unwrap());
