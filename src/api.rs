@@ -130,6 +130,14 @@ impl App {
         else {
             return Route::PassThrough;
         };
+        // Most traffic is ordinary FHIR REST: skip decoding paths that cannot name an owned endpoint.
+        let owned_shape = rel.contains(['$', '%'])
+            || rel.ends_with("/metadata")
+            || rel.ends_with("/smart-configuration")
+            || rel.ends_with("/auth/token");
+        if !owned_shape {
+            return Route::PassThrough;
+        }
         let decoded: Option<Vec<String>> = rel
             .trim_start_matches('/')
             .split('/')
@@ -183,7 +191,9 @@ impl App {
         } else {
             self.pass_through.forward(req, peer).await
         };
-        let status = result.as_ref().map_or(502, |r| r.status().as_u16());
+        let status = result
+            .as_ref()
+            .map_or(StatusCode::BAD_GATEWAY, |r| r.status());
         METRICS.passthrough(status, started.elapsed());
         result
     }
@@ -480,7 +490,8 @@ impl App {
 
 /// Bytes of the request line and headers, as `max_header_bytes` counts them.
 fn head_size(req: &Request<Incoming>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let target = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     let headers: usize = req
         .headers()
         .iter()

@@ -46,11 +46,15 @@ impl PassThrough {
     /// A pass-through from `public` (what clients see) to `upstream`; `security` replaces
     /// `rest.security` in the CapabilityStatement when the proxy enforces authorization.
     pub fn new(upstream: Url, public: Url, security: Option<serde_json::Value>) -> Self {
+        let mut http = HttpConnector::new();
+        // Small request/response exchanges must not wait for Nagle's algorithm.
+        http.set_nodelay(true);
+        http.enforce_http(false);
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
-            .build();
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new()).build(https);
         Self {
             client,

@@ -136,6 +136,9 @@ pub async fn run(
             },
             _ = &mut shutdown => break,
         };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();

@@ -16,30 +16,43 @@ const MANDATORY: [&str; 3] = ["resourceType", "id", "meta"];
 /// The input is valid JSON (it came through a `RawValue`), so tracking strings and escapes is enough.
 pub fn write_compact(json: &str, out: &mut Vec<u8>) {
     let bytes = json.as_bytes();
-    if !bytes
-        .iter()
-        .any(|b| matches!(b, b' ' | b'\n' | b'\r' | b'\t'))
-    {
-        out.extend_from_slice(bytes);
-        return;
-    }
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in bytes {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    let n = bytes.len();
+    // Copy in runs: strings (most of a resource) are skipped with memchr to their closing quote, and
+    // only the few bytes between strings are looked at one by one.
+    let mut run_start = 0;
+    let mut i = 0;
+    while i < n {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', &bytes[i..]) {
+                        Some(p) if bytes[i + p] == b'\\' => {
+                            i += p + 2;
+                            if i >= n {
+                                break;
+                            }
+                        }
+                        Some(p) => {
+                            i += p + 1;
+                            break;
+                        }
+                        None => {
+                            i = n;
+                            break;
+                        }
+                    }
+                }
             }
-        } else if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-            in_string = b == b'"';
-            out.push(b);
+            b' ' | b'\n' | b'\r' | b'\t' => {
+                out.extend_from_slice(&bytes[run_start..i]);
+                i += 1;
+                run_start = i;
+            }
+            _ => i += 1,
         }
     }
+    out.extend_from_slice(&bytes[run_start.min(n)..]);
 }
 
 /// The top-level members of a resource, in document order, values untouched.
@@ -158,6 +171,33 @@ mod tests {
             compact("{\n  \"k\": \"line1\\nline2\"\n}"),
             r#"{"k":"line1\nline2"}"#
         );
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            "[ -~\\t\\n\\\\\"é]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z \\\"]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// Compacting pretty JSON gives exactly the compact serialization, strings untouched.
+        #[test]
+        fn compaction_equals_compact_serialization(v in json_value()) {
+            let mut out = Vec::new();
+            write_compact(&serde_json::to_string_pretty(&v).unwrap(), &mut out);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&v).unwrap());
+        }
     }
 
     fn subset(json: &str, elements: &[&str]) -> serde_json::Value {

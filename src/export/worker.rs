@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,11 @@ use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
 use crate::upstream::{SearchPage, Upstream, UpstreamError};
+
+/// How often a running slice commits its cursor: pages are written as they come, fsynced and
+/// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
+/// per page.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Failures that stop the whole job (the local disk or store), as opposed to a slice's upstream failure.
 #[derive(Debug, thiserror::Error)]
@@ -132,8 +138,8 @@ struct Page {
     ids: Vec<String>,
     next: Option<String>,
     total: Option<u64>,
-    /// Hash of the page's resource ids in order (`None` for an empty page), to recognise a page
-    /// served again under another URL.
+    /// Hash of the page's first resource (`None` for an empty page), to recognise a page served
+    /// again under another URL.
     fingerprint: Option<u64>,
 }
 
@@ -151,6 +157,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
     .await
     .expect("writer task panicked")?;
     let dedupe = slice.searches.len() > 1;
+    let mut batch = Batch::default();
     while slice.state == SliceState::Pending {
         let url = slice
             .next
@@ -160,7 +167,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             _ = ctx.cancel.cancelled() => return Ok(SliceEnd::Stopped),
             r = ctx.upstream.fetch_budgeted(
                 &url,
-                |body| convert(body, &slice, dedupe, ctx),
+                |body| convert(body, &slice, dedupe, &batch.ids, ctx),
                 || ctx.limits.spend_request(),
             ) => r,
         };
@@ -182,10 +189,12 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                 slice.state = SliceState::Failed {
                     message: e.to_string(),
                 };
-                return commit(ctx, &slice, &[]);
+                return checkpoint(ctx, &mut slice, writer, &mut batch)
+                    .await
+                    .map(|(_, end)| end);
             }
         };
-        slice.visited.push(url_hash(&url));
+        remember(&mut slice.visited, url_hash(&url));
         if let Some(fingerprint) = page.fingerprint {
             if slice.visited.contains(&fingerprint) {
                 slice.state = SliceState::Failed {
@@ -193,9 +202,11 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                         "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
                     ),
                 };
-                return commit(ctx, &slice, &[]);
+                return checkpoint(ctx, &mut slice, writer, &mut batch)
+                    .await
+                    .map(|(_, end)| end);
             }
-            slice.visited.push(fingerprint);
+            remember(&mut slice.visited, fingerprint);
         }
         let next = match page.next.as_deref().map(|n| ctx.upstream.check_own(n)) {
             Some(Err(e)) => Err(e.to_string()),
@@ -206,8 +217,9 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         };
         let lines = page.ends.len() as u64;
         let page_bytes = page.data.len() as u64 + lines;
-        ctx.limits.admit_page(lines, page_bytes)?;
-        let ids = page.ids;
+        ctx.limits.admit_page(lines, batch.bytes + page_bytes)?;
+        batch.ids.extend(page.ids);
+        batch.bytes += page_bytes;
         let (data, ends) = (page.data, page.ends);
         let (returned, parts) = tokio::task::spawn_blocking(move || {
             let mut start = 0;
@@ -215,7 +227,8 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                 writer.write_line(&data[start..end])?;
                 start = end;
             }
-            let parts = writer.sync()?;
+            writer.flush()?;
+            let parts = writer.parts().to_vec();
             Ok::<_, std::io::Error>((writer, parts))
         })
         .await
@@ -223,6 +236,8 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         writer = returned;
         slice.files = parts;
         slice.pages += 1;
+        METRICS.exported_resources.inc_by(lines);
+        METRICS.exported_bytes.inc_by(page_bytes);
         if slice.next.is_none() {
             if let Some(t) = page.total {
                 slice.total = Some(slice.total.unwrap_or(0) + t);
@@ -243,17 +258,71 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             },
             Err(message) => slice.state = SliceState::Failed { message },
         }
-        if commit(ctx, &slice, &ids)? == SliceEnd::Stopped {
-            return Ok(SliceEnd::Stopped);
+        if slice.state != SliceState::Pending || batch.started.elapsed() >= COMMIT_INTERVAL {
+            let (returned, end) = checkpoint(ctx, &mut slice, writer, &mut batch).await?;
+            writer = returned;
+            if end == SliceEnd::Stopped {
+                return Ok(SliceEnd::Stopped);
+            }
         }
+    }
+    Ok(SliceEnd::Finished)
+}
+
+/// Pages written since the last commit.
+struct Batch {
+    /// Ids written (deduplicated slices), not yet in the store.
+    ids: HashSet<String>,
+    /// Bytes written.
+    bytes: u64,
+    started: Instant,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            ids: HashSet::new(),
+            bytes: 0,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Makes the batch durable: fsyncs the files, then commits the cursor that covers them.
+async fn checkpoint(
+    ctx: &SliceContext<'_>,
+    slice: &mut Slice,
+    mut writer: NdjsonWriter,
+    batch: &mut Batch,
+) -> Result<(NdjsonWriter, SliceEnd), WorkerError> {
+    let (writer, parts) = tokio::task::spawn_blocking(move || {
+        let parts = writer.sync()?;
+        Ok::<_, std::io::Error>((writer, parts))
+    })
+    .await
+    .expect("writer task panicked")?;
+    slice.files = parts;
+    let ids: Vec<String> = batch.ids.drain().collect();
+    let end = commit(ctx, slice, &ids)?;
+    if end == SliceEnd::Finished {
         ctx.limits
             .disk
             .used
-            .fetch_add(page_bytes, Ordering::Relaxed);
-        METRICS.exported_resources.inc_by(lines);
-        METRICS.exported_bytes.inc_by(page_bytes);
+            .fetch_add(batch.bytes, Ordering::Relaxed);
     }
-    Ok(SliceEnd::Finished)
+    *batch = Batch::default();
+    Ok((writer, end))
+}
+
+/// Pages remembered per search for loop detection: enough for any real loop, and it keeps cursors
+/// small on very long searches (a loop longer than this is stopped by the request budget instead).
+const REMEMBERED_PAGES: usize = 4096;
+
+fn remember(visited: &mut Vec<u64>, hash: u64) {
+    if visited.len() >= 2 * REMEMBERED_PAGES {
+        visited.drain(..visited.len() - 2 * REMEMBERED_PAGES + 1);
+    }
+    visited.push(hash);
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -347,6 +416,7 @@ fn convert(
     body: &bytes::Bytes,
     slice: &Slice,
     dedupe: bool,
+    batch_ids: &HashSet<String>,
     ctx: &SliceContext,
 ) -> Result<Page, String> {
     let page = SearchPage::parse(body)?;
@@ -362,21 +432,36 @@ fn convert(
         deletions(&page, slice, ctx.snapshot, &mut out)?;
         return Ok(out);
     }
+    // Most servers write `resourceType` first: then the type is checked without parsing the resource.
+    let typed_prefix = format!("{{\"resourceType\":\"{}\"", slice.resource_type);
     let mut page_ids = HashSet::new();
     for raw in page.matches() {
-        let head: Head = serde_json::from_str(raw.get())
-            .map_err(|e| format!("resource without resourceType: {e}"))?;
-        if head.resource_type != slice.resource_type {
-            return Err(format!(
-                "a {} search returned a {} as a match",
-                slice.resource_type, head.resource_type
-            ));
+        let text = raw.get();
+        let head = if text.starts_with(&typed_prefix) && !dedupe {
+            None
+        } else {
+            let head: Head = serde_json::from_str(text)
+                .map_err(|e| format!("resource without resourceType: {e}"))?;
+            if head.resource_type != slice.resource_type {
+                return Err(format!(
+                    "a {} search returned a {} as a match",
+                    slice.resource_type, head.resource_type
+                ));
+            }
+            Some(head)
+        };
+        // A page is known by its first resource: a later page starting with the same one is the same
+        // page served again (or an overlap), which would duplicate resources either way.
+        if out.fingerprint.is_none() {
+            out.fingerprint = Some(fnv(FNV_OFFSET, text.as_bytes()));
         }
-        let fingerprint = out.fingerprint.get_or_insert(FNV_OFFSET);
-        *fingerprint = fnv(*fingerprint, head.id.as_deref().unwrap_or("").as_bytes());
         if dedupe {
-            let id = head.id.ok_or("a resource has no id")?.into_owned();
+            let id = head
+                .and_then(|h| h.id)
+                .ok_or("a resource has no id")?
+                .into_owned();
             if !page_ids.insert(id.clone())
+                || batch_ids.contains(&id)
                 || ctx.store.seen(slice, &id).map_err(|e| e.to_string())?
             {
                 continue;

@@ -132,6 +132,16 @@ impl NdjsonWriter {
         Ok(())
     }
 
+    /// Writes the pending lines to the file (not yet durable: see [`NdjsonWriter::sync`]).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_pending()
+    }
+
+    /// The files as written so far.
+    pub fn parts(&self) -> &[FilePart] {
+        &self.parts
+    }
+
     /// Makes everything written durable and returns the parts a cursor may now commit.
     pub fn sync(&mut self) -> io::Result<Vec<FilePart>> {
         self.flush_pending()?;
