@@ -1,0 +1,45 @@
+//! `cargo bench --bench export` (run it through `bench/run`): export throughput, peak RSS and pass-through
+//! latency of the release proxy binary, against a fast in-process upstream and, when `BENCH_REAL_UPSTREAM`
+//! is set, a real FHIR server. Prints the results and (re)writes `BENCHMARKS.md`.
+//!
+//! Environment (all optional):
+//!
+//! | Variable | Default | Meaning |
+//! |---|---|---|
+//! | `BENCH_SMALL` | unset | `1`: a one-minute smoke run (10k/50k resources, short load runs) |
+//! | `BENCH_SIZES` | `100000,1000000` | Data set sizes of the export runs; targets use the first and last |
+//! | `BENCH_PAGE_SIZE` | `1000` | `_count` of the proxy's and the pager's searches |
+//! | `BENCH_RESOURCES_PER_FILE` | `100000` | `[export] resources_per_file` |
+//! | `BENCH_SLICES` | `4` | `[export] time_slices` of the sliced run (the other run uses 1) |
+//! | `BENCH_LOAD_SECS` | `5` | Seconds of each wrk run |
+//! | `BENCH_LOAD_ROUNDS` | `3` | wrk rounds (direct, proxy, nginx interleaved); the median is reported |
+//! | `BENCH_LOAD_CONNECTIONS` | `32` | Connections of the throughput wrk runs (the latency runs use 1) |
+//! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
+//! | `BENCH_REAL_UPSTREAM` | unset | Base URL of a real FHIR upstream (`bench/run` starts and loads one) |
+//! | `BENCH_REAL_NOTE` | unset | What that upstream holds, for the report |
+//! | `BENCH_PROXY_BIN` | `target/release/fhir-bulk-proxy` (built by `cargo bench`) | The proxy binary |
+//! | `BENCH_OUT` | `BENCHMARKS.md` | Report written; `-` writes none |
+//! | `BENCH_COMMAND` | `cargo bench --bench export` | Command named in the report |
+
+mod run;
+mod upstream;
+
+fn main() {
+    if std::env::var("FBP_BENCH_ROLE").as_deref() == Ok("upstream") {
+        let n = std::env::var("FBP_BENCH_OBSERVATIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let delay = std::env::var("FBP_BENCH_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        upstream::serve(n, std::time::Duration::from_millis(delay));
+        return;
+    }
+    // `cargo bench` passes `--bench`; a filter argument is not supported.
+    if let Err(e) = run::main() {
+        eprintln!("bench: {e}");
+        std::process::exit(1);
+    }
+}
