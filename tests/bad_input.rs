@@ -9,22 +9,6 @@ use std::net::TcpStream;
 use common::*;
 use serde_json::{json, Value};
 
-/// A response as read off the socket.
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// Sends one HTTP/1.1 request byte for byte: reqwest would add `Accept: */*` and resolve `..`
 /// segments, hiding exactly what these tests need the proxy to see.
 fn raw(base: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Raw {

@@ -158,19 +158,6 @@ struct EcClient {
     y: String,
 }
 
-fn openssl(args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("run the openssl CLI");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 fn ec_client(dir: &Path, client_id: &str) -> EcClient {
     let path = dir.join(format!("{client_id}.pem"));
     let p = path.to_str().unwrap();

@@ -50,18 +50,6 @@ fn assert_running(proxy: &Proxy, status_path: &str) {
     );
 }
 
-/// A fixed-seed xorshift: reproducible "random" kill points without another dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 /// NDJSON files the proxy has started under its data directory.
 fn ndjson_files(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

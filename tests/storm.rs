@@ -19,18 +19,6 @@ const RESOURCES: usize = 20_000;
 const BATCH: usize = 500;
 const KILLS: usize = 20;
 
-/// A fixed-seed xorshift: reproducible kill points.
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn count(rw: &str) -> usize {
     let bundle = get_json(&format!(
         "{rw}/Basic?code={}&_summary=count",

@@ -1088,3 +1088,47 @@ pub fn get_bytes(url: &str) -> (u16, Vec<u8>) {
     let status = resp.status().as_u16();
     (status, resp.bytes().unwrap().to_vec())
 }
+
+/// A response as read off the socket (tests that must send bytes reqwest would normalise).
+pub struct Raw {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Raw {
+    /// The first header called `name`, case-insensitively.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A fixed-seed xorshift: reproducible "random" choices without another dependency.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    /// The next value below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Runs the `openssl` CLI (key generation for SMART clients) and returns its stdout.
+pub fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run the openssl CLI");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
