@@ -551,7 +551,15 @@ fn sigterm_lets_a_slow_pass_through_request_finish_and_refuses_new_connections()
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            // Refused, or reset when the connection raced the listener's close: not accepted either way.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                break
+            }
             Err(e) => panic!("connecting after SIGTERM: unexpected error {e}"),
             Ok(_) => {
                 assert!(
