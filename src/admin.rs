@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::export::manifest;
-use crate::export::runner::{is_job_id, Runner};
+use crate::export::runner::Runner;
 use crate::http::{full, json, ApiError, Body};
 use crate::metrics::METRICS;
 use crate::store::{JobState, Store};
@@ -194,11 +194,9 @@ impl Admin {
     }
 
     fn find(&self, id: &str) -> Result<crate::store::Job, ApiError> {
-        let missing = || ApiError::NotFound(format!("no export job {id}"));
-        if !is_job_id(id) {
-            return Err(missing());
-        }
-        self.store.job(id)?.ok_or_else(missing)
+        self.runner
+            .find(id)?
+            .ok_or_else(|| ApiError::NotFound(format!("no export job {id}")))
     }
 }
 

@@ -15,7 +15,7 @@ use crate::auth::{Auth, AuthError, Principal};
 use crate::config::{Config, PassThroughAuth};
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
-use crate::export::runner::{is_job_id, now_secs, AdmitError, Runner};
+use crate::export::runner::{now_secs, AdmitError, Runner};
 use crate::files;
 use crate::http::{json, ApiError, Body};
 use crate::metrics::METRICS;
@@ -339,10 +339,7 @@ impl App {
     /// The job `id`, if it exists and belongs to the caller (another client's job is "not found").
     fn job(&self, id: &str, principal: Option<&Principal>) -> Result<Job, ApiError> {
         let missing = || ApiError::NotFound(format!("no export job {id}"));
-        if !is_job_id(id) {
-            return Err(missing());
-        }
-        let job = self.store.job(id)?.ok_or_else(missing)?;
+        let job = self.runner.find(id)?.ok_or_else(missing)?;
         match principal {
             Some(p) if job.owner.as_deref() != Some(p.client_id.as_str()) => Err(missing()),
             _ => Ok(job),

@@ -146,31 +146,12 @@ pub fn error_lines(job: &Job, slices: &[Slice]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ExportSpec, JobState, Level};
+    use crate::store::JobState;
 
     fn job() -> Job {
-        Job {
-            id: "j".into(),
-            request: "r".into(),
-            spec: ExportSpec {
-                level: Level::System,
-                output_format: "ndjson".into(),
-                since: None,
-                types: vec![],
-                type_filters: vec![],
-                elements: vec![],
-                patients: vec![],
-            },
-            state: JobState::Running,
-            transaction_time: "t".into(),
-            created: 0,
-            expires: None,
-            owner: None,
-            notes: vec![],
-            error_file: None,
-            stored_remotely: false,
-            gzip: false,
-        }
+        let mut job = crate::store::tests::job("j");
+        job.state = JobState::Running;
+        job
     }
 
     fn slice(state: SliceState, pages: u64, lines: u64, total: Option<u64>) -> Slice {

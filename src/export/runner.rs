@@ -51,7 +51,7 @@ pub fn now_secs() -> i64 {
 }
 
 /// Whether `name` has the shape of a job id (32 lowercase hex digits).
-pub fn is_job_id(name: &str) -> bool {
+fn is_job_id(name: &str) -> bool {
     name.len() == 32
         && name
             .bytes()
@@ -82,6 +82,15 @@ impl Runner {
             }),
             cfg,
         })
+    }
+
+    /// The job `id`; `None` when there is none or `id` is not even shaped like a job id (so a
+    /// client-chosen string never reaches the store).
+    pub fn find(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        if !is_job_id(id) {
+            return Ok(None);
+        }
+        self.store.job(id)
     }
 
     /// Directory of a job's files.
