@@ -20,6 +20,7 @@ use crate::files;
 use crate::http::{json, ApiError, Body};
 use crate::metrics::METRICS;
 use crate::outcome::outcome;
+use crate::proxy::affinity::Affinity;
 use crate::proxy::PassThrough;
 use crate::storage::Storage;
 use crate::store::{Job, JobState, Level, Store};
@@ -93,8 +94,14 @@ impl App {
         }
     }
 
-    /// Answers one request; never fails (errors become OperationOutcome responses).
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    /// Answers one request; never fails (errors become OperationOutcome responses). Pass-through uses
+    /// the inbound connection's own upstream connection (`affinity`) when there is one.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        affinity: Option<&Affinity>,
+    ) -> Response<Body> {
         let limit = self.config.server.max_header_bytes;
         if head_size(&req) > limit {
             return ApiError::HeaderTooLarge(limit).into_response();
@@ -103,7 +110,9 @@ impl App {
             Route::Kickoff(level) => self.kickoff(level, req).await,
             Route::Status(id) => self.status(&id, req).await,
             Route::File(id, name) => self.file(&id, &name, &req).await,
-            Route::Metadata if req.method() == Method::GET => self.forward(req, peer, true).await,
+            Route::Metadata if req.method() == Method::GET => {
+                self.forward(req, peer, affinity, true).await
+            }
             Route::SmartConfiguration if req.method() == Method::GET => Ok(json(
                 StatusCode::OK,
                 "application/json",
@@ -117,7 +126,7 @@ impl App {
                 "no such bulk data resource: {}",
                 req.uri().path()
             ))),
-            Route::Metadata | Route::PassThrough => self.forward(req, peer, false).await,
+            Route::Metadata | Route::PassThrough => self.forward(req, peer, affinity, false).await,
         };
         result.unwrap_or_else(ApiError::into_response)
     }
@@ -173,6 +182,7 @@ impl App {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        affinity: Option<&Affinity>,
         capability_statement: bool,
     ) -> Result<Response<Body>, ApiError> {
         if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {
@@ -187,9 +197,9 @@ impl App {
         }
         let started = std::time::Instant::now();
         let result = if capability_statement {
-            self.pass_through.metadata(req, peer).await
+            self.pass_through.metadata(req, peer, affinity).await
         } else {
-            self.pass_through.forward(req, peer).await
+            self.pass_through.forward(req, peer, affinity).await
         };
         let status = result
             .as_ref()

@@ -15,6 +15,7 @@ use crate::api::App;
 use crate::auth::{Auth, AuthError};
 use crate::config::{Config, Overrides};
 use crate::export::runner::Runner;
+use crate::proxy::affinity;
 use crate::storage::{Storage, StorageError};
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
@@ -140,17 +141,21 @@ pub async fn run(
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
         let app = app.clone();
+        let (affinity, driver) = affinity::pair();
+        let affinity = Arc::new(affinity);
         let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer).await) }
+            let (app, affinity) = (app.clone(), affinity.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(app.handle(req, peer, Some(&affinity)).await)
+            }
         });
         let connection = graceful.watch(
             builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(stream), service)
                 .into_owned(),
         );
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = affinity::drive(connection, driver).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });

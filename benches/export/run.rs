@@ -32,6 +32,8 @@ struct Settings {
     load_rounds: usize,
     load_conns: u32,
     upstream_delay_ms: u64,
+    /// Parts to run (`BENCH_ONLY`): `export`, `load`, `real`; empty: all.
+    only: Vec<String>,
     real_upstream: Option<String>,
     real_note: String,
     proxy_bin: PathBuf,
@@ -42,6 +44,11 @@ struct Settings {
 }
 
 impl Settings {
+    /// Whether `part` is to run.
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+
     fn from_env() -> Result<Settings> {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         let small = std::env::var("BENCH_SMALL").is_ok_and(|v| v == "1");
@@ -86,6 +93,12 @@ impl Settings {
             load_rounds: env_or("BENCH_LOAD_ROUNDS", if small { 1 } else { 3 }).max(1),
             load_conns: env_or("BENCH_LOAD_CONNECTIONS", 32),
             upstream_delay_ms: env_or("BENCH_UPSTREAM_DELAY_MS", 0),
+            only: std::env::var("BENCH_ONLY")
+                .unwrap_or_default()
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
             real_upstream: std::env::var("BENCH_REAL_UPSTREAM")
                 .ok()
                 .filter(|v| !v.is_empty()),
@@ -934,8 +947,41 @@ fn shell(cmd: &str) -> String {
 
 fn targets(s: &Settings, sizes: &[SizeResult], load: Option<&Load>) -> Vec<Target> {
     let mut t = Vec::new();
-    let last = sizes.last().expect("at least one size");
-    let first = sizes.first().expect("at least one size");
+    if let (Some(first), Some(last)) = (sizes.first(), sizes.last()) {
+        export_targets(&mut t, s, first, last);
+    }
+    if let Some(load) = load {
+        let get =
+            |v: &[(&str, Wrk)], n: &str| v.iter().find(|(k, _)| *k == n).map(|(_, w)| w.clone());
+        if let (Some(p), Some(n)) = (
+            get(&load.throughput, "fhir-bulk-proxy"),
+            get(&load.throughput, "nginx"),
+        ) {
+            let r = p.rps / n.rps;
+            t.push(check(
+                format!("pass-through requests/s vs nginx (c={})", load.conns),
+                format!("{r:.2}× ({:.0} vs {:.0} req/s)", p.rps, n.rps),
+                "≥ 0.9×",
+                r >= 0.9,
+            ));
+        }
+        if let (Some(p), Some(d)) = (
+            get(&load.latency, "fhir-bulk-proxy"),
+            get(&load.latency, "direct"),
+        ) {
+            let added = p.p50_ms - d.p50_ms;
+            t.push(check(
+                "added p50 latency, proxy − direct (c=1)",
+                format!("{added:.3} ms ({:.3} − {:.3})", p.p50_ms, d.p50_ms),
+                "≤ 0.2 ms",
+                added <= 0.2,
+            ));
+        }
+    }
+    t
+}
+
+fn export_targets(t: &mut Vec<Target>, s: &Settings, first: &SizeResult, last: &SizeResult) {
     let pager_rate = rate(last.pager.resources, last.pager.secs);
     let r1 = rate(last.one.resources, last.one.secs) / pager_rate;
     let rn = rate(last.many.resources, last.many.secs) / pager_rate;
@@ -992,35 +1038,6 @@ fn targets(s: &Settings, sizes: &[SizeResult], load: Option<&Load>) -> Vec<Targe
             ));
         }
     }
-    if let Some(load) = load {
-        let get =
-            |v: &[(&str, Wrk)], n: &str| v.iter().find(|(k, _)| *k == n).map(|(_, w)| w.clone());
-        if let (Some(p), Some(n)) = (
-            get(&load.throughput, "fhir-bulk-proxy"),
-            get(&load.throughput, "nginx"),
-        ) {
-            let r = p.rps / n.rps;
-            t.push(check(
-                format!("pass-through requests/s vs nginx (c={})", load.conns),
-                format!("{r:.2}× ({:.0} vs {:.0} req/s)", p.rps, n.rps),
-                "≥ 0.9×",
-                r >= 0.9,
-            ));
-        }
-        if let (Some(p), Some(d)) = (
-            get(&load.latency, "fhir-bulk-proxy"),
-            get(&load.latency, "direct"),
-        ) {
-            let added = p.p50_ms - d.p50_ms;
-            t.push(check(
-                "added p50 latency, proxy − direct (c=1)",
-                format!("{added:.3} ms ({:.3} − {:.3})", p.p50_ms, d.p50_ms),
-                "≤ 0.2 ms",
-                added <= 0.2,
-            ));
-        }
-    }
-    t
 }
 
 fn export_table(md: &mut String, s: &Settings, rows: &[SizeResult], payload: &[u64]) {
@@ -1290,12 +1307,23 @@ pub fn main() -> Result<()> {
     let started = Instant::now();
     let s = Settings::from_env()?;
     std::env::set_current_dir(&s.root).map_err(|e| e.to_string())?;
-    let sizes = fast_exports(&s)?;
-    let load = pass_through(&s);
+    let sizes = if s.runs("export") {
+        fast_exports(&s)?
+    } else {
+        Vec::new()
+    };
+    let load = if s.runs("load") {
+        pass_through(&s)
+    } else {
+        Err("not run (BENCH_ONLY)".into())
+    };
     if let Err(e) = &load {
         eprintln!("bench: pass-through load failed: {e}");
     }
-    let real = s.real_upstream.clone().map(|base| real_exports(&s, &base));
+    let real = match &s.real_upstream {
+        Some(base) if s.runs("real") => Some(real_exports(&s, base)),
+        _ => None,
+    };
     let targets = targets(&s, &sizes, load.as_ref().ok());
     let mut md = report(&s, &sizes, &load, &real, &targets, started.elapsed());
     if let Some(out) = &s.out {

@@ -1,19 +1,24 @@
 //! Pass-through: every request the proxy does not own goes to the upstream and back, streamed.
 
+pub mod affinity;
+
 use std::net::SocketAddr;
 
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH,
     CONTENT_LOCATION, CONTENT_TYPE, HOST, LOCATION,
 };
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use tower_service::Service;
 use url::Url;
 
 use crate::http::{full, ApiError, Body, BoxError};
+use affinity::{Affinity, Taken};
 
 /// Largest CapabilityStatement the proxy will rewrite.
 const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
@@ -34,10 +39,17 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// The forwarding client and the two base URLs it translates between.
 pub struct PassThrough {
-    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>,
+    connector: Connector,
+    client: Client<Connector, Incoming>,
     upstream: Url,
+    /// `scheme://authority` of the upstream, what new connections connect to.
+    origin: Uri,
+    /// `Host` sent upstream.
+    host: Option<HeaderValue>,
     public: Url,
     security: Option<serde_json::Value>,
 }
@@ -55,22 +67,39 @@ impl PassThrough {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).build(https);
+        let client = Client::builder(TokioExecutor::new()).build(https.clone());
+        let origin = upstream
+            .origin()
+            .ascii_serialization()
+            .parse()
+            .expect("a URL's origin is a valid URI");
+        let host = upstream.host_str().and_then(|authority| {
+            let host = match upstream.port() {
+                Some(port) => format!("{authority}:{port}"),
+                None => authority.to_owned(),
+            };
+            HeaderValue::from_str(&host).ok()
+        });
         Self {
+            connector: https,
             client,
             upstream,
+            origin,
+            host,
             public,
             security,
         }
     }
 
-    /// Forwards `req` and streams the upstream's answer back.
+    /// Forwards `req` and streams the upstream's answer back, on the inbound connection's own upstream
+    /// connection when `affinity` has one free.
     pub async fn forward(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Body>, ApiError> {
-        let response = self.send(req, peer).await?;
+        let response = self.send(req, peer, affinity).await?;
         Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
     }
 
@@ -78,14 +107,15 @@ impl PassThrough {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Incoming>, ApiError> {
-        *req.uri_mut() = self.upstream_uri(req.uri())?;
-        prepare_request_headers(req.headers_mut(), peer, &self.upstream);
-        let mut response = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| ApiError::Gateway(error_chain(&e)))?;
+        prepare_request_headers(req.headers_mut(), peer, self.host.as_ref());
+        // Upstream connections are HTTP/1.1 whatever the client spoke to the proxy (HTTP/2 included).
+        *req.version_mut() = Version::HTTP_11;
+        let mut response = match affinity {
+            Some(affinity) => self.send_affine(req, affinity).await?,
+            None => self.send_pooled(req).await?,
+        };
         strip_hop_by_hop(response.headers_mut());
         for name in [LOCATION, CONTENT_LOCATION] {
             if let Some(v) = response.headers().get(&name).and_then(|v| v.to_str().ok()) {
@@ -97,15 +127,85 @@ impl PassThrough {
         Ok(response)
     }
 
+    async fn send_pooled(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, ApiError> {
+        *req.uri_mut() = self.upstream_uri(req.uri(), true)?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| ApiError::Gateway(error_chain(&e)))
+    }
+
+    async fn send_affine(
+        &self,
+        mut req: Request<Incoming>,
+        affinity: &Affinity,
+    ) -> Result<Response<Incoming>, ApiError> {
+        let taken = affinity.take();
+        if let Taken::Busy = taken {
+            return self.send_pooled(req).await;
+        }
+        let mut lease = Lease {
+            affinity,
+            sender: None,
+            released: false,
+        };
+        let sender = match taken {
+            Taken::Ready(sender) => lease.sender.insert(sender),
+            _ => lease.sender.insert(self.connect(affinity).await?),
+        };
+        *req.uri_mut() = self.upstream_uri(req.uri(), false)?;
+        let response = match sender.try_send_request(req).await {
+            Ok(response) => response,
+            Err(mut e) => match e.take_message() {
+                // The upstream closed the idle connection as the request went out, before any of it was
+                // written: it is safe to send on a fresh connection whatever its method.
+                Some(req) => {
+                    lease.sender = None;
+                    let sender = lease.sender.insert(self.connect(affinity).await?);
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| ApiError::Gateway(error_chain(&e)))?
+                }
+                None => return Err(ApiError::Gateway(error_chain(&e.into_error()))),
+            },
+        };
+        lease.release();
+        Ok(response)
+    }
+
+    /// A new HTTP/1 connection to the upstream, run by the inbound connection's task.
+    async fn connect(&self, affinity: &Affinity) -> Result<SendRequest<Incoming>, ApiError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.origin.clone())
+            .await
+            .map_err(|e| ApiError::Gateway(error_chain(&*e)))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| ApiError::Gateway(error_chain(&e)))?;
+        affinity.adopt(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
     /// `GET [base]/metadata`: the upstream's CapabilityStatement with the export operations added.
     pub async fn metadata(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Body>, ApiError> {
         // The body is rewritten, so ask for it uncompressed.
         req.headers_mut().remove(ACCEPT_ENCODING);
-        let response = self.send(req, peer).await?;
+        let response = self.send(req, peer, affinity).await?;
         let is_json = response
             .headers()
             .get(CONTENT_TYPE)
@@ -133,11 +233,19 @@ impl PassThrough {
         Ok(Response::from_parts(parts, full(body)))
     }
 
-    /// The upstream URI of a request: the public base path swapped for the upstream's.
-    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ApiError> {
+    /// The upstream URI of a request: the public base path swapped for the upstream's; with the
+    /// upstream's origin (`absolute`, for the pool) or without it (origin-form, for a connection).
+    fn upstream_uri(&self, uri: &Uri, absolute: bool) -> Result<Uri, ApiError> {
         let path = uri.path();
         let public_path = self.public.path().trim_end_matches('/');
         let upstream_path = self.upstream.path().trim_end_matches('/');
+        if !absolute && (public_path == upstream_path || !path.starts_with(public_path)) {
+            // The common sidecar case (the same base path on both sides): the request's own target.
+            let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+            return target
+                .parse()
+                .map_err(|e| ApiError::Gateway(format!("cannot build upstream URI: {e}")));
+        }
         let mapped = match path.strip_prefix(public_path) {
             Some(rest) if rest.is_empty() || rest.starts_with('/') => {
                 format!("{upstream_path}{rest}")
@@ -145,7 +253,11 @@ impl PassThrough {
             _ => path.to_owned(),
         };
         let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        let origin = self.upstream.origin().ascii_serialization();
+        let origin = if absolute {
+            self.upstream.origin().ascii_serialization()
+        } else {
+            String::new()
+        };
         format!("{origin}{mapped}{query}")
             .parse()
             .map_err(|e| ApiError::Gateway(format!("cannot build upstream URI: {e}")))
@@ -163,6 +275,29 @@ impl PassThrough {
     }
 }
 
+/// The affinity's connection while one request uses it; dropped unreleased (the request failed or was
+/// abandoned), the connection is closed and the next request connects afresh.
+struct Lease<'a> {
+    affinity: &'a Affinity,
+    sender: Option<SendRequest<Incoming>>,
+    released: bool,
+}
+
+impl Lease<'_> {
+    fn release(mut self) {
+        self.affinity.give_back(self.sender.take());
+        self.released = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            self.affinity.give_back(None);
+        }
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -176,6 +311,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the few names present costs less than nine lookups.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(&name.as_str()))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -191,7 +333,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, upstream: &Url) {
+fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
     strip_hop_by_hop(headers);
     let original_host = headers.remove(HOST);
     let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -207,14 +349,8 @@ fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, upstream: 
     if let (false, Some(host)) = (headers.contains_key("x-forwarded-host"), original_host) {
         headers.insert("x-forwarded-host", host);
     }
-    if let Some(authority) = upstream.host_str() {
-        let host = match upstream.port() {
-            Some(port) => format!("{authority}:{port}"),
-            None => authority.to_owned(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            headers.insert(HOST, v);
-        }
+    if let Some(host) = host {
+        headers.insert(HOST, host.clone());
     }
 }
 
@@ -288,15 +424,36 @@ mod tests {
     #[test]
     fn maps_paths_and_rewrites_locations() {
         let p = pass();
-        let uri = p
-            .upstream_uri(&"/r4/Patient/1/_history?_count=2".parse().unwrap())
-            .unwrap();
+        let request = "/r4/Patient/1/_history?_count=2".parse().unwrap();
         assert_eq!(
-            uri.to_string(),
+            p.upstream_uri(&request, true).unwrap().to_string(),
             "http://127.0.0.1:8090/fhir/Patient/1/_history?_count=2"
         );
-        let uri = p.upstream_uri(&"/r4x/Patient".parse().unwrap()).unwrap();
-        assert_eq!(uri.to_string(), "http://127.0.0.1:8090/r4x/Patient");
+        assert_eq!(
+            p.upstream_uri(&request, false).unwrap().to_string(),
+            "/fhir/Patient/1/_history?_count=2"
+        );
+        let outside = "/r4x/Patient".parse().unwrap();
+        assert_eq!(
+            p.upstream_uri(&outside, true).unwrap().to_string(),
+            "http://127.0.0.1:8090/r4x/Patient"
+        );
+        assert_eq!(
+            p.upstream_uri(&outside, false).unwrap().to_string(),
+            "/r4x/Patient"
+        );
+        let same_base = PassThrough::new(
+            Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
+            Url::parse("http://127.0.0.1:7000/fhir/").unwrap(),
+            None,
+        );
+        assert_eq!(
+            same_base
+                .upstream_uri(&"/fhir/Patient?name=a%20b".parse().unwrap(), false)
+                .unwrap()
+                .to_string(),
+            "/fhir/Patient?name=a%20b"
+        );
         assert_eq!(
             p.rewrite("http://127.0.0.1:8090/fhir/Patient/1/_history/1")
                 .unwrap(),
@@ -317,7 +474,7 @@ mod tests {
         prepare_request_headers(
             &mut h,
             "10.0.0.1:5000".parse().unwrap(),
-            &Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
+            pass().host.as_ref(),
         );
         assert!(
             h.get("x-secret").is_none()

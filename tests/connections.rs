@@ -1,0 +1,262 @@
+//! Pass-through connection handling: each inbound connection forwards on an upstream connection of its
+//! own, and whatever the upstream does with that connection (keep it, close it after an answer with or
+//! without saying so, go away) must not change what the client gets.
+//!
+//! The upstream here is a small HTTP/1.1 server on 127.0.0.1 that counts the connections it accepts and
+//! answers every request with its own request line and the connection's request count, so a test sees
+//! which connection served which request.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Proxy;
+use serde_json::Value;
+
+/// What the test upstream does with a connection after each answer.
+#[derive(Clone, Copy, PartialEq)]
+enum After {
+    /// Keeps it open for the next request.
+    KeepAlive,
+    /// Answers with `Connection: close` and closes it.
+    SayClose,
+    /// Closes it without a word, as a server whose keep-alive timeout just ran out does.
+    SilentClose,
+}
+
+struct Upstream {
+    base: String,
+    accepted: Arc<AtomicUsize>,
+}
+
+/// Starts the test upstream; every answer waits `delay` first.
+fn upstream(after: After, delay: Duration) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::spawn(move || serve(stream, n, after, delay));
+        }
+    });
+    Upstream { base, accepted }
+}
+
+fn serve(stream: TcpStream, connection: usize, after: After, delay: Duration) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut stream = stream;
+    for request in 1.. {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap();
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        reader.read_exact(&mut body).unwrap();
+        std::thread::sleep(delay);
+        let answer = serde_json::json!({
+            "resourceType": "Basic",
+            "request": line.trim_end(),
+            "body": String::from_utf8_lossy(&body),
+            "connection": connection,
+            "n": request,
+        })
+        .to_string();
+        let close = if after == After::SayClose {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n{close}\r\n",
+            answer.len()
+        );
+        if stream.write_all(head.as_bytes()).is_err()
+            || stream.write_all(answer.as_bytes()).is_err()
+        {
+            return;
+        }
+        if after != After::KeepAlive {
+            return;
+        }
+    }
+}
+
+/// Sends `count` GETs one after another on one keep-alive connection to the proxy; returns the answers.
+fn sequential_on_one_connection(proxy: &Proxy, count: usize) -> Vec<Value> {
+    let authority = proxy
+        .base
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned();
+    let stream = TcpStream::connect(&authority).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    (0..count)
+        .map(|i| {
+            write!(
+                writer,
+                "GET /fhir/Basic/{i} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+            )
+            .unwrap();
+            let mut status = String::new();
+            reader.read_line(&mut status).unwrap();
+            assert!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
+            let mut length = None;
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header == "\r\n" {
+                    break;
+                }
+                let (name, value) = header.split_once(':').unwrap();
+                assert!(
+                    !name.eq_ignore_ascii_case("connection")
+                        || !value.trim().eq_ignore_ascii_case("close"),
+                    "the upstream's Connection: close must not close the client's connection"
+                );
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = Some(value.trim().parse().unwrap());
+                }
+            }
+            let mut body = vec![0; length.expect("a Content-Length")];
+            reader.read_exact(&mut body).unwrap();
+            let answer: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                answer["request"],
+                format!("GET /fhir/Basic/{i} HTTP/1.1"),
+                "request {i} got another request's answer"
+            );
+            answer
+        })
+        .collect()
+}
+
+#[test]
+fn an_inbound_connection_keeps_one_upstream_connection() {
+    let up = upstream(After::KeepAlive, Duration::ZERO);
+    let proxy = Proxy::start(&up.base, "");
+    let first = sequential_on_one_connection(&proxy, 20);
+    let second = sequential_on_one_connection(&proxy, 20);
+    for (answers, connection) in [
+        (&first, &first[0]["connection"]),
+        (&second, &second[0]["connection"]),
+    ] {
+        let served_by: Vec<&Value> = answers.iter().map(|a| &a["connection"]).collect();
+        assert!(
+            served_by.iter().all(|c| *c == connection),
+            "one inbound connection was served by several upstream connections: {served_by:?}"
+        );
+        let counts: Vec<u64> = answers.iter().map(|a| a["n"].as_u64().unwrap()).collect();
+        assert_eq!(counts, (1..=20).collect::<Vec<u64>>());
+    }
+    assert_ne!(first[0]["connection"], second[0]["connection"]);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn upstream_closing_after_every_answer_is_invisible_to_the_client() {
+    for after in [After::SayClose, After::SilentClose] {
+        let up = upstream(after, Duration::ZERO);
+        let proxy = Proxy::start(&up.base, "");
+        let answers = sequential_on_one_connection(&proxy, 30);
+        assert!(
+            answers.iter().all(|a| a["n"] == 1),
+            "a closed connection was reused"
+        );
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 30);
+    }
+}
+
+#[test]
+fn concurrent_http2_streams_on_one_connection_are_each_answered() {
+    let up = upstream(After::KeepAlive, Duration::from_millis(200));
+    let proxy = Proxy::start(&up.base, "");
+    let client = reqwest::blocking::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    // Streams that overlap in time: all but one find the connection's own upstream connection busy.
+    let answers: Vec<(usize, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| {
+                let (client, base) = (&client, &proxy.base);
+                scope.spawn(move || {
+                    let response = client
+                        .post(format!("{base}/Basic/_search"))
+                        .body(format!("stream={i}"))
+                        .send()
+                        .unwrap();
+                    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+                    assert_eq!(response.status(), 200);
+                    (i, response.json::<Value>().unwrap())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, answer) in answers {
+        assert_eq!(answer["request"], "POST /fhir/Basic/_search HTTP/1.1");
+        assert_eq!(answer["body"], format!("stream={i}"));
+    }
+    let accepted = up.accepted.load(Ordering::SeqCst);
+    assert!(
+        accepted > 1,
+        "12 overlapping streams were serialised on one upstream connection"
+    );
+}
+
+#[test]
+fn upstream_gone_between_requests_is_a_bad_gateway_then_recovers() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let proxy = Proxy::start(&format!("http://{addr}/fhir"), "");
+    let client = common::client();
+    let response = client
+        .get(format!("{}/Basic/1", proxy.base))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let outcome: Value = response.json().unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    // The same address comes back: the next request connects afresh and is answered.
+    let listener = TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || serve(stream, 1, After::KeepAlive, Duration::ZERO));
+        }
+    });
+    let response = client
+        .get(format!("{}/Basic/2", proxy.base))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().unwrap();
+    assert_eq!(answer["request"], "GET /fhir/Basic/2 HTTP/1.1");
+}
