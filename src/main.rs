@@ -82,7 +82,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Caps glibc's malloc arenas at two, unless the operator set `MALLOC_ARENA_MAX`.
+///
+/// glibc gives threads arenas of their own, up to eight per core; export pages (about a megabyte each)
+/// are allocated on tokio's workers and freed on blocking threads, so each arena comes to keep a few
+/// megabytes of freed pages resident, and the longer an export runs the more arenas it has touched. Two
+/// arenas keep peak RSS flat with export size (`bench/run` measures it) at no measurable cost in speed.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn serve(args: ServeArgs, log_format: LogFormat) -> ExitCode {
+    limit_malloc_arenas();
     let overrides = Overrides {
         listen: args.listen,
         upstream_url: args.upstream_url,

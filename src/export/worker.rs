@@ -131,8 +131,9 @@ pub struct SliceContext<'a> {
 
 /// One page, converted to output lines.
 struct Page {
+    /// The lines, each ending in a newline.
     data: Vec<u8>,
-    /// End offset of each line in `data` (lines carry no newline).
+    /// Offset just past each line's newline in `data`.
     ends: Vec<usize>,
     /// Ids written, for deduplicated slices.
     ids: Vec<String>,
@@ -158,6 +159,8 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
     .expect("writer task panicked")?;
     let dedupe = slice.searches.len() > 1;
     let mut batch = Batch::default();
+    // The previous page's line buffer, written and handed back: a slice allocates it once, not per page.
+    let spare = std::sync::Mutex::new(Vec::new());
     while slice.state == SliceState::Pending {
         let url = slice
             .next
@@ -167,7 +170,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             _ = ctx.cancel.cancelled() => return Ok(SliceEnd::Stopped),
             r = ctx.upstream.fetch_budgeted(
                 &url,
-                |body| convert(body, &slice, dedupe, &batch.ids, ctx),
+                |body| convert(body, &slice, dedupe, &batch.ids, ctx, &spare),
                 || ctx.limits.spend_request(),
             ) => r,
         };
@@ -216,24 +219,21 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             _ => Ok(page.next.clone()),
         };
         let lines = page.ends.len() as u64;
-        let page_bytes = page.data.len() as u64 + lines;
+        let page_bytes = page.data.len() as u64;
         ctx.limits.admit_page(lines, batch.bytes + page_bytes)?;
         batch.ids.extend(page.ids);
         batch.bytes += page_bytes;
         let (data, ends) = (page.data, page.ends);
-        let (returned, parts) = tokio::task::spawn_blocking(move || {
-            let mut start = 0;
-            for end in ends {
-                writer.write_line(&data[start..end])?;
-                start = end;
-            }
-            writer.flush()?;
+        let (returned, parts, mut data) = tokio::task::spawn_blocking(move || {
+            writer.write_page(&data, &ends)?;
             let parts = writer.parts().to_vec();
-            Ok::<_, std::io::Error>((writer, parts))
+            Ok::<_, std::io::Error>((writer, parts, data))
         })
         .await
         .expect("writer task panicked")?;
         writer = returned;
+        data.clear();
+        *spare.lock().expect("spare buffer lock") = data;
         slice.files = parts;
         slice.pages += 1;
         METRICS.exported_resources.inc_by(lines);
@@ -397,6 +397,7 @@ fn deletions(
             "entry": [{"request": {"method": "DELETE", "url": format!("{prefix}{id}")}}],
         });
         out.data.extend_from_slice(bundle.to_string().as_bytes());
+        out.data.push(b'\n');
         out.ends.push(out.data.len());
     }
     Ok(())
@@ -418,10 +419,13 @@ fn convert(
     dedupe: bool,
     batch_ids: &HashSet<String>,
     ctx: &SliceContext,
+    spare: &std::sync::Mutex<Vec<u8>>,
 ) -> Result<Page, String> {
     let page = SearchPage::parse(body)?;
+    let mut data = std::mem::take(&mut *spare.lock().expect("spare buffer lock"));
+    data.reserve(body.len());
     let mut out = Page {
-        data: Vec::with_capacity(body.len()),
+        data,
         ends: Vec::new(),
         ids: Vec::new(),
         next: page.next().map(str::to_owned),
@@ -473,6 +477,7 @@ fn convert(
         } else {
             write_subset(raw, &ctx.elements, &mut out.data)?;
         }
+        out.data.push(b'\n');
         out.ends.push(out.data.len());
     }
     Ok(out)

@@ -8,9 +8,9 @@ use crate::store::FilePart;
 
 /// Writer of one slice's files, positioned at the slice's committed end.
 ///
-/// Lines are gathered per page and written with one call when the page is synced (or the file rolls
-/// over). With `gzip`, each such batch becomes one gzip member: concatenated members are a valid gzip
-/// file, and truncating at a committed length always cuts between members.
+/// Each page is written with one call per file it touches. With `gzip`, each such write is one gzip
+/// member: concatenated members are a valid gzip file, and truncating at a committed length always cuts
+/// between members.
 pub struct NdjsonWriter {
     dir: PathBuf,
     stem: String,
@@ -18,8 +18,6 @@ pub struct NdjsonWriter {
     gzip: bool,
     parts: Vec<FilePart>,
     current: Option<File>,
-    /// Lines of the current file not yet written.
-    pending: Vec<u8>,
     /// Files rolled over since the last sync: they are fsynced with the current one.
     unsynced: Vec<File>,
     /// Whether a file was created since the last sync (its directory entry needs syncing too).
@@ -44,7 +42,6 @@ impl NdjsonWriter {
             gzip,
             parts,
             current: None,
-            pending: Vec::new(),
             unsynced: Vec::new(),
             created: false,
         };
@@ -72,47 +69,47 @@ impl NdjsonWriter {
         format!("{}.{part:03}.{ext}", self.stem)
     }
 
-    /// Appends one resource line (`line` holds the JSON without the newline).
-    pub fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
-        let full = self.parts.last().is_none_or(|p| p.lines >= self.per_file);
-        if full {
-            self.roll()?;
+    /// Appends one page of lines: `page` holds them back to back, each ending in a newline, and
+    /// `ends[i]` is the offset just past line `i`'s newline. Written at once (one gzip member per file
+    /// the page touches), straight from the page: lines are never copied into a buffer of the writer's.
+    pub fn write_page(&mut self, page: &[u8], ends: &[usize]) -> io::Result<()> {
+        let (mut start, mut line) = (0, 0);
+        while line < ends.len() {
+            if self.parts.last().is_none_or(|p| p.lines >= self.per_file) {
+                self.roll()?;
+            }
+            let part = self.parts.last().expect("roll added a part");
+            let room = (self.per_file - part.lines).min((ends.len() - line) as u64) as usize;
+            let end = ends[line + room - 1];
+            self.append(&page[start..end], room as u64)?;
+            (start, line) = (end, line + room);
         }
-        self.pending.extend_from_slice(line);
-        self.pending.push(b'\n');
-        self.parts.last_mut().expect("roll added a part").lines += 1;
         Ok(())
     }
 
-    /// Writes the pending lines of the current file (as one gzip member when compressing).
-    fn flush_pending(&mut self) -> io::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
-        }
-        let file = self
-            .current
-            .as_mut()
-            .expect("lines pend only with a file open");
+    /// Writes `lines` whole lines to the current file (as one gzip member when compressing).
+    fn append(&mut self, bytes: &[u8], lines: u64) -> io::Result<()> {
+        let file = self.current.as_mut().expect("roll opened a file");
         let written = if self.gzip {
             let mut encoder = flate2::write::GzEncoder::new(
-                Vec::with_capacity(self.pending.len() / 4),
+                Vec::with_capacity(bytes.len() / 4),
                 flate2::Compression::fast(),
             );
-            encoder.write_all(&self.pending)?;
+            encoder.write_all(bytes)?;
             let member = encoder.finish()?;
             file.write_all(&member)?;
             member.len()
         } else {
-            file.write_all(&self.pending)?;
-            self.pending.len()
+            file.write_all(bytes)?;
+            bytes.len()
         };
-        self.parts.last_mut().expect("a part is open").bytes += written as u64;
-        self.pending.clear();
+        let part = self.parts.last_mut().expect("a part is open");
+        part.bytes += written as u64;
+        part.lines += lines;
         Ok(())
     }
 
     fn roll(&mut self) -> io::Result<()> {
-        self.flush_pending()?;
         let name = self.part_name(self.parts.len());
         let file = OpenOptions::new()
             .create(true)
@@ -132,11 +129,6 @@ impl NdjsonWriter {
         Ok(())
     }
 
-    /// Writes the pending lines to the file (not yet durable: see [`NdjsonWriter::sync`]).
-    pub fn flush(&mut self) -> io::Result<()> {
-        self.flush_pending()
-    }
-
     /// The files as written so far.
     pub fn parts(&self) -> &[FilePart] {
         &self.parts
@@ -144,7 +136,6 @@ impl NdjsonWriter {
 
     /// Makes everything written durable and returns the parts a cursor may now commit.
     pub fn sync(&mut self) -> io::Result<Vec<FilePart>> {
-        self.flush_pending()?;
         for file in self.unsynced.drain(..) {
             file.sync_data()?;
         }
@@ -185,6 +176,17 @@ pub fn write_file(path: &Path, lines: &[String]) -> io::Result<FilePart> {
 mod tests {
     use super::*;
 
+    /// Writes `lines` as one page.
+    fn page(w: &mut NdjsonWriter, lines: &[&str]) {
+        let (mut data, mut ends) = (Vec::new(), Vec::new());
+        for line in lines {
+            data.extend_from_slice(line.as_bytes());
+            data.push(b'\n');
+            ends.push(data.len());
+        }
+        w.write_page(&data, &ends).unwrap();
+    }
+
     fn read(dir: &Path, name: &str) -> String {
         std::fs::read_to_string(dir.join(name)).unwrap()
     }
@@ -194,13 +196,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w =
             NdjsonWriter::resume(dir.path(), "Patient.0000".into(), 2, false, vec![]).unwrap();
-        for i in 0..5 {
-            w.write_line(format!("{{\"id\":\"{i}\"}}").as_bytes())
-                .unwrap();
-        }
+        let lines: Vec<String> = (0..5).map(|i| format!("{{\"id\":\"{i}\"}}")).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        page(&mut w, &lines[..1]);
+        page(&mut w, &lines[1..]);
+        page(&mut w, &[]);
         let parts = w.sync().unwrap();
-        let lines: Vec<u64> = parts.iter().map(|p| p.lines).collect();
-        assert_eq!(lines, [2, 2, 1]);
+        let counts: Vec<u64> = parts.iter().map(|p| p.lines).collect();
+        assert_eq!(counts, [2, 2, 1]);
         assert_eq!(parts[2].name, "Patient.0000.002.ndjson");
         assert_eq!(
             read(dir.path(), "Patient.0000.000.ndjson"),
@@ -213,18 +216,18 @@ mod tests {
     fn resume_drops_uncommitted_bytes_and_files() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, vec![]).unwrap();
-        w.write_line(b"{\"id\":\"a\"}").unwrap();
+        page(&mut w, &[r#"{"id":"a"}"#]);
         let committed = w.sync().unwrap();
         // Written after the commit, then "crashed": a partial line and a rolled-over file.
-        w.write_line(b"{\"id\":\"b\"}").unwrap();
-        w.write_line(b"{\"id\":\"c\"}").unwrap();
+        page(&mut w, &[r#"{"id":"b"}"#]);
+        page(&mut w, &[r#"{"id":"c"}"#]);
         w.sync().unwrap();
         drop(w);
         let mut w =
             NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, committed).unwrap();
         assert_eq!(read(dir.path(), "Obs.0001.000.ndjson"), "{\"id\":\"a\"}\n");
         assert!(!dir.path().join("Obs.0001.001.ndjson").exists());
-        w.write_line(b"{\"id\":\"b\"}").unwrap();
+        page(&mut w, &[r#"{"id":"b"}"#]);
         let parts = w.sync().unwrap();
         assert_eq!(parts.len(), 1);
         assert_eq!(
@@ -238,15 +241,15 @@ mod tests {
         use std::io::Read;
         let dir = tempfile::tempdir().unwrap();
         let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, vec![]).unwrap();
-        w.write_line(b"{\"id\":\"1\"}").unwrap();
-        w.write_line(b"{\"id\":\"2\"}").unwrap();
+        page(&mut w, &[r#"{"id":"1"}"#]);
+        page(&mut w, &[r#"{"id":"2"}"#]);
         let committed = w.sync().unwrap();
-        w.write_line(b"{\"id\":\"lost\"}").unwrap();
+        page(&mut w, &[r#"{"id":"lost"}"#]);
         w.sync().unwrap();
         drop(w);
         let mut w =
             NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, committed).unwrap();
-        w.write_line(b"{\"id\":\"3\"}").unwrap();
+        page(&mut w, &[r#"{"id":"3"}"#]);
         let parts = w.sync().unwrap();
         assert_eq!(parts[0].name, "P.0000.000.ndjson.gz");
         assert!(parts[0].gzip);

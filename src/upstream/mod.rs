@@ -344,7 +344,10 @@ impl Upstream {
                 },
             );
         }
-        let mut body = BytesMut::new();
+        // Sized once from Content-Length: growing a page-sized buffer by doubling copies it several
+        // times and leaves freed blocks of every size behind.
+        let expected = response.content_length().unwrap_or(0) as usize;
+        let mut body = BytesMut::with_capacity(expected.min(self.max_page_bytes));
         while let Some(chunk) = response.chunk().await.map_err(|e| transport(url, e))? {
             if body.len() + chunk.len() > self.max_page_bytes {
                 return Err(Attempt::Final(UpstreamError::Invalid {
