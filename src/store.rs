@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+/// sled's page cache. The store holds job records and cursors, rewritten every commit; sled's default
+/// (1 GiB) lets the cache fill with superseded versions of them, so the proxy's memory would grow with
+/// the length of an export. The working set is far smaller.
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
 /// Errors of the job store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -225,6 +230,7 @@ impl Store {
             let db = sled::Config::new()
                 .path(dir)
                 .mode(sled::Mode::HighThroughput)
+                .cache_capacity(CACHE_BYTES)
                 .open()?;
             Ok(Self {
                 jobs: db.open_tree("jobs")?,

@@ -8,16 +8,17 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
-use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
+use crate::store::{FilePart, Slice, SliceKind, SliceState, Store, StoreError};
 use crate::upstream::{SearchPage, Upstream, UpstreamError};
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
@@ -152,25 +153,32 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
     };
     let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
     let parts = slice.files.clone();
-    let mut writer = tokio::task::spawn_blocking(move || {
+    let writer = tokio::task::spawn_blocking(move || {
         NdjsonWriter::resume(&dir, stem, per_file, gzip, parts)
     })
     .await
     .expect("writer task panicked")?;
+    let mut output = Output {
+        writer: Some(writer),
+        writing: None,
+        spare: Mutex::new(Vec::new()),
+    };
     let dedupe = slice.searches.len() > 1;
     let mut batch = Batch::default();
-    // The previous page's line buffer, written and handed back: a slice allocates it once, not per page.
-    let spare = std::sync::Mutex::new(Vec::new());
     while slice.state == SliceState::Pending {
         let url = slice
             .next
             .clone()
             .unwrap_or_else(|| slice.searches[slice.search_index].clone());
         let fetched = tokio::select! {
-            _ = ctx.cancel.cancelled() => return Ok(SliceEnd::Stopped),
+            _ = ctx.cancel.cancelled() => {
+                // Nothing may write into the job's files once the caller goes on to remove them.
+                output.settle().await?;
+                return Ok(SliceEnd::Stopped);
+            }
             r = ctx.upstream.fetch_budgeted(
                 &url,
-                |body| convert(body, &slice, dedupe, &batch.ids, ctx, &spare),
+                |body| convert(body, &slice, dedupe, &batch.ids, ctx, &output.spare),
                 || ctx.limits.spend_request(),
             ) => r,
         };
@@ -182,6 +190,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                 } else {
                     504
                 };
+                output.settle().await?;
                 return Err(WorkerError::JobFailed {
                     status,
                     message: e.to_string(),
@@ -192,9 +201,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                 slice.state = SliceState::Failed {
                     message: e.to_string(),
                 };
-                return checkpoint(ctx, &mut slice, writer, &mut batch)
-                    .await
-                    .map(|(_, end)| end);
+                return checkpoint(ctx, &mut slice, &mut output, &mut batch).await;
             }
         };
         remember(&mut slice.visited, url_hash(&url));
@@ -205,9 +212,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
                         "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
                     ),
                 };
-                return checkpoint(ctx, &mut slice, writer, &mut batch)
-                    .await
-                    .map(|(_, end)| end);
+                return checkpoint(ctx, &mut slice, &mut output, &mut batch).await;
             }
             remember(&mut slice.visited, fingerprint);
         }
@@ -220,21 +225,14 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
         };
         let lines = page.ends.len() as u64;
         let page_bytes = page.data.len() as u64;
-        ctx.limits.admit_page(lines, batch.bytes + page_bytes)?;
+        if let Err(e) = ctx.limits.admit_page(lines, batch.bytes + page_bytes) {
+            output.settle().await?;
+            return Err(e);
+        }
         batch.ids.extend(page.ids);
         batch.bytes += page_bytes;
-        let (data, ends) = (page.data, page.ends);
-        let (returned, parts, mut data) = tokio::task::spawn_blocking(move || {
-            writer.write_page(&data, &ends)?;
-            let parts = writer.parts().to_vec();
-            Ok::<_, std::io::Error>((writer, parts, data))
-        })
-        .await
-        .expect("writer task panicked")?;
-        writer = returned;
-        data.clear();
-        *spare.lock().expect("spare buffer lock") = data;
-        slice.files = parts;
+        // Written in the background while the next page is fetched and converted.
+        output.start(page.data, page.ends).await?;
         slice.pages += 1;
         METRICS.exported_resources.inc_by(lines);
         METRICS.exported_bytes.inc_by(page_bytes);
@@ -242,6 +240,10 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             if let Some(t) = page.total {
                 slice.total = Some(slice.total.unwrap_or(0) + t);
             }
+        }
+        if let Ok(None) = next {
+            // The count of written lines must include the page just handed to the writer.
+            slice.files = output.settle().await?.parts().to_vec();
         }
         match next {
             Ok(Some(n)) => slice.next = Some(n),
@@ -259,8 +261,7 @@ pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<Slice
             Err(message) => slice.state = SliceState::Failed { message },
         }
         if slice.state != SliceState::Pending || batch.started.elapsed() >= COMMIT_INTERVAL {
-            let (returned, end) = checkpoint(ctx, &mut slice, writer, &mut batch).await?;
-            writer = returned;
+            let end = checkpoint(ctx, &mut slice, &mut output, &mut batch).await?;
             if end == SliceEnd::Stopped {
                 return Ok(SliceEnd::Stopped);
             }
@@ -288,20 +289,69 @@ impl Default for Batch {
     }
 }
 
+/// A page written: the writer and the page's buffer, handed back.
+type Written = (NdjsonWriter, Vec<u8>);
+
+/// A slice's files: at most one page is being written (on a blocking thread) while the slice fetches the
+/// next, so that fetching and writing overlap even in a single slice; memory stays at two pages.
+struct Output {
+    /// The writer, while no page is being written.
+    writer: Option<NdjsonWriter>,
+    /// The page being written; it hands the writer and the page's buffer back.
+    writing: Option<JoinHandle<std::io::Result<Written>>>,
+    /// A written page's buffer, for the next page to fill: a slice allocates two, not one per page.
+    spare: Mutex<Vec<u8>>,
+}
+
+impl Output {
+    /// Waits for the page being written, if any.
+    async fn settle(&mut self) -> Result<&mut NdjsonWriter, WorkerError> {
+        if let Some(writing) = self.writing.take() {
+            let (writer, mut data) = writing.await.expect("writer task panicked")?;
+            data.clear();
+            *self.spare.lock().expect("spare buffer lock") = data;
+            self.writer = Some(writer);
+        }
+        Ok(self
+            .writer
+            .as_mut()
+            .expect("the writer is back once nothing is being written"))
+    }
+
+    /// Starts writing a page, once the previous one is written.
+    async fn start(&mut self, data: Vec<u8>, ends: Vec<usize>) -> Result<(), WorkerError> {
+        self.settle().await?;
+        let mut writer = self.writer.take().expect("settled");
+        self.writing = Some(tokio::task::spawn_blocking(move || {
+            writer.write_page(&data, &ends)?;
+            Ok((writer, data))
+        }));
+        Ok(())
+    }
+
+    /// Writes everything durably; returns the parts a cursor may now commit.
+    async fn sync(&mut self) -> Result<Vec<FilePart>, WorkerError> {
+        self.settle().await?;
+        let mut writer = self.writer.take().expect("settled");
+        let (writer, parts) = tokio::task::spawn_blocking(move || {
+            let parts = writer.sync()?;
+            Ok::<_, std::io::Error>((writer, parts))
+        })
+        .await
+        .expect("writer task panicked")?;
+        self.writer = Some(writer);
+        Ok(parts)
+    }
+}
+
 /// Makes the batch durable: fsyncs the files, then commits the cursor that covers them.
 async fn checkpoint(
     ctx: &SliceContext<'_>,
     slice: &mut Slice,
-    mut writer: NdjsonWriter,
+    output: &mut Output,
     batch: &mut Batch,
-) -> Result<(NdjsonWriter, SliceEnd), WorkerError> {
-    let (writer, parts) = tokio::task::spawn_blocking(move || {
-        let parts = writer.sync()?;
-        Ok::<_, std::io::Error>((writer, parts))
-    })
-    .await
-    .expect("writer task panicked")?;
-    slice.files = parts;
+) -> Result<SliceEnd, WorkerError> {
+    slice.files = output.sync().await?;
     let ids: Vec<String> = batch.ids.drain().collect();
     let end = commit(ctx, slice, &ids)?;
     if end == SliceEnd::Finished {
@@ -311,7 +361,7 @@ async fn checkpoint(
             .fetch_add(batch.bytes, Ordering::Relaxed);
     }
     *batch = Batch::default();
-    Ok((writer, end))
+    Ok(end)
 }
 
 /// Pages remembered per search for loop detection: enough for any real loop, and it keeps cursors
@@ -414,16 +464,17 @@ struct Head<'a> {
 
 /// Parses a page and renders its matches as output lines; an `Err` makes the fetch retry.
 fn convert(
-    body: &bytes::Bytes,
+    body: &[u8],
     slice: &Slice,
     dedupe: bool,
     batch_ids: &HashSet<String>,
     ctx: &SliceContext,
-    spare: &std::sync::Mutex<Vec<u8>>,
+    spare: &Mutex<Vec<u8>>,
 ) -> Result<Page, String> {
     let page = SearchPage::parse(body)?;
     let mut data = std::mem::take(&mut *spare.lock().expect("spare buffer lock"));
-    data.reserve(body.len());
+    // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
+    data.reserve_exact(body.len() + body.len() / 8);
     let mut out = Page {
         data,
         ends: Vec::new(),

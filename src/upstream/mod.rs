@@ -7,7 +7,6 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
@@ -126,6 +125,11 @@ pub struct Upstream {
     give_up_after: Duration,
     max_page_bytes: usize,
     capability: RwLock<Option<(Instant, Arc<Capability>)>>,
+    /// Page buffers not in use, at most one per concurrent request: page-sized allocations are made
+    /// once, not per page, so memory does not drift as an export runs on.
+    page_buffers: std::sync::Mutex<Vec<Vec<u8>>>,
+    /// `max_concurrent_requests`.
+    permits_total: usize,
 }
 
 impl Upstream {
@@ -152,6 +156,8 @@ impl Upstream {
             give_up_after: Duration::from_secs(cfg.give_up_after_secs),
             max_page_bytes: cfg.max_page_bytes,
             capability: RwLock::new(None),
+            page_buffers: std::sync::Mutex::new(Vec::new()),
+            permits_total: cfg.max_concurrent_requests,
         })
     }
 
@@ -226,7 +232,7 @@ impl Upstream {
     pub async fn fetch<T>(
         &self,
         url: &str,
-        parse: impl Fn(&Bytes) -> Result<T, String>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<T, UpstreamError> {
         self.fetch_budgeted(url, parse, || Ok(())).await
     }
@@ -239,7 +245,7 @@ impl Upstream {
     pub async fn fetch_budgeted<T>(
         &self,
         url: &str,
-        parse: impl Fn(&Bytes) -> Result<T, String>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
     ) -> Result<T, UpstreamError> {
         let target = self.check_own(url)?;
@@ -251,7 +257,7 @@ impl Upstream {
         loop {
             before_attempt()?;
             let (err, retry_after) = match self.fetch_once(&target).await {
-                Ok(body) => match parse(&body) {
+                Ok(body) => match self.recycle(body, &parse) {
                     Ok(v) => return Ok(v),
                     Err(detail) => (
                         UpstreamError::Invalid {
@@ -300,7 +306,23 @@ impl Upstream {
         }
     }
 
-    async fn fetch_once(&self, url: &Url) -> Result<Bytes, Attempt> {
+    /// Parses a page body, then keeps its buffer for the next page.
+    fn recycle<T>(
+        &self,
+        body: Vec<u8>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let parsed = parse(&body);
+        let mut pool = self.page_buffers.lock().expect("page buffer pool lock");
+        if pool.len() < self.permits_total {
+            let mut body = body;
+            body.clear();
+            pool.push(body);
+        }
+        parsed
+    }
+
+    async fn fetch_once(&self, url: &Url) -> Result<Vec<u8>, Attempt> {
         if self.limiter.check().is_err() {
             METRICS.rate_limiter_waits.inc();
             self.limiter.until_ready().await;
@@ -344,10 +366,17 @@ impl Upstream {
                 },
             );
         }
-        // Sized once from Content-Length: growing a page-sized buffer by doubling copies it several
-        // times and leaves freed blocks of every size behind.
         let expected = response.content_length().unwrap_or(0) as usize;
-        let mut body = BytesMut::with_capacity(expected.min(self.max_page_bytes));
+        let mut body = self
+            .page_buffers
+            .lock()
+            .expect("page buffer pool lock")
+            .pop()
+            .unwrap_or_default();
+        // Sized from Content-Length, with headroom for slightly larger pages to come: `reserve` would
+        // double a page-sized buffer for a page one byte larger than the last, and memory with it.
+        let expected = expected.min(self.max_page_bytes);
+        body.reserve_exact(expected + expected / 8);
         while let Some(chunk) = response.chunk().await.map_err(|e| transport(url, e))? {
             if body.len() + chunk.len() > self.max_page_bytes {
                 return Err(Attempt::Final(UpstreamError::Invalid {
@@ -357,7 +386,7 @@ impl Upstream {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(body.freeze())
+        Ok(body)
     }
 
     /// Sends one GET with the current credentials; returns the `Authorization` it carried.
