@@ -15,6 +15,7 @@
 //! | `BENCH_LOAD_ROUNDS` | `3` | wrk rounds (direct, proxy, nginx interleaved); the median is reported |
 //! | `BENCH_LOAD_CONNECTIONS` | `32` | Connections of the throughput wrk runs (the latency runs use 1) |
 //! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real` (all when unset) |
+//! | `BENCH_LATENCY_MS` | `10` | Per-search latency of an extra export run at the largest size (0: none) |
 //! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
 //! | `BENCH_REAL_UPSTREAM` | unset | Base URL of a real FHIR upstream (`bench/run` starts and loads one) |
 //! | `BENCH_REAL_NOTE` | unset | What that upstream holds, for the report |

@@ -32,6 +32,8 @@ struct Settings {
     load_rounds: usize,
     load_conns: u32,
     upstream_delay_ms: u64,
+    /// Per-search latency of the extra latency run (`BENCH_LATENCY_MS`; 0: no such run).
+    latency_ms: u64,
     /// Parts to run (`BENCH_ONLY`): `export`, `load`, `real`; empty: all.
     only: Vec<String>,
     real_upstream: Option<String>,
@@ -93,6 +95,7 @@ impl Settings {
             load_rounds: env_or("BENCH_LOAD_ROUNDS", if small { 1 } else { 3 }).max(1),
             load_conns: env_or("BENCH_LOAD_CONNECTIONS", 32),
             upstream_delay_ms: env_or("BENCH_UPSTREAM_DELAY_MS", 0),
+            latency_ms: env_or("BENCH_LATENCY_MS", 10),
             only: std::env::var("BENCH_ONLY")
                 .unwrap_or_default()
                 .split(',')
@@ -555,48 +558,53 @@ struct SizeResult {
 }
 
 fn fast_exports(s: &Settings) -> Result<Vec<SizeResult>> {
-    let mut out = Vec::new();
-    for &size in &s.sizes {
-        eprintln!("bench: fast upstream with {size} Observations");
-        let (up, base) = start_fast_upstream(size, s.upstream_delay_ms)?;
-        let up_pid = Some(up.pid());
-        let first = format!(
-            "{base}/Observation?_count={}&_lastUpdated=le{}",
-            s.page_size,
-            now_instant()
-        );
-        let pager_file = s.work.join("pager.out");
-        let pager = pager(&[first], &pager_file, up_pid)?;
-        let _ = std::fs::remove_file(&pager_file);
-        eprintln!(
-            "bench:   pager     {:>8} resources in {:>7.2}s",
-            pager.resources, pager.secs
-        );
-        let one = proxy_run(s, &base, up_pid, "export-1", 1, "?_type=Observation")?;
-        eprintln!(
-            "bench:   1 slice   {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
-            one.resources,
-            one.secs,
-            one.rss.unwrap_or(0) as f64 / MIB
-        );
-        let name = format!("export-{}", s.slices);
-        let many = proxy_run(s, &base, up_pid, &name, s.slices, "?_type=Observation")?;
-        eprintln!(
-            "bench:   {} slices  {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
-            s.slices,
-            many.resources,
-            many.secs,
-            many.rss.unwrap_or(0) as f64 / MIB
-        );
-        drop(up);
-        out.push(SizeResult {
-            size,
-            pager,
-            one,
-            many,
-        });
-    }
-    Ok(out)
+    s.sizes
+        .iter()
+        .map(|&size| fast_export(s, size, s.upstream_delay_ms))
+        .collect()
+}
+
+/// The pager and the proxy with 1 and N slices, against a fast upstream of `size` Observations that
+/// answers every search after `delay_ms`.
+fn fast_export(s: &Settings, size: u64, delay_ms: u64) -> Result<SizeResult> {
+    eprintln!("bench: fast upstream with {size} Observations, {delay_ms} ms per search");
+    let (up, base) = start_fast_upstream(size, delay_ms)?;
+    let up_pid = Some(up.pid());
+    let first = format!(
+        "{base}/Observation?_count={}&_lastUpdated=le{}",
+        s.page_size,
+        now_instant()
+    );
+    let pager_file = s.work.join("pager.out");
+    let pager = pager(&[first], &pager_file, up_pid)?;
+    let _ = std::fs::remove_file(&pager_file);
+    eprintln!(
+        "bench:   pager     {:>8} resources in {:>7.2}s",
+        pager.resources, pager.secs
+    );
+    let one = proxy_run(s, &base, up_pid, "export-1", 1, "?_type=Observation")?;
+    eprintln!(
+        "bench:   1 slice   {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
+        one.resources,
+        one.secs,
+        one.rss.unwrap_or(0) as f64 / MIB
+    );
+    let name = format!("export-{}", s.slices);
+    let many = proxy_run(s, &base, up_pid, &name, s.slices, "?_type=Observation")?;
+    eprintln!(
+        "bench:   {} slices  {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
+        s.slices,
+        many.resources,
+        many.secs,
+        many.rss.unwrap_or(0) as f64 / MIB
+    );
+    drop(up);
+    Ok(SizeResult {
+        size,
+        pager,
+        one,
+        many,
+    })
 }
 
 struct RealResult {
@@ -945,10 +953,35 @@ fn shell(cmd: &str) -> String {
         .unwrap_or_default()
 }
 
-fn targets(s: &Settings, sizes: &[SizeResult], load: Option<&Load>) -> Vec<Target> {
+fn targets(
+    s: &Settings,
+    sizes: &[SizeResult],
+    latency: Option<&SizeResult>,
+    load: Option<&Load>,
+) -> Vec<Target> {
     let mut t = Vec::new();
     if let (Some(first), Some(last)) = (sizes.first(), sizes.last()) {
         export_targets(&mut t, s, first, last);
+    }
+    if let Some(r) = latency {
+        let pager_rate = rate(r.pager.resources, r.pager.secs);
+        for (label, m, goal) in [("1 slice", &r.one, 0.95), ("", &r.many, 2.0)] {
+            let label = if label.is_empty() {
+                format!("{} slices", s.slices)
+            } else {
+                label.to_owned()
+            };
+            let ratio = rate(m.resources, m.secs) / pager_rate;
+            t.push(check(
+                format!(
+                    "export, {label} vs sequential pager ({} resources, {} ms per search)",
+                    r.size, s.latency_ms
+                ),
+                format!("{ratio:.2}×"),
+                if goal >= 2.0 { "≥ 2×" } else { "≥ 0.95×" },
+                ratio >= goal,
+            ));
+        }
     }
     if let Some(load) = load {
         let get =
@@ -1088,6 +1121,7 @@ fn export_table(md: &mut String, s: &Settings, rows: &[SizeResult], payload: &[u
 fn report(
     s: &Settings,
     sizes: &[SizeResult],
+    latency: Option<&SizeResult>,
     load: &std::result::Result<Load, String>,
     real: &Option<std::result::Result<RealResult, String>>,
     targets: &[Target],
@@ -1194,6 +1228,21 @@ fn report(
             .collect::<Vec<_>>()
             .join(", ")
     );
+
+    if let Some(r) = latency {
+        let _ = writeln!(
+            md,
+            "\n## System export, fast upstream answering each search after {} ms (`BENCH_LATENCY_MS`)\n",
+            s.latency_ms
+        );
+        export_table(&mut md, s, std::slice::from_ref(r), &[r.one.bytes]);
+        let _ = writeln!(
+            md,
+            "\nThe same data and measurements as above; only the upstream's per-search latency differs. A real \
+             server takes far longer per 1000-resource page (a database query and serialisation); this is the \
+             case slicing is for: the pager waits for every page in turn, slices overlap the waits."
+        );
+    }
 
     let _ = writeln!(
         md,
@@ -1312,6 +1361,14 @@ pub fn main() -> Result<()> {
     } else {
         Vec::new()
     };
+    // The same export against an upstream that takes time per search, as real servers do: what slicing
+    // is for. Zero latency measures the proxy's own cost instead.
+    let latency = match sizes.last() {
+        Some(last) if s.latency_ms > 0 && s.upstream_delay_ms == 0 => {
+            Some(fast_export(&s, last.size, s.latency_ms)?)
+        }
+        _ => None,
+    };
     let load = if s.runs("load") {
         pass_through(&s)
     } else {
@@ -1324,8 +1381,16 @@ pub fn main() -> Result<()> {
         Some(base) if s.runs("real") => Some(real_exports(&s, base)),
         _ => None,
     };
-    let targets = targets(&s, &sizes, load.as_ref().ok());
-    let mut md = report(&s, &sizes, &load, &real, &targets, started.elapsed());
+    let targets = targets(&s, &sizes, latency.as_ref(), load.as_ref().ok());
+    let mut md = report(
+        &s,
+        &sizes,
+        latency.as_ref(),
+        &load,
+        &real,
+        &targets,
+        started.elapsed(),
+    );
     if let Some(out) = &s.out {
         let previous = std::fs::read_to_string(out).unwrap_or_default();
         if let Some(notes) = keep_notes(&previous) {
