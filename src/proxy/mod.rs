@@ -185,7 +185,9 @@ impl PassThrough {
             .call(self.origin.clone())
             .await
             .map_err(|e| ApiError::Gateway(error_chain(&*e)))?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .writev(false)
+            .handshake(io)
             .await
             .map_err(|e| ApiError::Gateway(error_chain(&e)))?;
         affinity.adopt(async move {
@@ -333,21 +335,30 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+// Named once: a header name given as a string is parsed and hashed again on every use.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+    use std::io::Write as _;
     strip_hop_by_hop(headers);
     let original_host = headers.remove(HOST);
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {}", peer.ip()),
-        None => peer.ip().to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+    // The previous list and this peer, built in one buffer and copied once into the header value.
+    let mut forwarded_for = Vec::with_capacity(64);
+    if let Some(previous) = headers.get(&X_FORWARDED_FOR) {
+        forwarded_for.extend_from_slice(previous.as_bytes());
+        forwarded_for.extend_from_slice(b", ");
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    let _ = write!(forwarded_for, "{}", peer.ip());
+    if let Ok(v) = HeaderValue::from_bytes(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if let (false, Some(host)) = (headers.contains_key("x-forwarded-host"), original_host) {
-        headers.insert("x-forwarded-host", host);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), original_host) {
+        headers.insert(X_FORWARDED_HOST, host);
     }
     if let Some(host) = host {
         headers.insert(HOST, host.clone());
