@@ -121,8 +121,7 @@ pub async fn run(
     // buffer (at least 8 KiB) is kept well above that so only absurd heads get hyper's bare 431.
     builder
         .http1()
-        .max_buf_size((app.config.server.max_header_bytes * 4).max(8192))
-        .writev(false);
+        .max_buf_size((app.config.server.max_header_bytes * 4).max(8192));
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let graceful = GracefulShutdown::new();
     let shutdown = shutdown_signal();

@@ -185,9 +185,7 @@ impl PassThrough {
             .call(self.origin.clone())
             .await
             .map_err(|e| ApiError::Gateway(error_chain(&*e)))?;
-        let (sender, connection) = hyper::client::conn::http1::Builder::new()
-            .writev(false)
-            .handshake(io)
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(|e| ApiError::Gateway(error_chain(&e)))?;
         affinity.adopt(async move {
