@@ -198,6 +198,10 @@ impl Bounds<'_> {
         let (Some(total), Some(oldest)) = (total, oldest) else {
             return Ok(vec![None]);
         };
+        let n = ranges::worth_splitting(total, self.page_size, n);
+        if n <= 1 {
+            return Ok(vec![None]);
+        }
         let lo = spec
             .since
             .as_deref()

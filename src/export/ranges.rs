@@ -47,6 +47,17 @@ pub fn format_ms(ms: i64) -> String {
 /// Most `_count=0` probes spent per requested slice while looking for boundaries.
 const PROBES_PER_SLICE: usize = 16;
 
+/// Fewest pages a slice must hold to be worth its own search (and the probes that find its bounds).
+const MIN_PAGES_PER_SLICE: u64 = 2;
+
+/// How many of the `n` slices asked for a type of `total` resources is worth: none smaller than
+/// [`MIN_PAGES_PER_SLICE`] pages, since every slice costs requests of its own and a small type gains
+/// nothing from being fetched in parallel with itself.
+pub fn worth_splitting(total: u64, page_size: u32, n: usize) -> usize {
+    let pages_per_slice = MIN_PAGES_PER_SLICE * u64::from(page_size.max(1));
+    n.min((total / pages_per_slice).max(1) as usize)
+}
+
 /// Splits `whole` (holding `total` resources) into at most `n` contiguous ranges of similar size.
 ///
 /// Ranges holding more than `total / n` are bisected in time (each bisection costs one `count`, i.e.
@@ -114,6 +125,17 @@ fn merge(pieces: &[(Range, u64)], total: u64, n: usize) -> Vec<Range> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn small_types_are_not_split() {
+        assert_eq!(worth_splitting(0, 1000, 4), 1);
+        assert_eq!(worth_splitting(1999, 1000, 4), 1);
+        assert_eq!(worth_splitting(2000, 1000, 4), 1);
+        assert_eq!(worth_splitting(4000, 1000, 4), 2);
+        assert_eq!(worth_splitting(1_000_000, 1000, 4), 4);
+        assert_eq!(worth_splitting(680, 50, 4), 4);
+        assert_eq!(worth_splitting(5, 0, 4), 2);
+    }
 
     fn block_on<T>(f: impl Future<Output = T>) -> T {
         tokio::runtime::Builder::new_current_thread()
