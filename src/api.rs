@@ -95,12 +95,12 @@ impl App {
     }
 
     /// Answers one request; never fails (errors become OperationOutcome responses). Pass-through uses
-    /// the inbound connection's own upstream connection (`affinity`) when there is one.
+    /// the inbound connection's own upstream connection, `affinity`.
     pub async fn handle(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        affinity: Option<&Affinity>,
+        affinity: &Affinity,
     ) -> Response<Body> {
         let limit = self.config.server.max_header_bytes;
         if head_size(&req) > limit {
@@ -182,7 +182,7 @@ impl App {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        affinity: Option<&Affinity>,
+        affinity: &Affinity,
         capability_statement: bool,
     ) -> Result<Response<Body>, ApiError> {
         if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {

@@ -145,9 +145,7 @@ pub async fn run(
         let affinity = Arc::new(affinity);
         let service = service_fn(move |req| {
             let (app, affinity) = (app.clone(), affinity.clone());
-            async move {
-                Ok::<_, std::convert::Infallible>(app.handle(req, peer, Some(&affinity)).await)
-            }
+            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer, &affinity).await) }
         });
         let connection = graceful.watch(
             builder

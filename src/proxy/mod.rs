@@ -92,12 +92,12 @@ impl PassThrough {
     }
 
     /// Forwards `req` and streams the upstream's answer back, on the inbound connection's own upstream
-    /// connection when `affinity` has one free.
+    /// connection unless that one is busy.
     pub async fn forward(
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
-        affinity: Option<&Affinity>,
+        affinity: &Affinity,
     ) -> Result<Response<Body>, ApiError> {
         let response = self.send(req, peer, affinity).await?;
         Ok(response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
@@ -107,15 +107,12 @@ impl PassThrough {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        affinity: Option<&Affinity>,
+        affinity: &Affinity,
     ) -> Result<Response<Incoming>, ApiError> {
         prepare_request_headers(req.headers_mut(), peer, self.host.as_ref());
         // Upstream connections are HTTP/1.1 whatever the client spoke to the proxy (HTTP/2 included).
         *req.version_mut() = Version::HTTP_11;
-        let mut response = match affinity {
-            Some(affinity) => self.send_affine(req, affinity).await?,
-            None => self.send_pooled(req).await?,
-        };
+        let mut response = self.send_affine(req, affinity).await?;
         strip_hop_by_hop(response.headers_mut());
         for name in [LOCATION, CONTENT_LOCATION] {
             if let Some(v) = response.headers().get(&name).and_then(|v| v.to_str().ok()) {
@@ -201,7 +198,7 @@ impl PassThrough {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
-        affinity: Option<&Affinity>,
+        affinity: &Affinity,
     ) -> Result<Response<Body>, ApiError> {
         // The body is rewritten, so ask for it uncompressed.
         req.headers_mut().remove(ACCEPT_ENCODING);
