@@ -33,9 +33,13 @@ struct Upstream {
     accepted: Arc<AtomicUsize>,
 }
 
-/// Starts the test upstream; every answer waits `delay` first.
+/// Starts the test upstream on a free port; every answer waits `delay` first.
 fn upstream(after: After, delay: Duration) -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), after, delay)
+}
+
+/// Runs the test upstream on `listener`.
+fn serve_on(listener: TcpListener, after: After, delay: Duration) -> Upstream {
     let base = format!("http://{}/fhir", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
@@ -246,12 +250,11 @@ fn upstream_gone_between_requests_is_a_bad_gateway_then_recovers() {
     let outcome: Value = response.json().unwrap();
     assert_eq!(outcome["resourceType"], "OperationOutcome");
     // The same address comes back: the next request connects afresh and is answered.
-    let listener = TcpListener::bind(addr).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || serve(stream, 1, After::KeepAlive, Duration::ZERO));
-        }
-    });
+    serve_on(
+        TcpListener::bind(addr).unwrap(),
+        After::KeepAlive,
+        Duration::ZERO,
+    );
     let response = client
         .get(format!("{}/Basic/2", proxy.base))
         .send()

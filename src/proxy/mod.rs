@@ -18,6 +18,7 @@ use tower_service::Service;
 use url::Url;
 
 use crate::http::{full, ApiError, Body, BoxError};
+use crate::upstream::error_chain;
 use affinity::{Affinity, Taken};
 
 /// Largest CapabilityStatement the proxy will rewrite.
@@ -293,17 +294,6 @@ impl Drop for Lease<'_> {
             self.affinity.give_back(None);
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.

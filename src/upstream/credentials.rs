@@ -14,6 +14,7 @@ use serde::Serialize;
 use url::form_urlencoded;
 use url::Url;
 
+use super::error_chain;
 use crate::config::{UpstreamConfig, UpstreamOAuthConfig, UpstreamOAuthMethod};
 
 /// Environment variable whose client secret wins over `upstream.oauth.client_secret_file`.
@@ -445,17 +446,6 @@ fn error_code(raw: &str) -> String {
         .filter(|c| matches!(c, ' '..='~') && !matches!(c, '"' | '\\'))
         .take(64)
         .collect()
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

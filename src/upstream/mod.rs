@@ -416,6 +416,18 @@ impl Upstream {
     }
 }
 
+/// An error with its chain of sources, `: `-separated: what went wrong talking to the upstream, in full.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
 fn transport(url: &Url, e: reqwest::Error) -> Attempt {
     Attempt::Retry(
         UpstreamError::Transport {
