@@ -14,8 +14,35 @@ const MANDATORY: [&str; 3] = ["resourceType", "id", "meta"];
 /// Appends `json` to `out` without insignificant whitespace, leaving every other byte as it is.
 ///
 /// The input is valid JSON (it came through a `RawValue`), so tracking strings and escapes is enough.
+/// Most servers send compact JSON: that is recognised in one fast scan and copied as it is.
 pub fn write_compact(json: &str, out: &mut Vec<u8>) {
-    let bytes = json.as_bytes();
+    if is_compact(json.as_bytes()) {
+        out.extend_from_slice(json.as_bytes());
+    } else {
+        strip_whitespace(json.as_bytes(), out);
+    }
+}
+
+/// Whether valid JSON `bytes` certainly holds no insignificant whitespace (`false` may be wrong, `true` never).
+///
+/// Tabs and line breaks are escaped inside strings, so a raw one is always insignificant. A run of spaces
+/// between two tokens always touches a structural character: the token before it is `{`, `[`, `,` or `:`,
+/// or it ends a value, and then the token after it is `}`, `]`, `,` or `:`. A space with neither beside it
+/// is inside a string; one that has (`"Smith, John"`) only sends the value down the slower path.
+fn is_compact(bytes: &[u8]) -> bool {
+    if memchr::memchr3(b'\n', b'\r', b'\t', bytes).is_some() {
+        return false;
+    }
+    memchr::memchr_iter(b' ', bytes).all(|i| {
+        let before = i.checked_sub(1).map(|b| bytes[b]);
+        let after = bytes.get(i + 1).copied();
+        !matches!(before, None | Some(b'{' | b'[' | b',' | b':'))
+            && !matches!(after, None | Some(b'}' | b']' | b',' | b':'))
+    })
+}
+
+/// Copies `bytes` (valid JSON) to `out`, leaving out whitespace outside strings.
+fn strip_whitespace(bytes: &[u8], out: &mut Vec<u8>) {
     let n = bytes.len();
     // Copy in runs: strings (most of a resource) are skipped with memchr to their closing quote, and
     // only the few bytes between strings are looked at one by one.
@@ -190,7 +217,83 @@ mod tests {
         })
     }
 
+    #[test]
+    fn compact_input_is_recognised_and_spaced_input_is_not() {
+        assert!(is_compact(
+            br#"{"a":"Glucose [Mass/volume] in Blood","b":[1,{"c":"x y"}]}"#
+        ));
+        // A space beside a structural character inside a string is only suspected, never missed.
+        assert!(!is_compact(br#"{"a":"Smith, John"}"#));
+        for spaced in [
+            r#"{ "a":1}"#,
+            r#"{"a" :1}"#,
+            r#"{"a": 1}"#,
+            r#"{"a":1 }"#,
+            r#"[1 ,2]"#,
+            r#"[1, 2]"#,
+            r#"[true ]"#,
+            r#"["x" ]"#,
+            r#"[[1] ,[2]]"#,
+            "{\"a\":\t1}",
+        ] {
+            assert!(!is_compact(spaced.as_bytes()), "{spaced}");
+            assert_ne!(compact(spaced), spaced);
+        }
+    }
+
+    /// JSON text built token by token, with a random run of spaces (mostly none) between any two tokens.
+    fn spaced_json() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        // Mostly no gap, so that many texts have only one or two spaced places to get right.
+        let gap = || prop_oneof![12 => Just(""), 1 => Just(" "), 1 => Just("  ")];
+        let leaf = prop_oneof![
+            Just("null".to_owned()),
+            Just("true".to_owned()),
+            any::<i32>().prop_map(|n| n.to_string()),
+            "[ -~é]{0,10}".prop_map(|s| serde_json::Value::from(s).to_string()),
+        ];
+        leaf.prop_recursive(4, 32, 5, move |inner| {
+            let member = ("[a-z ,:\\[\\]{}]{0,5}", gap(), gap(), inner.clone())
+                .prop_map(|(k, g1, g2, v)| format!("{}{g1}:{g2}{v}", serde_json::Value::from(k)));
+            prop_oneof![
+                (
+                    proptest::collection::vec((gap(), inner, gap()), 0..5),
+                    gap()
+                )
+                    .prop_map(|(items, end)| {
+                        let items: Vec<String> = items
+                            .into_iter()
+                            .map(|(a, v, b)| format!("{a}{v}{b}"))
+                            .collect();
+                        format!("[{}{end}]", items.join(","))
+                    }),
+                (
+                    proptest::collection::vec((gap(), member, gap()), 0..5),
+                    gap()
+                )
+                    .prop_map(|(members, end)| {
+                        let members: Vec<String> = members
+                            .into_iter()
+                            .map(|(a, m, b)| format!("{a}{m}{b}"))
+                            .collect();
+                        format!("{{{}{end}}}", members.join(","))
+                    }),
+            ]
+        })
+    }
+
     proptest::proptest! {
+        /// Whatever passes as compact is exactly what stripping its whitespace gives.
+        #[test]
+        fn what_passes_as_compact_has_no_whitespace_to_strip(text in spaced_json()) {
+            serde_json::from_str::<serde_json::Value>(&text).expect("the strategy builds valid JSON");
+            let mut stripped = Vec::new();
+            strip_whitespace(text.as_bytes(), &mut stripped);
+            if is_compact(text.as_bytes()) {
+                proptest::prop_assert_eq!(String::from_utf8(stripped).unwrap(), text);
+            }
+        }
+
         /// Compacting pretty JSON gives exactly the compact serialization, strings untouched.
         #[test]
         fn compaction_equals_compact_serialization(v in json_value()) {
