@@ -6,8 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -315,58 +314,62 @@ impl Runner {
             .map(|t| t.with_timezone(&chrono::Utc))
             .unwrap_or_else(|_| chrono::Utc::now());
         let slices = self.store.slices(id)?;
-        let limits = JobLimits {
+        let limits = Arc::new(JobLimits {
             max_resources: self.cfg.max_resources_per_job,
             max_requests: self.upstream_max_requests,
             resources: AtomicU64::new(slices.iter().map(|s| s.lines()).sum()),
             requests: AtomicU64::new(slices.iter().map(|s| s.pages).sum()),
             disk: self.disk.clone(),
-        };
-        let pending: Vec<_> = slices
+        });
+        let mut queue = slices
             .into_iter()
             .filter(|s| s.state == SliceState::Pending)
-            .collect();
-        let contexts: Vec<_> = pending
-            .into_iter()
             .map(|slice| {
                 let ctx = SliceContext {
-                    store: &self.store,
-                    upstream: &self.upstream,
-                    dir: &dir,
+                    store: self.store.clone(),
+                    upstream: self.upstream.clone(),
+                    dir: dir.clone(),
                     per_file: self.cfg.resources_per_file,
                     elements: planner::elements_for(&job.spec.elements, &slice.resource_type),
-                    cancel,
-                    limits: &limits,
+                    cancel: cancel.clone(),
+                    limits: limits.clone(),
                     snapshot,
                     gzip: job.gzip,
                 };
                 (ctx, slice)
-            })
-            .collect();
-        let mut queue = contexts.iter();
-        let mut running = FuturesUnordered::new();
+            });
+        // Each slice is a task of its own: a page's parsing and conversion is CPU work, and slices in
+        // one task would take turns on one core however many the machine has.
+        let mut running = JoinSet::new();
         let mut stopped = false;
         let mut progress =
             tokio::time::interval(Duration::from_secs(self.cfg.progress_log_secs.max(1)));
         progress.tick().await;
-        loop {
+        let drove = loop {
             while running.len() < self.cfg.slice_concurrency {
                 let Some((ctx, slice)) = queue.next() else {
                     break;
                 };
-                running.push(run_slice(ctx, slice.clone()));
+                running.spawn(run_slice(ctx, slice).in_current_span());
             }
             tokio::select! {
-                end = running.next() => match end {
-                    Some(end) => stopped |= end? == SliceEnd::Stopped,
-                    None => break,
+                end = running.join_next() => match end {
+                    Some(Ok(Ok(end))) => stopped |= end == SliceEnd::Stopped,
+                    Some(Ok(Err(e))) => break Err(e),
+                    Some(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+                    None => break Ok(()),
                 },
-                _ = progress.tick() => {
-                    let slices = self.store.slices(id)?;
-                    tracing::info!(progress = %manifest::progress(&job, &slices), "export progress");
-                }
+                _ = progress.tick() => match self.store.slices(id) {
+                    Ok(slices) => tracing::info!(progress = %manifest::progress(&job, &slices), "export progress"),
+                    Err(e) => break Err(e.into()),
+                },
             }
+        };
+        if drove.is_err() {
+            // Nothing of the job may run on once its failure is recorded and its files go.
+            running.shutdown().await;
         }
+        drove?;
         if stopped || cancel.is_cancelled() {
             return Ok(());
         }

@@ -6,7 +6,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,22 +108,22 @@ pub enum SliceEnd {
     Stopped,
 }
 
-/// What one slice needs besides its cursor.
-pub struct SliceContext<'a> {
+/// What one slice needs besides its cursor; owned, so that every slice runs as a task of its own.
+pub struct SliceContext {
     /// Job store.
-    pub store: &'a Store,
+    pub store: Arc<Store>,
     /// Upstream client.
-    pub upstream: &'a Upstream,
+    pub upstream: Arc<Upstream>,
     /// The job's file directory.
-    pub dir: &'a Path,
+    pub dir: PathBuf,
     /// Resources per file.
     pub per_file: u64,
     /// `_elements` entries that apply to the slice's type (empty: whole resources).
     pub elements: Vec<String>,
     /// Set when the job is cancelled.
-    pub cancel: &'a CancellationToken,
-    /// The job's limits.
-    pub limits: &'a JobLimits,
+    pub cancel: CancellationToken,
+    /// The job's limits, shared by its slices.
+    pub limits: Arc<JobLimits>,
     /// The job's transaction time: later changes are not part of the export.
     pub snapshot: DateTime<Utc>,
     /// Whether files are written gzip-compressed.
@@ -146,7 +146,8 @@ struct Page {
 }
 
 /// Runs `slice` to its end (or until cancelled), resuming from its committed cursor.
-pub async fn run_slice(ctx: &SliceContext<'_>, mut slice: Slice) -> Result<SliceEnd, WorkerError> {
+pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, WorkerError> {
+    let ctx = &ctx;
     let stem = match slice.kind {
         SliceKind::Resources => format!("{}.{:04}", slice.resource_type, slice.index),
         SliceKind::Deleted => format!("{}.deleted.{:04}", slice.resource_type, slice.index),
@@ -346,7 +347,7 @@ impl Output {
 
 /// Makes the batch durable: fsyncs the files, then commits the cursor that covers them.
 async fn checkpoint(
-    ctx: &SliceContext<'_>,
+    ctx: &SliceContext,
     slice: &mut Slice,
     output: &mut Output,
     batch: &mut Batch,
