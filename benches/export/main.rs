@@ -13,6 +13,7 @@
 //! | `BENCH_SLICES` | `4` | `[export] time_slices` of the sliced run (the other run uses 1) |
 //! | `BENCH_LOAD_SECS` | `5` | Seconds of each wrk run |
 //! | `BENCH_LOAD_ROUNDS` | `3` | wrk rounds (direct, proxy, nginx interleaved); the median is reported |
+//! | `BENCH_EXPORT_ROUNDS` | `3` | Export rounds (pager, 1 slice, N slices interleaved); the median is reported |
 //! | `BENCH_LOAD_CONNECTIONS` | `32` | Connections of the throughput wrk runs (the latency runs use 1) |
 //! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real` (all when unset) |
 //! | `BENCH_LATENCY_MS` | `10` | Per-search latency of an extra export run at the largest size (0: none) |

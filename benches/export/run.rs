@@ -30,6 +30,7 @@ struct Settings {
     slices: usize,
     load_secs: u32,
     load_rounds: usize,
+    export_rounds: usize,
     load_conns: u32,
     upstream_delay_ms: u64,
     /// Per-search latency of the extra latency run (`BENCH_LATENCY_MS`; 0: no such run).
@@ -93,6 +94,7 @@ impl Settings {
             slices: env_or("BENCH_SLICES", 4),
             load_secs: env_or("BENCH_LOAD_SECS", if small { 2 } else { 5 }),
             load_rounds: env_or("BENCH_LOAD_ROUNDS", if small { 1 } else { 3 }).max(1),
+            export_rounds: env_or("BENCH_EXPORT_ROUNDS", if small { 1 } else { 3 }).max(1),
             load_conns: env_or("BENCH_LOAD_CONNECTIONS", 32),
             upstream_delay_ms: env_or("BENCH_UPSTREAM_DELAY_MS", 0),
             latency_ms: env_or("BENCH_LATENCY_MS", 10),
@@ -576,27 +578,40 @@ fn fast_export(s: &Settings, size: u64, delay_ms: u64) -> Result<SizeResult> {
         now_instant()
     );
     let pager_file = s.work.join("pager.out");
-    let pager = pager(&[first], &pager_file, up_pid)?;
-    let _ = std::fs::remove_file(&pager_file);
-    eprintln!(
-        "bench:   pager     {:>8} resources in {:>7.2}s",
-        pager.resources, pager.secs
-    );
-    let one = proxy_run(s, &base, up_pid, "export-1", 1, "?_type=Observation")?;
-    eprintln!(
-        "bench:   1 slice   {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
-        one.resources,
-        one.secs,
-        one.rss.unwrap_or(0) as f64 / MIB
-    );
     let name = format!("export-{}", s.slices);
-    let many = proxy_run(s, &base, up_pid, &name, s.slices, "?_type=Observation")?;
-    eprintln!(
-        "bench:   {} slices  {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
-        s.slices,
-        many.resources,
-        many.secs,
-        many.rss.unwrap_or(0) as f64 / MIB
+    // Rounds interleave the three clients, so that a change in the machine's state during the run (its
+    // page cache, the other work on it) falls on all of them alike; each client's median round counts.
+    let (mut pagers, mut ones, mut manys) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=s.export_rounds {
+        let pager = pager(std::slice::from_ref(&first), &pager_file, up_pid)?;
+        let _ = std::fs::remove_file(&pager_file);
+        eprintln!(
+            "bench:   round {round}: pager     {:>8} resources in {:>7.2}s",
+            pager.resources, pager.secs
+        );
+        let one = proxy_run(s, &base, up_pid, "export-1", 1, "?_type=Observation")?;
+        eprintln!(
+            "bench:   round {round}: 1 slice   {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
+            one.resources,
+            one.secs,
+            one.rss.unwrap_or(0) as f64 / MIB
+        );
+        let many = proxy_run(s, &base, up_pid, &name, s.slices, "?_type=Observation")?;
+        eprintln!(
+            "bench:   round {round}: {} slices  {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
+            s.slices,
+            many.resources,
+            many.secs,
+            many.rss.unwrap_or(0) as f64 / MIB
+        );
+        pagers.push(pager);
+        ones.push(one);
+        manys.push(many);
+    }
+    let (pager, one, many) = (
+        median_round(pagers),
+        median_round(ones),
+        median_round(manys),
     );
     drop(up);
     Ok(SizeResult {
@@ -605,6 +620,15 @@ fn fast_export(s: &Settings, size: u64, delay_ms: u64) -> Result<SizeResult> {
         one,
         many,
     })
+}
+
+/// The round with the median time, reporting the highest peak RSS of all rounds.
+fn median_round(mut runs: Vec<Measured>) -> Measured {
+    let rss = runs.iter().filter_map(|m| m.rss).max();
+    runs.sort_by(|a, b| a.secs.total_cmp(&b.secs));
+    let mut m = runs.swap_remove(runs.len() / 2);
+    m.rss = rss;
+    m
 }
 
 struct RealResult {
@@ -1171,11 +1195,12 @@ fn report(
         md,
         "- Settings: `page_size = {}`, `resources_per_file = {}`, `slice_concurrency = 4`, \
          `[upstream] max_concurrent_requests = 8`, `requests_per_second = 100000`; wrk `-t1`, {} s per run, \
-         {} round(s) (median); total run time {:.0} s{}{}\n",
+         {} round(s) (median); export rounds {} (median); total run time {:.0} s{}{}\n",
         s.page_size,
         s.per_file,
         s.load_secs,
         s.load_rounds,
+        s.export_rounds,
         elapsed.as_secs_f64(),
         if s.upstream_delay_ms > 0 {
             format!(
@@ -1219,14 +1244,16 @@ fn report(
         md,
         "\nMB/s is the NDJSON payload (the 1-slice export's file bytes: {}) over each client's time, so it \
          compares like with like; the pager writes whole Bundles (larger). Time: kick-off to manifest for the \
-         proxy (polled every 20 ms), first request to fsync of its file for the pager. Peak RSS: `VmHWM` of a \
-         fresh proxy process read after the export. CPU: user+system seconds of the client (the proxy process, or the pager's own process) and of the fast upstream during the run, from \
+         proxy (polled every 20 ms), first request to fsync of its file for the pager. Each row is the median \
+         of {} interleaved rounds (pager, 1 slice, N slices, then again), its time, CPU and rate from that round. \
+         Peak RSS: `VmHWM` of a fresh proxy process read after the export, the highest of all rounds. CPU: user+system seconds of the client (the proxy process, or the pager's own process) and of the fast upstream during the run, from \
          `/proc/<pid>/stat`.",
         sizes
             .iter()
             .map(|r| format!("{:.1} MB at {}", r.one.bytes as f64 / MB, r.size))
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(", "),
+        s.export_rounds
     );
 
     if let Some(r) = latency {
