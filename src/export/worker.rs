@@ -19,7 +19,7 @@ use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
 use crate::store::{FilePart, Slice, SliceKind, SliceState, Store, StoreError};
-use crate::upstream::{SearchPage, Upstream, UpstreamError};
+use crate::upstream::{next_link_early, SearchPage, Upstream, UpstreamError};
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
 /// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
@@ -65,6 +65,15 @@ pub struct JobLimits {
 }
 
 impl JobLimits {
+    /// Counts a request the job may do without: none when the budget is spent.
+    fn spare_request(&self) -> bool {
+        self.requests
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |made| {
+                (self.max_requests == 0 || made < self.max_requests).then_some(made + 1)
+            })
+            .is_ok()
+    }
+
     fn spend_request(&self) -> Result<(), UpstreamError> {
         let made = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         if self.max_requests > 0 && made > self.max_requests {
@@ -166,6 +175,7 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
     };
     let dedupe = slice.searches.len() > 1;
     let mut batch = Batch::default();
+    let prefetch = Prefetch::default();
     while slice.state == SliceState::Pending {
         let url = slice
             .next
@@ -177,11 +187,20 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
                 output.settle().await?;
                 return Ok(SliceEnd::Stopped);
             }
-            r = ctx.upstream.fetch_budgeted(
-                &url,
-                |body| convert(body, &slice, dedupe, &batch.ids, ctx, &output.spare),
-                || ctx.limits.spend_request(),
-            ) => r,
+            r = async {
+                let early = prefetch.take(&url).await;
+                ctx.upstream
+                    .fetch_budgeted_from(
+                        &url,
+                        early,
+                        |body| {
+                            prefetch.start(ctx, &slice, &url, body);
+                            convert(body, &slice, dedupe, &batch.ids, ctx, &output.spare)
+                        },
+                        || ctx.limits.spend_request(),
+                    )
+                    .await
+            } => r,
         };
         let page = match fetched {
             Ok(page) => page,
@@ -286,6 +305,56 @@ impl Default for Batch {
             ids: HashSet::new(),
             bytes: 0,
             started: Instant::now(),
+        }
+    }
+}
+
+/// A slice's next page, asked for as soon as the current page's `next` link is read and before the page
+/// is parsed: the upstream prepares it while the proxy converts, instead of each waiting for the other.
+/// At most one per slice; one still in flight when the slice ends is aborted.
+#[derive(Default)]
+struct Prefetch(Mutex<Option<(String, JoinHandle<Option<Vec<u8>>>)>>);
+
+impl Prefetch {
+    /// Asks for the page after `url` (whose body is `body`) unless it is asked for already, leads back to
+    /// a page fetched before, or the job's request budget has no request to spare.
+    fn start(&self, ctx: &SliceContext, slice: &Slice, url: &str, body: &[u8]) {
+        let Some(next) = next_link_early(body) else {
+            return;
+        };
+        let mut slot = self.0.lock().expect("prefetch lock");
+        if slot.as_ref().is_some_and(|(asked, _)| *asked == next)
+            || next == url
+            || slice.visited.contains(&url_hash(&next))
+            || !ctx.limits.spare_request()
+        {
+            return;
+        }
+        if let Some(handle) = ctx.upstream.prefetch(&next) {
+            if let Some((_, stale)) = slot.replace((next, handle)) {
+                stale.abort();
+            }
+        }
+    }
+
+    /// The body fetched for `url` if that is the page asked for and it arrived; any other is dropped.
+    async fn take(&self, url: &str) -> Option<Vec<u8>> {
+        let asked = self.0.lock().expect("prefetch lock").take();
+        match asked {
+            Some((asked, handle)) if asked == url => handle.await.ok().flatten(),
+            Some((_, handle)) => {
+                handle.abort();
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        if let Some((_, handle)) = self.0.get_mut().ok().and_then(Option::take) {
+            handle.abort();
         }
     }
 }

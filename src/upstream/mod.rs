@@ -248,6 +248,19 @@ impl Upstream {
         parse: impl Fn(&[u8]) -> Result<T, String>,
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
     ) -> Result<T, UpstreamError> {
+        self.fetch_budgeted_from(url, None, parse, before_attempt)
+            .await
+    }
+
+    /// [`Upstream::fetch_budgeted`], trying `prefetched` (a body of `url` already fetched, its request
+    /// already counted) before any request of its own.
+    pub async fn fetch_budgeted_from<T>(
+        &self,
+        url: &str,
+        mut prefetched: Option<Vec<u8>>,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+        before_attempt: impl Fn() -> Result<(), UpstreamError>,
+    ) -> Result<T, UpstreamError> {
         let target = self.check_own(url)?;
         // A span per request (retries included): inside a job's span, so traces group by job.
         let span = tracing::info_span!("upstream_request", url = %target);
@@ -255,8 +268,14 @@ impl Upstream {
         let mut attempt = 0;
         let mut unreachable_since: Option<Instant> = None;
         loop {
-            before_attempt()?;
-            let (err, retry_after) = match self.fetch_once(&target).await {
+            let fetched = match prefetched.take() {
+                Some(body) => Ok(body),
+                None => {
+                    before_attempt()?;
+                    self.fetch_once(&target).await
+                }
+            };
+            let (err, retry_after) = match fetched {
                 Ok(body) => match self.recycle(body, &parse) {
                     Ok(v) => return Ok(v),
                     Err(detail) => (
@@ -293,6 +312,19 @@ impl Upstream {
         }
         .instrument(span)
         .await
+    }
+
+    /// One attempt at `url` in the background, for a page wanted next: the task yields `None` when it
+    /// failed, and the page is then fetched the ordinary way (retries included). `None` for a foreign URL.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        url: &str,
+    ) -> Option<tokio::task::JoinHandle<Option<Vec<u8>>>> {
+        let target = self.check_own(url).ok()?;
+        let upstream = self.clone();
+        Some(tokio::spawn(async move {
+            upstream.fetch_once(&target).await.ok()
+        }))
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
@@ -516,6 +548,51 @@ pub struct EntrySearch {
     pub mode: Option<String>,
 }
 
+/// The `next` link of a page, read from the Bundle's members before `entry` only (servers write `link`
+/// first), so that the next page can be asked for before this one is parsed; `None` when it is not there.
+/// Only a hint: the page's full parse decides what is next.
+pub fn next_link_early(body: &[u8]) -> Option<String> {
+    use serde::de::{DeserializeSeed, Error, IgnoredAny, MapAccess, Visitor};
+
+    struct Head<'s>(&'s mut Option<String>);
+    impl<'de> DeserializeSeed<'de> for Head<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Head<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a Bundle")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<String>()? {
+                match key.as_str() {
+                    "link" => {
+                        let links: Vec<Link> = map.next_value()?;
+                        *self.0 = links
+                            .into_iter()
+                            .find(|l| l.relation == "next")
+                            .map(|l| l.url);
+                        // An error is the way to stop serde_json before the entries it would scan.
+                        return Err(A::Error::custom("read as far as needed"));
+                    }
+                    "entry" => return Err(A::Error::custom("no link before the entries")),
+                    _ => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    let mut next = None;
+    let _stopped = Head(&mut next).deserialize(&mut serde_json::Deserializer::from_slice(body));
+    next
+}
+
 impl<'a> SearchPage<'a> {
     /// Parses a page, checking it is a Bundle.
     pub fn parse(body: &'a [u8]) -> Result<Self, String> {
@@ -595,6 +672,22 @@ mod tests {
         );
         assert!(SearchPage::parse(br#"{"resourceType":"Patient"}"#).is_err());
         assert!(SearchPage::parse(b"<html>").is_err());
+    }
+
+    #[test]
+    fn the_next_link_is_read_early_only_when_it_comes_before_the_entries() {
+        let link = r#""link":[{"relation":"self","url":"s"},{"relation":"next","url":"n?p=2"}]"#;
+        let entry = r#""entry":[{"resource":{"resourceType":"Patient","id":"a"}}]"#;
+        let before = format!(r#"{{"resourceType":"Bundle","type":"searchset",{link},{entry}}}"#);
+        assert_eq!(next_link_early(before.as_bytes()).as_deref(), Some("n?p=2"));
+        let after = format!(r#"{{"resourceType":"Bundle",{entry},{link}}}"#);
+        assert_eq!(next_link_early(after.as_bytes()), None);
+        let last = format!(
+            r#"{{"resourceType":"Bundle","link":[{{"relation":"self","url":"s"}}],{entry}}}"#
+        );
+        assert_eq!(next_link_early(last.as_bytes()), None);
+        assert_eq!(next_link_early(b"<html>"), None);
+        assert_eq!(next_link_early(br#"{"link":[{"relation":"next"}]}"#), None);
     }
 
     #[test]
