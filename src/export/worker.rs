@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
-use crate::store::{FilePart, Slice, SliceKind, SliceState, Store, StoreError};
-use crate::upstream::{next_link_early, SearchPage, Upstream, UpstreamError};
+use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
+use crate::upstream::{next_link_early, Prefetched, SearchPage, Upstream, UpstreamError};
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
 /// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
@@ -176,6 +176,7 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
     let dedupe = slice.searches.len() > 1;
     let mut batch = Batch::default();
     let prefetch = Prefetch::default();
+    let mut pending = None;
     while slice.state == SliceState::Pending {
         let url = slice
             .next
@@ -221,7 +222,7 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
                 slice.state = SliceState::Failed {
                     message: e.to_string(),
                 };
-                return checkpoint(ctx, &mut slice, &mut output, &mut batch).await;
+                return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
             }
         };
         remember(&mut slice.visited, url_hash(&url));
@@ -232,7 +233,7 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
                         "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
                     ),
                 };
-                return checkpoint(ctx, &mut slice, &mut output, &mut batch).await;
+                return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
             }
             remember(&mut slice.visited, fingerprint);
         }
@@ -280,11 +281,18 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
             },
             Err(message) => slice.state = SliceState::Failed { message },
         }
-        if slice.state != SliceState::Pending || batch.started.elapsed() >= COMMIT_INTERVAL {
-            let end = checkpoint(ctx, &mut slice, &mut output, &mut batch).await?;
-            if end == SliceEnd::Stopped {
-                return Ok(SliceEnd::Stopped);
-            }
+        let end = if slice.state != SliceState::Pending {
+            checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await?
+        } else if batch.started.elapsed() >= COMMIT_INTERVAL {
+            begin_checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await?
+        } else if pending.as_ref().is_some_and(|p| p.synced.is_finished()) {
+            end_checkpoint(ctx, &mut pending).await?
+        } else {
+            SliceEnd::Finished
+        };
+        if end == SliceEnd::Stopped {
+            output.settle().await?;
+            return Ok(SliceEnd::Stopped);
         }
     }
     Ok(SliceEnd::Finished)
@@ -313,7 +321,10 @@ impl Default for Batch {
 /// is parsed: the upstream prepares it while the proxy converts, instead of each waiting for the other.
 /// At most one per slice; one still in flight when the slice ends is aborted.
 #[derive(Default)]
-struct Prefetch(Mutex<Option<(String, JoinHandle<Option<Vec<u8>>>)>>);
+struct Prefetch(Mutex<Option<Asked>>);
+
+/// A page asked for: its URL, and the attempt at it.
+type Asked = (String, JoinHandle<Prefetched>);
 
 impl Prefetch {
     /// Asks for the page after `url` (whose body is `body`) unless it is asked for already, leads back to
@@ -337,11 +348,11 @@ impl Prefetch {
         }
     }
 
-    /// The body fetched for `url` if that is the page asked for and it arrived; any other is dropped.
-    async fn take(&self, url: &str) -> Option<Vec<u8>> {
+    /// The attempt at `url` if that is the page asked for; any other is dropped.
+    async fn take(&self, url: &str) -> Option<Prefetched> {
         let asked = self.0.lock().expect("prefetch lock").take();
         match asked {
-            Some((asked, handle)) if asked == url => handle.await.ok().flatten(),
+            Some((asked, handle)) if asked == url => handle.await.ok(),
             Some((_, handle)) => {
                 handle.abort();
                 None
@@ -398,40 +409,76 @@ impl Output {
         }));
         Ok(())
     }
-
-    /// Writes everything durably; returns the parts a cursor may now commit.
-    async fn sync(&mut self) -> Result<Vec<FilePart>, WorkerError> {
-        self.settle().await?;
-        let mut writer = self.writer.take().expect("settled");
-        let (writer, parts) = tokio::task::spawn_blocking(move || {
-            let parts = writer.sync()?;
-            Ok::<_, std::io::Error>((writer, parts))
-        })
-        .await
-        .expect("writer task panicked")?;
-        self.writer = Some(writer);
-        Ok(parts)
-    }
 }
 
-/// Makes the batch durable: fsyncs the files, then commits the cursor that covers them.
-async fn checkpoint(
+/// A checkpoint whose fsync runs on a blocking thread while the slice goes on fetching: the cursor, as
+/// it stood when the sync began, is committed once the sync is done, so a slice never waits for the disk.
+struct Pending {
+    cursor: Slice,
+    batch: Batch,
+    synced: JoinHandle<std::io::Result<()>>,
+}
+
+/// Starts a checkpoint of everything written so far, once the one before it is committed (cursors are
+/// committed in order).
+async fn begin_checkpoint(
     ctx: &SliceContext,
     slice: &mut Slice,
     output: &mut Output,
     batch: &mut Batch,
+    pending: &mut Option<Pending>,
 ) -> Result<SliceEnd, WorkerError> {
-    slice.files = output.sync().await?;
-    let ids: Vec<String> = batch.ids.drain().collect();
-    let end = commit(ctx, slice, &ids)?;
+    output.settle().await?;
+    if end_checkpoint(ctx, pending).await? == SliceEnd::Stopped {
+        return Ok(SliceEnd::Stopped);
+    }
+    let (parts, durable) = output.settle().await?.detach_sync()?;
+    slice.files = parts;
+    *pending = Some(Pending {
+        cursor: slice.clone(),
+        batch: std::mem::take(batch),
+        synced: tokio::task::spawn_blocking(move || durable.sync()),
+    });
+    Ok(SliceEnd::Finished)
+}
+
+/// Waits for the checkpoint in progress, if any, and commits its cursor.
+async fn end_checkpoint(
+    ctx: &SliceContext,
+    pending: &mut Option<Pending>,
+) -> Result<SliceEnd, WorkerError> {
+    let Some(Pending {
+        cursor,
+        batch,
+        synced,
+    }) = pending.take()
+    else {
+        return Ok(SliceEnd::Finished);
+    };
+    synced.await.expect("sync task panicked")?;
+    let ids: Vec<String> = batch.ids.into_iter().collect();
+    let end = commit(ctx, &cursor, &ids)?;
     if end == SliceEnd::Finished {
         ctx.limits
             .disk
             .used
             .fetch_add(batch.bytes, Ordering::Relaxed);
     }
-    *batch = Batch::default();
     Ok(end)
+}
+
+/// Makes everything written durable, then commits the cursor that covers it: a slice's last checkpoint.
+async fn checkpoint(
+    ctx: &SliceContext,
+    slice: &mut Slice,
+    output: &mut Output,
+    batch: &mut Batch,
+    pending: &mut Option<Pending>,
+) -> Result<SliceEnd, WorkerError> {
+    if begin_checkpoint(ctx, slice, output, batch, pending).await? == SliceEnd::Stopped {
+        return Ok(SliceEnd::Stopped);
+    }
+    end_checkpoint(ctx, pending).await
 }
 
 /// Pages remembered per search for loop detection: enough for any real loop, and it keeps cursors

@@ -136,17 +136,40 @@ impl NdjsonWriter {
 
     /// Makes everything written durable and returns the parts a cursor may now commit.
     pub fn sync(&mut self) -> io::Result<Vec<FilePart>> {
-        for file in self.unsynced.drain(..) {
-            file.sync_data()?;
-        }
+        let (parts, durable) = self.detach_sync()?;
+        durable.sync()?;
+        Ok(parts)
+    }
+
+    /// The parts as they stand, and what makes exactly them durable, to be synced on another thread
+    /// while writing goes on: a cursor may commit the parts once that sync is done.
+    pub fn detach_sync(&mut self) -> io::Result<(Vec<FilePart>, Durable)> {
+        let mut files: Vec<File> = self.unsynced.drain(..).collect();
         if let Some(file) = &self.current {
+            files.push(file.try_clone()?);
+        }
+        // New directory entries are only durable once the directory itself is synced.
+        let dir = std::mem::take(&mut self.created).then(|| self.dir.clone());
+        Ok((self.parts.clone(), Durable { files, dir }))
+    }
+}
+
+/// Written files (and the directory that got new ones) still to be fsynced.
+pub struct Durable {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+}
+
+impl Durable {
+    /// Fsyncs them.
+    pub fn sync(self) -> io::Result<()> {
+        for file in &self.files {
             file.sync_data()?;
         }
-        if std::mem::take(&mut self.created) {
-            // New directory entries are only durable once the directory itself is synced.
-            File::open(&self.dir)?.sync_all()?;
+        if let Some(dir) = &self.dir {
+            File::open(dir)?.sync_all()?;
         }
-        Ok(self.parts.clone())
+        Ok(())
     }
 }
 

@@ -252,12 +252,12 @@ impl Upstream {
             .await
     }
 
-    /// [`Upstream::fetch_budgeted`], trying `prefetched` (a body of `url` already fetched, its request
-    /// already counted) before any request of its own.
+    /// [`Upstream::fetch_budgeted`], with `prefetched` (an attempt at `url` already made and counted) as its
+    /// first attempt: a body is parsed, a failure is retried (after `Retry-After`) like any other.
     pub async fn fetch_budgeted_from<T>(
         &self,
         url: &str,
-        mut prefetched: Option<Vec<u8>>,
+        mut prefetched: Option<Prefetched>,
         parse: impl Fn(&[u8]) -> Result<T, String>,
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
     ) -> Result<T, UpstreamError> {
@@ -269,7 +269,7 @@ impl Upstream {
         let mut unreachable_since: Option<Instant> = None;
         loop {
             let fetched = match prefetched.take() {
-                Some(body) => Ok(body),
+                Some(Prefetched(attempt)) => attempt,
                 None => {
                     before_attempt()?;
                     self.fetch_once(&target).await
@@ -314,16 +314,13 @@ impl Upstream {
         .await
     }
 
-    /// One attempt at `url` in the background, for a page wanted next: the task yields `None` when it
-    /// failed, and the page is then fetched the ordinary way (retries included). `None` for a foreign URL.
-    pub fn prefetch(
-        self: &Arc<Self>,
-        url: &str,
-    ) -> Option<tokio::task::JoinHandle<Option<Vec<u8>>>> {
+    /// One attempt at `url` in the background, for a page wanted next, to be handed to
+    /// [`Upstream::fetch_budgeted_from`]; `None` for a URL not under the base.
+    pub fn prefetch(self: &Arc<Self>, url: &str) -> Option<tokio::task::JoinHandle<Prefetched>> {
         let target = self.check_own(url).ok()?;
         let upstream = self.clone();
         Some(tokio::spawn(async move {
-            upstream.fetch_once(&target).await.ok()
+            Prefetched(upstream.fetch_once(&target).await)
         }))
     }
 
@@ -484,6 +481,9 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     let delta = when.signed_duration_since(chrono::Utc::now());
     Some(delta.to_std().unwrap_or(Duration::ZERO))
 }
+
+/// An attempt made ahead of time by [`Upstream::prefetch`]: the body, or how the attempt failed.
+pub struct Prefetched(Result<Vec<u8>, Attempt>);
 
 /// The parts of a searchset Bundle the proxy needs; resources stay raw JSON.
 #[derive(Debug, Deserialize)]
