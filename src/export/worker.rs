@@ -196,7 +196,9 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
                         early,
                         |body| {
                             prefetch.start(ctx, &slice, &url, body);
-                            convert(body, &slice, dedupe, &batch.ids, ctx, &output.spare)
+                            // Ids of a checkpoint still syncing are in neither the batch nor the store.
+                            let committing = pending.as_ref().map(|p: &Pending| &p.batch.ids);
+                            convert(body, &slice, dedupe, &batch.ids, committing, ctx, &output.spare)
                         },
                         || ctx.limits.spend_request(),
                     )
@@ -585,6 +587,7 @@ fn convert(
     slice: &Slice,
     dedupe: bool,
     batch_ids: &HashSet<String>,
+    committing_ids: Option<&HashSet<String>>,
     ctx: &SliceContext,
     spare: &Mutex<Vec<u8>>,
 ) -> Result<Page, String> {
@@ -634,6 +637,7 @@ fn convert(
                 .into_owned();
             if !page_ids.insert(id.clone())
                 || batch_ids.contains(&id)
+                || committing_ids.is_some_and(|ids| ids.contains(&id))
                 || ctx.store.seen(slice, &id).map_err(|e| e.to_string())?
             {
                 continue;
