@@ -654,3 +654,124 @@ fn convert(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves `pages` (path and query → delay, body), one request per connection.
+    async fn serve(pages: Vec<(&'static str, u64, String)>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let pages = pages.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8];
+                        if stream.read(&mut byte).await.unwrap() == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let target = head.split(' ').nth(1).unwrap().to_owned();
+                    let (_, delay, body) = pages
+                        .iter()
+                        .find(|(path, _, _)| target.ends_with(path))
+                        .unwrap_or_else(|| panic!("unexpected request {target}"));
+                    tokio::time::sleep(Duration::from_millis(*delay)).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        base
+    }
+
+    fn bundle(ids: &[&str]) -> String {
+        let entries: Vec<String> = ids
+            .iter()
+            .map(|id| format!(r#"{{"resource":{{"resourceType":"Observation","id":"{id}"}}}}"#))
+            .collect();
+        format!(
+            r#"{{"resourceType":"Bundle","type":"searchset","entry":[{}]}}"#,
+            entries.join(",")
+        )
+    }
+
+    /// A resource two OR-ed searches of a slice both return is written once, also when the first search's
+    /// page was checkpointed (its fsync and commit still under way) as the second search's page came in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resource_found_again_across_a_checkpoint_is_written_once() {
+        // The first page takes longer than a commit interval, so a checkpoint starts right after it.
+        let slow = COMMIT_INTERVAL.as_millis() as u64 + 100;
+        let base = serve(vec![
+            ("Observation?subject=Patient/a", slow, bundle(&["o1"])),
+            ("Observation?performer=Patient/a", 0, bundle(&["o1", "o2"])),
+        ])
+        .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
+        let job = crate::store::tests::job("j");
+        store.put_job(&job).unwrap();
+        let slice = Slice {
+            job_id: "j".into(),
+            index: 0,
+            resource_type: "Observation".into(),
+            kind: SliceKind::Resources,
+            searches: vec![
+                format!("{base}/Observation?subject=Patient/a"),
+                format!("{base}/Observation?performer=Patient/a"),
+            ],
+            search_index: 0,
+            next: None,
+            state: SliceState::Pending,
+            files: vec![],
+            pages: 0,
+            total: None,
+            visited: Vec::new(),
+        };
+        assert!(store
+            .commit_plan(&job, std::slice::from_ref(&slice))
+            .unwrap());
+        let upstream: crate::config::UpstreamConfig =
+            toml::from_str(&format!("base_url = \"{base}\"")).unwrap();
+        let ctx = SliceContext {
+            store: store.clone(),
+            upstream: Arc::new(Upstream::new(&upstream).unwrap()),
+            dir: tmp.path().join("files"),
+            per_file: 1000,
+            elements: vec![],
+            cancel: CancellationToken::new(),
+            limits: Arc::new(JobLimits {
+                max_resources: 0,
+                max_requests: 0,
+                resources: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                disk: Arc::new(DiskUsage::default()),
+            }),
+            snapshot: Utc::now(),
+            gzip: false,
+        };
+        assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
+        let done = store.slices("j").unwrap().remove(0);
+        assert_eq!(done.state, SliceState::Done);
+        let mut ids = Vec::new();
+        for part in &done.files {
+            let text = std::fs::read_to_string(tmp.path().join("files").join(&part.name)).unwrap();
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                ids.push(v["id"].as_str().unwrap().to_owned());
+            }
+        }
+        ids.sort();
+        assert_eq!(ids, ["o1", "o2"]);
+    }
+}
