@@ -430,11 +430,11 @@ async fn begin_checkpoint(
     batch: &mut Batch,
     pending: &mut Option<Pending>,
 ) -> Result<SliceEnd, WorkerError> {
-    output.settle().await?;
+    let writer = output.settle().await?;
     if end_checkpoint(ctx, pending).await? == SliceEnd::Stopped {
         return Ok(SliceEnd::Stopped);
     }
-    let (parts, durable) = output.settle().await?.detach_sync()?;
+    let (parts, durable) = writer.detach_sync()?;
     slice.files = parts;
     *pending = Some(Pending {
         cursor: slice.clone(),

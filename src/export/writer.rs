@@ -134,13 +134,6 @@ impl NdjsonWriter {
         &self.parts
     }
 
-    /// Makes everything written durable and returns the parts a cursor may now commit.
-    pub fn sync(&mut self) -> io::Result<Vec<FilePart>> {
-        let (parts, durable) = self.detach_sync()?;
-        durable.sync()?;
-        Ok(parts)
-    }
-
     /// The parts as they stand, and what makes exactly them durable, to be synced on another thread
     /// while writing goes on: a cursor may commit the parts once that sync is done.
     pub fn detach_sync(&mut self) -> io::Result<(Vec<FilePart>, Durable)> {
@@ -210,6 +203,13 @@ mod tests {
         w.write_page(&data, &ends).unwrap();
     }
 
+    /// Makes everything written durable, as a checkpoint does; the parts a cursor may commit.
+    fn sync(w: &mut NdjsonWriter) -> Vec<FilePart> {
+        let (parts, durable) = w.detach_sync().unwrap();
+        durable.sync().unwrap();
+        parts
+    }
+
     fn read(dir: &Path, name: &str) -> String {
         std::fs::read_to_string(dir.join(name)).unwrap()
     }
@@ -224,7 +224,7 @@ mod tests {
         page(&mut w, &lines[..1]);
         page(&mut w, &lines[1..]);
         page(&mut w, &[]);
-        let parts = w.sync().unwrap();
+        let parts = sync(&mut w);
         let counts: Vec<u64> = parts.iter().map(|p| p.lines).collect();
         assert_eq!(counts, [2, 2, 1]);
         assert_eq!(parts[2].name, "Patient.0000.002.ndjson");
@@ -240,18 +240,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, vec![]).unwrap();
         page(&mut w, &[r#"{"id":"a"}"#]);
-        let committed = w.sync().unwrap();
+        let committed = sync(&mut w);
         // Written after the commit, then "crashed": a partial line and a rolled-over file.
         page(&mut w, &[r#"{"id":"b"}"#]);
         page(&mut w, &[r#"{"id":"c"}"#]);
-        w.sync().unwrap();
+        sync(&mut w);
         drop(w);
         let mut w =
             NdjsonWriter::resume(dir.path(), "Obs.0001".into(), 2, false, committed).unwrap();
         assert_eq!(read(dir.path(), "Obs.0001.000.ndjson"), "{\"id\":\"a\"}\n");
         assert!(!dir.path().join("Obs.0001.001.ndjson").exists());
         page(&mut w, &[r#"{"id":"b"}"#]);
-        let parts = w.sync().unwrap();
+        let parts = sync(&mut w);
         assert_eq!(parts.len(), 1);
         assert_eq!(
             read(dir.path(), "Obs.0001.000.ndjson"),
@@ -266,14 +266,14 @@ mod tests {
         let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, vec![]).unwrap();
         page(&mut w, &[r#"{"id":"1"}"#]);
         page(&mut w, &[r#"{"id":"2"}"#]);
-        let committed = w.sync().unwrap();
+        let committed = sync(&mut w);
         page(&mut w, &[r#"{"id":"lost"}"#]);
-        w.sync().unwrap();
+        sync(&mut w);
         drop(w);
         let mut w =
             NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, committed).unwrap();
         page(&mut w, &[r#"{"id":"3"}"#]);
-        let parts = w.sync().unwrap();
+        let parts = sync(&mut w);
         assert_eq!(parts[0].name, "P.0000.000.ndjson.gz");
         assert!(parts[0].gzip);
         let raw = std::fs::read(dir.path().join(&parts[0].name)).unwrap();
