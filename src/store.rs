@@ -392,7 +392,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn slice(job_id: &str, index: u32) -> Slice {
+    pub(crate) fn slice(job_id: &str, index: u32) -> Slice {
         Slice {
             job_id: job_id.into(),
             index,

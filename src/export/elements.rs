@@ -260,26 +260,23 @@ mod tests {
                     proptest::collection::vec((gap(), inner, gap()), 0..5),
                     gap()
                 )
-                    .prop_map(|(items, end)| {
-                        let items: Vec<String> = items
-                            .into_iter()
-                            .map(|(a, v, b)| format!("{a}{v}{b}"))
-                            .collect();
-                        format!("[{}{end}]", items.join(","))
-                    }),
+                    .prop_map(|(items, end)| enclose('[', items, end, ']')),
                 (
                     proptest::collection::vec((gap(), member, gap()), 0..5),
                     gap()
                 )
-                    .prop_map(|(members, end)| {
-                        let members: Vec<String> = members
-                            .into_iter()
-                            .map(|(a, m, b)| format!("{a}{m}{b}"))
-                            .collect();
-                        format!("{{{}{end}}}", members.join(","))
-                    }),
+                    .prop_map(|(members, end)| enclose('{', members, end, '}')),
             ]
         })
+    }
+
+    /// `open`, the `parts` (each between its gaps) joined by commas, the closing gap, `close`.
+    fn enclose(open: char, parts: Vec<(&str, String, &str)>, end: &str, close: char) -> String {
+        let parts: Vec<String> = parts
+            .into_iter()
+            .map(|(before, part, after)| format!("{before}{part}{after}"))
+            .collect();
+        format!("{open}{}{end}{close}", parts.join(","))
     }
 
     proptest::proptest! {

@@ -722,21 +722,12 @@ mod tests {
         let job = crate::store::tests::job("j");
         store.put_job(&job).unwrap();
         let slice = Slice {
-            job_id: "j".into(),
-            index: 0,
             resource_type: "Observation".into(),
-            kind: SliceKind::Resources,
             searches: vec![
                 format!("{base}/Observation?subject=Patient/a"),
                 format!("{base}/Observation?performer=Patient/a"),
             ],
-            search_index: 0,
-            next: None,
-            state: SliceState::Pending,
-            files: vec![],
-            pages: 0,
-            total: None,
-            visited: Vec::new(),
+            ..crate::store::tests::slice("j", 0)
         };
         assert!(store
             .commit_plan(&job, std::slice::from_ref(&slice))
