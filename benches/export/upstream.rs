@@ -1,8 +1,10 @@
-//! The fast upstream: a tiny FHIR R4 server over a synthetic data set generated on the fly.
+//! The fast upstream: a tiny FHIR R4 server over a synthetic data set, serving pre-built pages.
 //!
 //! Resource `i` of a type is a pure function of `i` (ids, `meta.versionId`, `meta.lastUpdated` strictly
-//! increasing with `i`, millisecond precision), so nothing is stored: a search resolves its `_lastUpdated`
-//! bounds to an index range by arithmetic and formats the page it asks for. It serves:
+//! increasing with `i`, millisecond precision). Every search entry is rendered once at start, back to back
+//! in one buffer, so a search resolves its `_lastUpdated` bounds to an index range by arithmetic and
+//! answers with a slice of that buffer between a formatted head and tail: the upstream spends next to no
+//! CPU of its own, and the proxy is what the benchmark measures. It serves:
 //!
 //! - `GET /fhir/metadata`: a CapabilityStatement (Patient, Observation; `search-type`; `_lastUpdated`, `_id`,
 //!   `patient`);
@@ -10,14 +12,16 @@
 //!   searchset pages with `Bundle.total` and an absolute `link[next]` (`_offset`); `_count=0`: total only;
 //! - `GET /fhir/Patient/1`: a small fixed JSON, the cheap endpoint of the pass-through load.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -100,6 +104,45 @@ pub struct Dataset {
     kinds: Vec<Kind>,
 }
 
+/// The search entries of one type, rendered once: entry `i` is `buf[at[i]..at[i + 1] - 1]`, each
+/// followed by a comma, so that the entries `a..b` in ascending order are one slice.
+struct Entries {
+    buf: Bytes,
+    at: Vec<usize>,
+}
+
+impl Entries {
+    /// Renders every entry of `kind`, with full URLs under `base`.
+    fn render(kind: &Kind, base: &str) -> Entries {
+        let mut buf = String::with_capacity(kind.count as usize * 1700);
+        let mut at = Vec::with_capacity(kind.count as usize + 1);
+        for i in 0..kind.count {
+            at.push(buf.len());
+            let _ = write!(buf, r#"{{"fullUrl":"{base}/{}/"#, kind.name);
+            kind.id(i, &mut buf);
+            buf.push_str(r#"","resource":"#);
+            kind.write_resource(i, &mut buf);
+            buf.push_str(r#","search":{"mode":"match"}},"#);
+        }
+        at.push(buf.len());
+        Entries {
+            buf: Bytes::from(buf),
+            at,
+        }
+    }
+
+    /// Entry `i`, without its comma.
+    fn one(&self, i: u64) -> Bytes {
+        let i = i as usize;
+        self.buf.slice(self.at[i]..self.at[i + 1] - 1)
+    }
+
+    /// Entries `a..b` (`a < b`), comma-separated, without copying.
+    fn range(&self, a: u64, b: u64) -> Bytes {
+        self.buf.slice(self.at[a as usize]..self.at[b as usize] - 1)
+    }
+}
+
 impl Dataset {
     /// `observations` Observations and `observations / 20` (at least 10) Patients.
     pub fn new(observations: u64) -> Dataset {
@@ -109,10 +152,6 @@ impl Dataset {
                 Kind::new("Patient", (observations / 20).max(10)),
             ],
         }
-    }
-
-    fn kind(&self, name: &str) -> Option<&Kind> {
-        self.kinds.iter().find(|k| k.name == name)
     }
 }
 
@@ -287,14 +326,43 @@ fn capability_statement() -> String {
 
 struct Server {
     dataset: Dataset,
+    /// Rendered entries, one per type of `dataset`, in the same order.
+    entries: Vec<Entries>,
     base: String,
     metadata: Bytes,
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A response body sent as the chunks it is made of (a page: head, entries, tail), with its length known.
+struct Chunks(VecDeque<Bytes>);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.0.iter().map(|b| b.len() as u64).sum())
+    }
+}
+
+type Resp = Response<Chunks>;
 
 fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    chunked(status, VecDeque::from([body.into()]))
+}
+
+fn chunked(status: StatusCode, chunks: VecDeque<Bytes>) -> Resp {
+    let mut r = Response::new(Chunks(chunks));
     *r.status_mut() = status;
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -325,14 +393,18 @@ impl Server {
         match rest {
             "metadata" => json(StatusCode::OK, self.metadata.clone()),
             "Patient/1" => json(StatusCode::OK, Bytes::from_static(PATIENT_1.as_bytes())),
-            _ => match self.dataset.kind(rest) {
-                Some(kind) => self.search(kind, req.uri().query().unwrap_or("")),
+            _ => match self.dataset.kinds.iter().position(|k| k.name == rest) {
+                Some(k) => self.search(
+                    &self.dataset.kinds[k],
+                    &self.entries[k],
+                    req.uri().query().unwrap_or(""),
+                ),
                 None => outcome(StatusCode::NOT_FOUND, "unknown resource"),
             },
         }
     }
 
-    fn search(&self, kind: &Kind, query: &str) -> Resp {
+    fn search(&self, kind: &Kind, entries: &Entries, query: &str) -> Resp {
         let mut count: u64 = 100;
         let mut offset: u64 = 0;
         let mut desc = false;
@@ -375,10 +447,10 @@ impl Server {
         let total = hi.saturating_sub(lo);
         let start = offset.min(total);
         let end = (offset + count).min(total);
-        let mut body = String::with_capacity(256 + (end - start) as usize * 1600);
+        let mut head = String::with_capacity(512);
         let self_url = format!("{}/{}?{}", self.base, kind.name, query);
         let _ = write!(
-            body,
+            head,
             r#"{{"resourceType":"Bundle","id":"{}-{lo}-{hi}-{}-{start}-{count}","type":"searchset","total":{total},"link":[{{"relation":"self","url":"{}"}}"#,
             kind.name, desc as u8, self_url
         );
@@ -390,29 +462,32 @@ impl Server {
                 .append_pair("_offset", &end.to_string())
                 .finish();
             let _ = write!(
-                body,
+                head,
                 r#",{{"relation":"next","url":"{}/{}?{}"}}"#,
                 self.base, kind.name, next
             );
         }
-        body.push(']');
-        if count > 0 {
-            body.push_str(r#","entry":["#);
-            for k in start..end {
-                let i = if desc { hi - 1 - k } else { lo + k };
-                if k > start {
-                    body.push(',');
-                }
-                let _ = write!(body, r#"{{"fullUrl":"{}/{}/"#, self.base, kind.name);
-                kind.id(i, &mut body);
-                body.push_str(r#"","resource":"#);
-                kind.write_resource(i, &mut body);
-                body.push_str(r#","search":{"mode":"match"}}"#);
-            }
-            body.push(']');
+        head.push(']');
+        if count == 0 {
+            head.push('}');
+            return json(StatusCode::OK, head);
         }
-        body.push('}');
-        json(StatusCode::OK, body)
+        head.push_str(r#","entry":["#);
+        let mut chunks = VecDeque::from([Bytes::from(head)]);
+        if start < end && !desc {
+            chunks.push_back(entries.range(lo + start, lo + end));
+        } else if start < end {
+            let mut body = Vec::with_capacity(entries.range(hi - end, hi - start).len());
+            for k in start..end {
+                if k > start {
+                    body.push(b',');
+                }
+                body.extend_from_slice(&entries.one(hi - 1 - k));
+            }
+            chunks.push_back(Bytes::from(body));
+        }
+        chunks.push_back(Bytes::from_static(b"]}"));
+        chunked(StatusCode::OK, chunks)
     }
 }
 
@@ -434,8 +509,15 @@ pub fn serve(observations: u64, delay: std::time::Duration) {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let base = format!("http://{addr}/fhir");
+        let dataset = Dataset::new(observations);
+        let entries = dataset
+            .kinds
+            .iter()
+            .map(|k| Entries::render(k, &base))
+            .collect();
         let server = Arc::new(Server {
-            dataset: Dataset::new(observations),
+            dataset,
+            entries,
             base: base.clone(),
             metadata: Bytes::from(capability_statement()),
         });
