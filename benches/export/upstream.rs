@@ -99,9 +99,10 @@ impl Kind {
     }
 }
 
-/// The data set: Observation with `observations` resources, Patient with a twentieth of that.
+/// The data set: Observation with `observations` resources, Patient with a twentieth of that, each type
+/// with its rendered search entries.
 pub struct Dataset {
-    kinds: Vec<Kind>,
+    kinds: Vec<(Kind, Entries)>,
 }
 
 /// The search entries of one type, rendered once: entry `i` is `buf[at[i]..at[i + 1] - 1]`, each
@@ -144,14 +145,23 @@ impl Entries {
 }
 
 impl Dataset {
-    /// `observations` Observations and `observations / 20` (at least 10) Patients.
-    pub fn new(observations: u64) -> Dataset {
+    /// `observations` Observations and `observations / 20` (at least 10) Patients, rendered with full
+    /// URLs under `base`.
+    pub fn new(observations: u64, base: &str) -> Dataset {
+        let kinds = [
+            Kind::new("Observation", observations),
+            Kind::new("Patient", (observations / 20).max(10)),
+        ];
         Dataset {
-            kinds: vec![
-                Kind::new("Observation", observations),
-                Kind::new("Patient", (observations / 20).max(10)),
-            ],
+            kinds: kinds
+                .into_iter()
+                .map(|k| (k, Entries::render(&k, base)))
+                .collect(),
         }
+    }
+
+    fn kind(&self, name: &str) -> Option<&(Kind, Entries)> {
+        self.kinds.iter().find(|(k, _)| k.name == name)
     }
 }
 
@@ -326,8 +336,6 @@ fn capability_statement() -> String {
 
 struct Server {
     dataset: Dataset,
-    /// Rendered entries, one per type of `dataset`, in the same order.
-    entries: Vec<Entries>,
     base: String,
     metadata: Bytes,
 }
@@ -393,12 +401,10 @@ impl Server {
         match rest {
             "metadata" => json(StatusCode::OK, self.metadata.clone()),
             "Patient/1" => json(StatusCode::OK, Bytes::from_static(PATIENT_1.as_bytes())),
-            _ => match self.dataset.kinds.iter().position(|k| k.name == rest) {
-                Some(k) => self.search(
-                    &self.dataset.kinds[k],
-                    &self.entries[k],
-                    req.uri().query().unwrap_or(""),
-                ),
+            _ => match self.dataset.kind(rest) {
+                Some((kind, entries)) => {
+                    self.search(kind, entries, req.uri().query().unwrap_or(""))
+                }
                 None => outcome(StatusCode::NOT_FOUND, "unknown resource"),
             },
         }
@@ -474,17 +480,20 @@ impl Server {
         }
         head.push_str(r#","entry":["#);
         let mut chunks = VecDeque::from([Bytes::from(head)]);
-        if start < end && !desc {
-            chunks.push_back(entries.range(lo + start, lo + end));
-        } else if start < end {
-            let mut body = Vec::with_capacity(entries.range(hi - end, hi - start).len());
-            for k in start..end {
-                if k > start {
-                    body.push(b',');
+        if start < end {
+            chunks.push_back(if desc {
+                // The proxy only pages oldest first; newest first is kept working by copying the entries.
+                let mut body = Vec::with_capacity(entries.range(hi - end, hi - start).len());
+                for k in start..end {
+                    if k > start {
+                        body.push(b',');
+                    }
+                    body.extend_from_slice(&entries.one(hi - 1 - k));
                 }
-                body.extend_from_slice(&entries.one(hi - 1 - k));
-            }
-            chunks.push_back(Bytes::from(body));
+                Bytes::from(body)
+            } else {
+                entries.range(lo + start, lo + end)
+            });
         }
         chunks.push_back(Bytes::from_static(b"]}"));
         chunked(StatusCode::OK, chunks)
@@ -509,15 +518,8 @@ pub fn serve(observations: u64, delay: std::time::Duration) {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let base = format!("http://{addr}/fhir");
-        let dataset = Dataset::new(observations);
-        let entries = dataset
-            .kinds
-            .iter()
-            .map(|k| Entries::render(k, &base))
-            .collect();
         let server = Arc::new(Server {
-            dataset,
-            entries,
+            dataset: Dataset::new(observations, &base),
             base: base.clone(),
             metadata: Bytes::from(capability_statement()),
         });
