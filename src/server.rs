@@ -1,5 +1,7 @@
 //! Process start-up: opens the store, resumes jobs, and serves HTTP until told to stop.
 
+mod threads;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -19,6 +21,7 @@ use crate::proxy::affinity;
 use crate::storage::{Storage, StorageError};
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
+use threads::Threads;
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +127,16 @@ pub async fn run(
         .max_buf_size((app.config.server.max_header_bytes * 4).max(8192));
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let graceful = GracefulShutdown::new();
+    let serving = {
+        let app = app.clone();
+        Threads::start(serving_threads(), move |stream, peer, watcher| {
+            serve_connection(app.clone(), &builder, watcher, stream, peer)
+        })
+    };
+    let mut serving = serving.map_err(|source| ServerError::Io {
+        what: "cannot start the serving threads".into(),
+        source,
+    })?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
@@ -140,23 +153,7 @@ pub async fn run(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        let app = app.clone();
-        let (affinity, driver) = affinity::pair();
-        let affinity = Arc::new(affinity);
-        let service = service_fn(move |req| {
-            let (app, affinity) = (app.clone(), affinity.clone());
-            async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer, &affinity).await) }
-        });
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(e) = affinity::drive(connection, driver).await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
-            }
-        });
+        serving.serve(stream, peer, graceful.watcher());
     }
     drop(listener);
     tracing::info!(
@@ -174,9 +171,43 @@ pub async fn run(
         }
     };
     tokio::join!(jobs, requests);
+    // Joining waits for each thread's runtime to drop what is left: off the async threads.
+    let _ = tokio::task::spawn_blocking(move || serving.stop()).await;
     store.flush().await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// One serving thread per CPU the process may use.
+fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Serves one connection, on a serving thread: hyper's HTTP/1 or HTTP/2, with pass-through on the
+/// connection's own upstream connection, until it closes or the graceful shutdown ends it.
+fn serve_connection(
+    app: Arc<App>,
+    builder: &auto::Builder<TokioExecutor>,
+    graceful: Watcher,
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let (affinity, driver) = affinity::pair();
+    let affinity = Arc::new(affinity);
+    let service = service_fn(move |req| {
+        let (app, affinity) = (app.clone(), affinity.clone());
+        async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer, &affinity).await) }
+    });
+    let connection = graceful.watch(
+        builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned(),
+    );
+    async move {
+        if let Err(e) = affinity::drive(connection, driver).await {
+            tracing::debug!(error = %e, %peer, "connection ended with an error");
+        }
+    }
 }
 
 /// Reloads registered clients on SIGHUP; a bad file keeps the current registry.

@@ -42,6 +42,8 @@ pub struct Runner {
     disk: Arc<DiskUsage>,
     upstream_max_requests: u64,
     storage: Arc<Storage>,
+    /// The runtime jobs run on: the one the runner was made on, not the serving thread a kick-off came in on.
+    runtime: tokio::runtime::Handle,
 }
 
 /// Unix seconds now.
@@ -58,7 +60,7 @@ fn is_job_id(name: &str) -> bool {
 }
 
 impl Runner {
-    /// A runner writing job files under `files_dir`.
+    /// A runner writing job files under `files_dir`, running its jobs on the current runtime.
     pub fn new(
         store: Arc<Store>,
         upstream: Arc<Upstream>,
@@ -68,6 +70,7 @@ impl Runner {
         files_dir: PathBuf,
     ) -> Arc<Self> {
         Arc::new(Self {
+            runtime: tokio::runtime::Handle::current(),
             upstream_max_requests,
             storage,
             store,
@@ -252,7 +255,7 @@ impl Runner {
         let (task_id, task_cancel) = (id.clone(), cancel.clone());
         let mut tasks = self.tasks.lock().expect("tasks lock");
         let span = tracing::info_span!("job", job = %id);
-        let handle = tokio::spawn(
+        let handle = self.runtime.spawn(
             async move {
                 if let Err(e) = runner.run(&task_id, &task_cancel).await {
                     tracing::error!(job = %task_id, error = %e, "job failed");
