@@ -1,11 +1,11 @@
 //! Prometheus metrics of the whole process, exposed on the admin listener.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the proxy keeps.
@@ -31,6 +31,9 @@ pub struct Metrics {
     pub exported_bytes: IntCounter,
     /// Time from kick-off to completion of finished jobs, by final state.
     pub export_seconds: HistogramVec,
+    /// The pass-through counter and histogram of each status code (100–999), looked up once: a label
+    /// lookup hashes the label under a lock, on every request.
+    passthrough_by_status: Box<[OnceLock<(IntCounter, Histogram)>]>,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -110,18 +113,23 @@ impl Metrics {
                 "state",
                 exponential_buckets(0.5, 2.0, 16).expect("valid buckets"),
             ),
+            passthrough_by_status: (100..1000).map(|_| OnceLock::new()).collect(),
             registry,
         }
     }
 
     /// Records one pass-through request.
     pub fn passthrough(&self, status: hyper::StatusCode, elapsed: Duration) {
-        // `as_str` is a static string: no allocation on the pass-through hot path.
-        let status = [status.as_str()];
-        self.passthrough_requests.with_label_values(&status).inc();
-        self.passthrough_seconds
-            .with_label_values(&status)
-            .observe(elapsed.as_secs_f64());
+        let (requests, seconds) = self.passthrough_by_status[usize::from(status.as_u16()) - 100]
+            .get_or_init(|| {
+                let status = [status.as_str()];
+                (
+                    self.passthrough_requests.with_label_values(&status),
+                    self.passthrough_seconds.with_label_values(&status),
+                )
+            });
+        requests.inc();
+        seconds.observe(elapsed.as_secs_f64());
     }
 
     /// Records one upstream request of the proxy's own (`None`: no response).
@@ -154,10 +162,16 @@ mod tests {
     fn renders_recorded_values() {
         let m = Metrics::new();
         m.passthrough(hyper::StatusCode::OK, Duration::from_millis(3));
+        m.passthrough(hyper::StatusCode::OK, Duration::from_millis(3));
+        m.passthrough(
+            hyper::StatusCode::from_u16(999).unwrap(),
+            Duration::from_millis(3),
+        );
         m.upstream(None, Duration::from_millis(1));
         m.exported_resources.inc_by(7);
         let text = m.render();
-        assert!(text.contains("fbp_passthrough_requests_total{status=\"200\"} 1"));
+        assert!(text.contains("fbp_passthrough_requests_total{status=\"200\"} 2"));
+        assert!(text.contains("fbp_passthrough_requests_total{status=\"999\"} 1"));
         assert!(text.contains("fbp_upstream_requests_total{status=\"error\"} 1"));
         assert!(text.contains("fbp_exported_resources_total 7"));
     }

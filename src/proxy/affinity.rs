@@ -8,10 +8,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::task::AtomicWaker;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use tokio::sync::mpsc;
@@ -95,12 +97,19 @@ impl Affinity {
 /// Polls `server` (an inbound connection) and the upstream connections it adopts, in one task, until
 /// `server` ends; the upstream connections end with it.
 pub fn drive<F: Future>(server: F, driver: Driver) -> Drive<F> {
+    let task = Arc::new(TaskWaker::default());
     Drive {
         server: Box::pin(server),
         driver,
         connections: FuturesUnordered::new(),
+        server_part: Part::new(&task),
+        connections_part: Part::new(&task),
+        task,
     }
 }
+
+/// How many times one poll of a [`Drive`] goes round its woken parts before it yields to the scheduler.
+const MAX_ROUNDS: usize = 8;
 
 /// The future of [`drive`].
 // A named future rather than an `async fn`: inside an `async fn`, rustc cannot prove the hyper
@@ -109,6 +118,9 @@ pub struct Drive<F> {
     server: Pin<Box<F>>,
     driver: Driver,
     connections: FuturesUnordered<Driving>,
+    server_part: Part,
+    connections_part: Part,
+    task: Arc<TaskWaker>,
 }
 
 impl<F: Future> Future for Drive<F> {
@@ -116,22 +128,172 @@ impl<F: Future> Future for Drive<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        // Upstream I/O first: a response that arrived is then handed to the server part in this same poll.
-        this.poll_connections(cx);
-        if let Poll::Ready(out) = this.server.as_mut().poll(cx) {
-            return Poll::Ready(out);
+        this.task.waker.register(cx.waker());
+        // The two sides wake each other on every exchange (a request sent up, a response handed down):
+        // going round here until neither is woken serves both in one poll, where a wake-up of the task
+        // would have the scheduler poll everything again for each.
+        for _ in 0..MAX_ROUNDS {
+            this.task.polling.store(true, Ordering::SeqCst);
+            if this.connections_part.take_wake() {
+                this.poll_connections();
+            }
+            if this.server_part.take_wake() {
+                let mut cx = Context::from_waker(&this.server_part.waker);
+                if let Poll::Ready(out) = this.server.as_mut().poll(&mut cx) {
+                    return Poll::Ready(out);
+                }
+            }
+            // Cleared before the last look: a wake-up after it reaches the task.
+            this.task.polling.store(false, Ordering::SeqCst);
+            if !this.connections_part.is_woken() && !this.server_part.is_woken() {
+                return Poll::Pending;
+            }
         }
-        // A request the server part just sent is written upstream without another wake-up.
-        this.poll_connections(cx);
+        // Still woken (a part yields, e.g. once tokio's cooperative budget is spent): let others run first.
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
 
 impl<F> Drive<F> {
-    fn poll_connections(&mut self, cx: &mut Context<'_>) {
-        while let Poll::Ready(Some(c)) = self.driver.spawned.poll_recv(cx) {
+    fn poll_connections(&mut self) {
+        let mut cx = Context::from_waker(&self.connections_part.waker);
+        while let Poll::Ready(Some(c)) = self.driver.spawned.poll_recv(&mut cx) {
             self.connections.push(c);
         }
-        while let Poll::Ready(Some(())) = self.connections.poll_next_unpin(cx) {}
+        while let Poll::Ready(Some(())) = self.connections.poll_next_unpin(&mut cx) {}
+    }
+}
+
+/// The task that polls a [`Drive`], and whether it is polling it now.
+#[derive(Default)]
+struct TaskWaker {
+    waker: AtomicWaker,
+    polling: AtomicBool,
+}
+
+/// One side of a [`Drive`] (the inbound connection, or the upstream ones), polled with a waker of its own.
+struct Part {
+    woken: Arc<PartWaker>,
+    waker: Waker,
+}
+
+impl Part {
+    fn new(task: &Arc<TaskWaker>) -> Self {
+        let woken = Arc::new(PartWaker {
+            // Polled on the first poll.
+            woken: AtomicBool::new(true),
+            task: task.clone(),
+        });
+        Self {
+            waker: Waker::from(woken.clone()),
+            woken,
+        }
+    }
+
+    fn take_wake(&self) -> bool {
+        self.woken.woken.swap(false, Ordering::SeqCst)
+    }
+
+    fn is_woken(&self) -> bool {
+        self.woken.woken.load(Ordering::SeqCst)
+    }
+}
+
+/// Marks its part as woken; wakes the task only when the [`Drive`] is not being polled, since then the
+/// poll itself goes round again.
+struct PartWaker {
+    woken: AtomicBool,
+    task: Arc<TaskWaker>,
+}
+
+impl Wake for PartWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.task.polling.load(Ordering::SeqCst) {
+            self.task.waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts the wake-ups of the task.
+    #[derive(Default)]
+    struct Task(AtomicUsize);
+
+    impl Wake for Task {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A server part that wakes itself on its first `self_wakes` polls and keeps its last waker.
+    fn server(
+        self_wakes: usize,
+        polls: Arc<AtomicUsize>,
+        waker: Arc<Mutex<Option<Waker>>>,
+    ) -> impl Future<Output = ()> {
+        std::future::poll_fn(move |cx| {
+            if polls.fetch_add(1, Ordering::SeqCst) < self_wakes {
+                cx.waker().wake_by_ref();
+            }
+            *waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+
+    #[test]
+    fn a_wake_up_during_the_poll_is_served_in_the_same_poll_not_by_the_scheduler() {
+        let (polls, kept) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+        let (_affinity, driver) = pair();
+        let mut drive = Box::pin(drive(server(1, polls.clone(), kept.clone()), driver));
+        let task = Arc::new(Task::default());
+        let waker = Waker::from(task.clone());
+        assert!(drive
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert_eq!(
+            polls.load(Ordering::SeqCst),
+            2,
+            "woken during the poll: polled again"
+        );
+        assert_eq!(task.0.load(Ordering::SeqCst), 0, "and the task not woken");
+
+        // A wake-up from outside a poll (I/O became ready) reaches the task.
+        kept.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        assert!(drive
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn a_part_that_keeps_waking_itself_yields_to_the_scheduler() {
+        let (polls, kept) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+        let (_affinity, driver) = pair();
+        let mut drive = Box::pin(drive(server(usize::MAX, polls.clone(), kept), driver));
+        let task = Arc::new(Task::default());
+        let waker = Waker::from(task.clone());
+        assert!(drive
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), MAX_ROUNDS);
+        assert_eq!(
+            task.0.load(Ordering::SeqCst),
+            1,
+            "it asks to be polled again"
+        );
     }
 }
