@@ -127,13 +127,11 @@ pub async fn run(
         .max_buf_size((app.config.server.max_header_bytes * 4).max(8192));
     let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
     let graceful = GracefulShutdown::new();
-    let serving = {
-        let app = app.clone();
-        Threads::start(serving_threads(), move |stream, peer, watcher| {
-            serve_connection(app.clone(), &builder, watcher, stream, peer)
-        })
-    };
-    let mut serving = serving.map_err(|source| ServerError::Io {
+    let serving_app = app.clone();
+    let mut serving = Threads::start(serving_threads(), move |stream, peer, watcher| {
+        serve_connection(serving_app.clone(), &builder, watcher, stream, peer)
+    })
+    .map_err(|source| ServerError::Io {
         what: "cannot start the serving threads".into(),
         source,
     })?;

@@ -250,50 +250,65 @@ mod tests {
         })
     }
 
+    /// A drive of [`server`] under a counting task, with the server's poll count and last waker.
+    struct Harness {
+        drive: Pin<Box<Drive<Driving>>>,
+        task: Arc<Task>,
+        polls: Arc<AtomicUsize>,
+        kept: Arc<Mutex<Option<Waker>>>,
+    }
+
+    impl Harness {
+        fn new(self_wakes: usize) -> Self {
+            let (polls, kept) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
+            let (_affinity, driver) = pair();
+            let server: Driving = Box::pin(server(self_wakes, polls.clone(), kept.clone()));
+            Self {
+                drive: Box::pin(drive(server, driver)),
+                task: Arc::new(Task::default()),
+                polls,
+                kept,
+            }
+        }
+
+        /// Polls the drive once, as the task would; it never finishes.
+        fn poll(&mut self) {
+            let waker = Waker::from(self.task.clone());
+            assert!(self
+                .drive
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+        }
+
+        fn polls(&self) -> usize {
+            self.polls.load(Ordering::SeqCst)
+        }
+
+        fn task_wakes(&self) -> usize {
+            self.task.0.load(Ordering::SeqCst)
+        }
+    }
+
     #[test]
     fn a_wake_up_during_the_poll_is_served_in_the_same_poll_not_by_the_scheduler() {
-        let (polls, kept) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
-        let (_affinity, driver) = pair();
-        let mut drive = Box::pin(drive(server(1, polls.clone(), kept.clone()), driver));
-        let task = Arc::new(Task::default());
-        let waker = Waker::from(task.clone());
-        assert!(drive
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_pending());
-        assert_eq!(
-            polls.load(Ordering::SeqCst),
-            2,
-            "woken during the poll: polled again"
-        );
-        assert_eq!(task.0.load(Ordering::SeqCst), 0, "and the task not woken");
+        let mut h = Harness::new(1);
+        h.poll();
+        assert_eq!(h.polls(), 2, "woken during the poll: polled again");
+        assert_eq!(h.task_wakes(), 0, "and the task not woken");
 
         // A wake-up from outside a poll (I/O became ready) reaches the task.
-        kept.lock().unwrap().take().unwrap().wake();
-        assert_eq!(task.0.load(Ordering::SeqCst), 1);
-        assert!(drive
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), 3);
+        h.kept.lock().unwrap().take().unwrap().wake();
+        assert_eq!(h.task_wakes(), 1);
+        h.poll();
+        assert_eq!(h.polls(), 3);
     }
 
     #[test]
     fn a_part_that_keeps_waking_itself_yields_to_the_scheduler() {
-        let (polls, kept) = (Arc::new(AtomicUsize::new(0)), Arc::new(Mutex::new(None)));
-        let (_affinity, driver) = pair();
-        let mut drive = Box::pin(drive(server(usize::MAX, polls.clone(), kept), driver));
-        let task = Arc::new(Task::default());
-        let waker = Waker::from(task.clone());
-        assert!(drive
-            .as_mut()
-            .poll(&mut Context::from_waker(&waker))
-            .is_pending());
-        assert_eq!(polls.load(Ordering::SeqCst), MAX_ROUNDS);
-        assert_eq!(
-            task.0.load(Ordering::SeqCst),
-            1,
-            "it asks to be polled again"
-        );
+        let mut h = Harness::new(usize::MAX);
+        h.poll();
+        assert_eq!(h.polls(), MAX_ROUNDS);
+        assert_eq!(h.task_wakes(), 1, "it asks to be polled again");
     }
 }
