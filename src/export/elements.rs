@@ -15,11 +15,11 @@ const MANDATORY: [&str; 3] = ["resourceType", "id", "meta"];
 ///
 /// The input is valid JSON (it came through a `RawValue`), so tracking strings and escapes is enough.
 /// Most servers send compact JSON: that is recognised in one fast scan and copied as it is.
-pub fn write_compact(json: &str, out: &mut Vec<u8>) {
-    if is_compact(json.as_bytes()) {
-        out.extend_from_slice(json.as_bytes());
+pub fn write_compact(json: &[u8], out: &mut Vec<u8>) {
+    if is_compact(json) {
+        out.extend_from_slice(json);
     } else {
-        strip_whitespace(json.as_bytes(), out);
+        strip_whitespace(json, out);
     }
 }
 
@@ -143,7 +143,7 @@ pub fn write_subset(
             member(out, key, &|o| o.extend_from_slice(meta.as_bytes()));
             meta_written = true;
         } else if MANDATORY.contains(&key.as_str()) || elements.iter().any(|e| selects(e, key)) {
-            member(out, key, &|o| write_compact(value.get(), o));
+            member(out, key, &|o| write_compact(value.get().as_bytes(), o));
         }
     }
     if !meta_written {
@@ -180,7 +180,7 @@ mod tests {
 
     fn compact(s: &str) -> String {
         let mut out = Vec::new();
-        write_compact(s, &mut out);
+        write_compact(s.as_bytes(), &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -295,7 +295,7 @@ mod tests {
         #[test]
         fn compaction_equals_compact_serialization(v in json_value()) {
             let mut out = Vec::new();
-            write_compact(&serde_json::to_string_pretty(&v).unwrap(), &mut out);
+            write_compact(serde_json::to_string_pretty(&v).unwrap().as_bytes(), &mut out);
             proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&v).unwrap());
         }
     }

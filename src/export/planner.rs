@@ -7,7 +7,8 @@ use url::Url;
 use crate::export::compartment;
 use crate::export::ranges::{self, format_ms, parse_ms, Range};
 use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
-use crate::upstream::{Capability, SearchPage, Upstream, UpstreamError};
+use crate::upstream::bundle::read_matches;
+use crate::upstream::{Capability, Upstream, UpstreamError};
 
 /// Page size used to list patient ids: only ids travel, so pages can be large.
 const ID_PAGE_SIZE: u32 = 1000;
@@ -187,12 +188,16 @@ impl Bounds<'_> {
         let (total, oldest) = self
             .upstream
             .fetch(url.as_str(), |body| {
-                let page = SearchPage::parse(body)?;
-                let oldest = page.matches().next().and_then(|raw| {
-                    let r: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
-                    r["meta"]["lastUpdated"].as_str().and_then(parse_ms)
-                });
-                Ok((page.total, oldest))
+                let mut oldest = None;
+                let page = read_matches(body, |resource| {
+                    if oldest.is_none() {
+                        let r: serde_json::Value =
+                            serde_json::from_slice(resource.json).map_err(|e| e.to_string())?;
+                        oldest = Some(r["meta"]["lastUpdated"].as_str().and_then(parse_ms));
+                    }
+                    Ok(())
+                })?;
+                Ok((page.total, oldest.flatten()))
             })
             .await?;
         let (Some(total), Some(oldest)) = (total, oldest) else {
@@ -221,7 +226,7 @@ impl Bounds<'_> {
             .append_pair("_lastUpdated", &format!("le{}", format_ms(range.hi)));
         self.upstream
             .fetch(url.as_str(), |body| {
-                SearchPage::parse(body)?
+                read_matches(body, |_| Ok(()))?
                     .total
                     .ok_or_else(|| "the upstream gives no Bundle.total".to_owned())
             })
@@ -374,20 +379,13 @@ async fn all_patients(job: &Job, upstream: &Upstream) -> Result<BTreeSet<String>
     while let Some(page_url) = next {
         let (page_ids, page_next) = upstream
             .fetch(&page_url, |body| {
-                let page = SearchPage::parse(body)?;
-                let ids: Result<Vec<String>, String> = page
-                    .matches()
-                    .map(|raw| {
-                        #[derive(serde::Deserialize)]
-                        struct IdOnly {
-                            id: String,
-                        }
-                        serde_json::from_str::<IdOnly>(raw.get())
-                            .map(|r| r.id)
-                            .map_err(|e| format!("Patient without id: {e}"))
-                    })
-                    .collect();
-                Ok((ids?, page.next().map(str::to_owned)))
+                let mut ids = Vec::new();
+                let page = read_matches(body, |resource| {
+                    let id = resource.id.ok_or("a Patient without id")?;
+                    ids.push(id.into_owned());
+                    Ok(())
+                })?;
+                Ok((ids, page.next))
             })
             .await?;
         ids.extend(page_ids);

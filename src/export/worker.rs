@@ -4,7 +4,6 @@
 //! that covers them. A crash anywhere leaves a cursor whose files hold at least its committed bytes; resume
 //! truncates them back to exactly that and refetches the page after it.
 
-use std::borrow::Cow;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,8 @@ use crate::export::elements::{write_compact, write_subset};
 use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
-use crate::upstream::{next_link_early, Prefetched, SearchPage, Upstream, UpstreamError};
+use crate::upstream::bundle::{BundleReader, Entry};
+use crate::upstream::{PageSink, Prefetched, Upstream, UpstreamError};
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
 /// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
@@ -190,16 +191,22 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
             }
             r = async {
                 let early = prefetch.take(&url).await;
+                let scope = Scope {
+                    ctx,
+                    slice: &slice,
+                    url: &url,
+                    dedupe,
+                    batch_ids: &batch.ids,
+                    // Ids of a checkpoint still syncing are in neither the batch nor the store.
+                    committing_ids: pending.as_ref().map(|p: &Pending| &p.batch.ids),
+                    prefetch: &prefetch,
+                    spare: &output.spare,
+                };
                 ctx.upstream
-                    .fetch_budgeted_from(
+                    .fetch_streamed(
                         &url,
                         early,
-                        |body| {
-                            prefetch.start(ctx, &slice, &url, body);
-                            // Ids of a checkpoint still syncing are in neither the batch nor the store.
-                            let committing = pending.as_ref().map(|p: &Pending| &p.batch.ids);
-                            convert(body, &slice, dedupe, &batch.ids, committing, ctx, &output.spare)
-                        },
+                        || Converter::new(&scope),
                         || ctx.limits.spend_request(),
                     )
                     .await
@@ -319,8 +326,8 @@ impl Default for Batch {
     }
 }
 
-/// A slice's next page, asked for as soon as the current page's `next` link is read and before the page
-/// is parsed: the upstream prepares it while the proxy converts, instead of each waiting for the other.
+/// A slice's next page, asked for as soon as the current page's `next` link is read, before the rest of
+/// the page is: the upstream prepares it while the proxy converts, instead of each waiting for the other.
 /// At most one per slice; one still in flight when the slice ends is aborted.
 #[derive(Default)]
 struct Prefetch(Mutex<Option<Asked>>);
@@ -329,22 +336,19 @@ struct Prefetch(Mutex<Option<Asked>>);
 type Asked = (String, JoinHandle<Prefetched>);
 
 impl Prefetch {
-    /// Asks for the page after `url` (whose body is `body`) unless it is asked for already, leads back to
-    /// a page fetched before, or the job's request budget has no request to spare.
-    fn start(&self, ctx: &SliceContext, slice: &Slice, url: &str, body: &[u8]) {
-        let Some(next) = next_link_early(body) else {
-            return;
-        };
+    /// Asks for `next`, the page after `url`, unless it is asked for already, leads back to a page
+    /// fetched before, or the job's request budget has no request to spare.
+    fn start(&self, ctx: &SliceContext, slice: &Slice, url: &str, next: &str) {
         let mut slot = self.0.lock().expect("prefetch lock");
         if slot.as_ref().is_some_and(|(asked, _)| *asked == next)
             || next == url
-            || slice.visited.contains(&url_hash(&next))
+            || slice.visited.contains(&url_hash(next))
             || !ctx.limits.spare_request()
         {
             return;
         }
-        if let Some(handle) = ctx.upstream.prefetch(&next) {
-            if let Some((_, stale)) = slot.replace((next, handle)) {
+        if let Some(handle) = ctx.upstream.prefetch(next) {
+            if let Some((_, stale)) = slot.replace((next.to_owned(), handle)) {
                 stale.abort();
             }
         }
@@ -527,132 +531,192 @@ fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd,
     }
 }
 
-/// Renders a history page's DELETE entries up to the snapshot as the spec's deleted-resource lines: one
-/// transaction Bundle per deletion.
-fn deletions(
-    page: &SearchPage,
+/// What converting a page of a slice needs, the same for every attempt at it.
+struct Scope<'s> {
+    ctx: &'s SliceContext,
+    slice: &'s Slice,
+    /// The page's URL.
+    url: &'s str,
+    /// Whether resources found before are left out (a slice of several OR-ed searches).
+    dedupe: bool,
+    /// Ids written since the last checkpoint.
+    batch_ids: &'s HashSet<String>,
+    /// Ids of the checkpoint being committed, if one is.
+    committing_ids: Option<&'s HashSet<String>>,
+    prefetch: &'s Prefetch,
+    spare: &'s Mutex<Vec<u8>>,
+}
+
+/// A page converted as it arrives: each entry is checked and rendered as an output line as soon as its
+/// last byte is in, and the page after it is asked for as soon as its `next` link is read. An `Err`
+/// makes the fetch retry the page, whose lines are then dropped with it: nothing is written twice.
+struct Converter<'s> {
+    reader: BundleReader,
+    lines: Lines<'s>,
+}
+
+/// The page's output lines, rendered entry by entry.
+struct Lines<'s> {
+    scope: &'s Scope<'s>,
+    page: Page,
+    /// Ids on this page so far (deduplicated slices).
+    page_ids: HashSet<String>,
+    /// Whether the page after this one has been asked for.
+    asked: bool,
+}
+
+impl<'s> Converter<'s> {
+    fn new(scope: &'s Scope<'s>) -> Self {
+        let data = std::mem::take(&mut *scope.spare.lock().expect("spare buffer lock"));
+        Self {
+            reader: BundleReader::new(),
+            lines: Lines {
+                scope,
+                page: Page {
+                    data,
+                    ends: Vec::new(),
+                    ids: Vec::new(),
+                    next: None,
+                    total: None,
+                    fingerprint: None,
+                },
+                page_ids: HashSet::new(),
+                asked: false,
+            },
+        }
+    }
+}
+
+impl PageSink for Converter<'_> {
+    type Page = Page;
+
+    fn expect(&mut self, bytes: usize) {
+        // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
+        self.lines.page.data.reserve_exact(bytes + bytes / 8);
+    }
+
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.reader.feed(bytes, &mut |e| self.lines.add(e))?;
+        self.lines.ask_next(self.reader.next_link());
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Page, String> {
+        let summary = self.reader.finish(&mut |e| self.lines.add(e))?;
+        self.lines.ask_next(summary.next.as_deref());
+        let mut page = self.lines.page;
+        page.next = summary.next;
+        page.total = summary.total;
+        Ok(page)
+    }
+}
+
+impl Lines<'_> {
+    /// Asks for the page after this one, once.
+    fn ask_next(&mut self, next: Option<&str>) {
+        let scope = self.scope;
+        if let Some(next) = next.filter(|_| !self.asked) {
+            self.asked = true;
+            scope
+                .prefetch
+                .start(scope.ctx, scope.slice, scope.url, next);
+        }
+    }
+
+    /// Renders an entry's resource as a line if it is one the slice exports.
+    fn add(&mut self, entry: Entry<'_>) -> Result<(), String> {
+        let Scope {
+            ctx, slice, dedupe, ..
+        } = *self.scope;
+        let out = &mut self.page;
+        if slice.kind == SliceKind::Deleted {
+            return deletion(&entry, slice, ctx.snapshot, out);
+        }
+        if !entry.is_match()? {
+            return Ok(());
+        }
+        let Some(resource) = entry.resource else {
+            return Ok(());
+        };
+        if resource.resource_type != slice.resource_type {
+            return Err(format!(
+                "a {} search returned a {} as a match",
+                slice.resource_type, resource.resource_type
+            ));
+        }
+        // A page is known by its first resource: a later page starting with the same one is the same
+        // page served again (or an overlap), which would duplicate resources either way.
+        if out.fingerprint.is_none() {
+            out.fingerprint = Some(fnv(FNV_OFFSET, resource.json));
+        }
+        if dedupe {
+            let id = resource.id.as_deref().ok_or("a resource has no id")?;
+            if !self.page_ids.insert(id.to_owned())
+                || self.scope.batch_ids.contains(id)
+                || self
+                    .scope
+                    .committing_ids
+                    .is_some_and(|ids| ids.contains(id))
+                || ctx.store.seen(slice, id).map_err(|e| e.to_string())?
+            {
+                return Ok(());
+            }
+            out.ids.push(id.to_owned());
+        }
+        if !ctx.elements.is_empty() {
+            let raw: &RawValue = serde_json::from_slice(resource.json)
+                .map_err(|e| format!("resource is not JSON: {e}"))?;
+            write_subset(raw, &ctx.elements, &mut out.data)?;
+        } else if resource.compact {
+            out.data.extend_from_slice(resource.json);
+        } else {
+            write_compact(resource.json, &mut out.data);
+        }
+        out.data.push(b'\n');
+        out.ends.push(out.data.len());
+        Ok(())
+    }
+}
+
+/// Renders a history entry that deletes a resource of the slice's type, up to the snapshot, as the spec's
+/// deleted-resource line: a transaction Bundle of that one deletion.
+fn deletion(
+    entry: &Entry<'_>,
     slice: &Slice,
     snapshot: DateTime<Utc>,
     out: &mut Page,
 ) -> Result<(), String> {
-    let prefix = format!("{}/", slice.resource_type);
-    for entry in &page.entry {
-        let Some(request) = entry.request.as_ref().filter(|r| r.method == "DELETE") else {
-            continue;
-        };
-        let id = request
-            .url
-            .strip_prefix(&prefix)
-            .filter(|id| !id.is_empty() && !id.contains(['/', '?']))
-            .ok_or_else(|| {
-                format!(
-                    "history entry for {:?} is not a {} deletion",
-                    request.url, slice.resource_type
-                )
-            })?;
-        let when = entry
-            .response
-            .as_ref()
-            .and_then(|r| r.last_modified.as_deref());
-        let after_snapshot = when
-            .and_then(|w| DateTime::parse_from_rfc3339(w).ok())
-            .is_some_and(|w| w > snapshot);
-        if after_snapshot {
-            continue;
-        }
-        let bundle = serde_json::json!({
-            "resourceType": "Bundle",
-            "type": "transaction",
-            "entry": [{"request": {"method": "DELETE", "url": format!("{prefix}{id}")}}],
-        });
-        out.data.extend_from_slice(bundle.to_string().as_bytes());
-        out.data.push(b'\n');
-        out.ends.push(out.data.len());
-    }
-    Ok(())
-}
-
-/// The members every resource line is checked for.
-#[derive(serde::Deserialize)]
-struct Head<'a> {
-    #[serde(rename = "resourceType", borrow)]
-    resource_type: Cow<'a, str>,
-    #[serde(borrow)]
-    id: Option<Cow<'a, str>>,
-}
-
-/// Parses a page and renders its matches as output lines; an `Err` makes the fetch retry.
-fn convert(
-    body: &[u8],
-    slice: &Slice,
-    dedupe: bool,
-    batch_ids: &HashSet<String>,
-    committing_ids: Option<&HashSet<String>>,
-    ctx: &SliceContext,
-    spare: &Mutex<Vec<u8>>,
-) -> Result<Page, String> {
-    let page = SearchPage::parse(body)?;
-    let mut data = std::mem::take(&mut *spare.lock().expect("spare buffer lock"));
-    // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
-    data.reserve_exact(body.len() + body.len() / 8);
-    let mut out = Page {
-        data,
-        ends: Vec::new(),
-        ids: Vec::new(),
-        next: page.next().map(str::to_owned),
-        total: page.total,
-        fingerprint: None,
+    let Some(request) = entry.request()?.filter(|r| r.method == "DELETE") else {
+        return Ok(());
     };
-    if slice.kind == SliceKind::Deleted {
-        deletions(&page, slice, ctx.snapshot, &mut out)?;
-        return Ok(out);
+    let prefix = format!("{}/", slice.resource_type);
+    let id = request
+        .url
+        .strip_prefix(&prefix)
+        .filter(|id| !id.is_empty() && !id.contains(['/', '?']))
+        .ok_or_else(|| {
+            format!(
+                "history entry for {:?} is not a {} deletion",
+                request.url, slice.resource_type
+            )
+        })?;
+    let after_snapshot = entry
+        .response()?
+        .and_then(|r| r.last_modified)
+        .and_then(|w| DateTime::parse_from_rfc3339(&w).ok())
+        .is_some_and(|w| w > snapshot);
+    if after_snapshot {
+        return Ok(());
     }
-    // Most servers write `resourceType` first: then the type is checked without parsing the resource.
-    let typed_prefix = format!("{{\"resourceType\":\"{}\"", slice.resource_type);
-    let mut page_ids = HashSet::new();
-    for raw in page.matches() {
-        let text = raw.get();
-        let head = if text.starts_with(&typed_prefix) && !dedupe {
-            None
-        } else {
-            let head: Head = serde_json::from_str(text)
-                .map_err(|e| format!("resource without resourceType: {e}"))?;
-            if head.resource_type != slice.resource_type {
-                return Err(format!(
-                    "a {} search returned a {} as a match",
-                    slice.resource_type, head.resource_type
-                ));
-            }
-            Some(head)
-        };
-        // A page is known by its first resource: a later page starting with the same one is the same
-        // page served again (or an overlap), which would duplicate resources either way.
-        if out.fingerprint.is_none() {
-            out.fingerprint = Some(fnv(FNV_OFFSET, text.as_bytes()));
-        }
-        if dedupe {
-            let id = head
-                .and_then(|h| h.id)
-                .ok_or("a resource has no id")?
-                .into_owned();
-            if !page_ids.insert(id.clone())
-                || batch_ids.contains(&id)
-                || committing_ids.is_some_and(|ids| ids.contains(&id))
-                || ctx.store.seen(slice, &id).map_err(|e| e.to_string())?
-            {
-                continue;
-            }
-            out.ids.push(id);
-        }
-        if ctx.elements.is_empty() {
-            write_compact(raw.get(), &mut out.data);
-        } else {
-            write_subset(raw, &ctx.elements, &mut out.data)?;
-        }
-        out.data.push(b'\n');
-        out.ends.push(out.data.len());
-    }
-    Ok(out)
+    let bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": format!("{prefix}{id}")}}],
+    });
+    out.data.extend_from_slice(bundle.to_string().as_bytes());
+    out.data.push(b'\n');
+    out.ends.push(out.data.len());
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! The proxy's own calls to the upstream FHIR server: rate-limited, bounded, retried.
 
+pub mod bundle;
 pub mod credentials;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,8 +13,7 @@ use rand::Rng;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
 use reqwest::Response;
 use reqwest::StatusCode;
-use serde::Deserialize;
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
 use url::Url;
 
 use tracing::Instrument;
@@ -118,18 +118,13 @@ pub struct Upstream {
     base: Url,
     credentials: Credentials,
     limiter: DefaultDirectRateLimiter,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     max_retries: u32,
     retry_base: Duration,
     retry_max: Duration,
     give_up_after: Duration,
     max_page_bytes: usize,
     capability: RwLock<Option<(Instant, Arc<Capability>)>>,
-    /// Page buffers not in use, at most one per concurrent request: page-sized allocations are made
-    /// once, not per page, so memory does not drift as an export runs on.
-    page_buffers: std::sync::Mutex<Vec<Vec<u8>>>,
-    /// `max_concurrent_requests`.
-    permits_total: usize,
 }
 
 impl Upstream {
@@ -149,15 +144,13 @@ impl Upstream {
             base: cfg.base_url.clone(),
             credentials,
             limiter: RateLimiter::direct(Quota::per_second(rps)),
-            permits: Semaphore::new(cfg.max_concurrent_requests),
+            permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
             max_retries: cfg.max_retries,
             retry_base: Duration::from_millis(cfg.retry_base_ms),
             retry_max: Duration::from_millis(cfg.retry_max_ms),
             give_up_after: Duration::from_secs(cfg.give_up_after_secs),
             max_page_bytes: cfg.max_page_bytes,
             capability: RwLock::new(None),
-            page_buffers: std::sync::Mutex::new(Vec::new()),
-            permits_total: cfg.max_concurrent_requests,
         })
     }
 
@@ -225,7 +218,7 @@ impl Upstream {
         Ok(cap)
     }
 
-    /// GETs `url` and parses the body with `parse`, retrying transient failures.
+    /// GETs `url` and parses the whole body with `parse`, retrying transient failures.
     ///
     /// Retried: 429, 5xx, connection errors, timeouts, truncated bodies and bodies `parse` rejects
     /// (a proxy in between may have cut them). `Retry-After` is honoured up to `retry_max_ms`.
@@ -234,33 +227,27 @@ impl Upstream {
         url: &str,
         parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<T, UpstreamError> {
-        self.fetch_budgeted(url, parse, || Ok(())).await
+        let whole = || Whole {
+            body: Vec::new(),
+            parse: &parse,
+        };
+        self.fetch_streamed(url, None, whole, || Ok(())).await
     }
 
-    /// [`Upstream::fetch`], asking `before_attempt` before every request (a job's request budget).
+    /// [`Upstream::fetch`] with the body handed to a fresh `sink()` chunk by chunk as it arrives, asking
+    /// `before_attempt` before every request (a job's request budget); `prefetched` (an attempt at `url`
+    /// already made and counted) is its first attempt, and its failure is retried like any other.
     ///
     /// An unreachable upstream (connection refused, timeouts) is retried past `max_retries` until it
     /// has been unreachable for `give_up_after_secs`: a restarting server should not fail an export,
     /// one that is gone for good should not keep it waiting forever.
-    pub async fn fetch_budgeted<T>(
-        &self,
-        url: &str,
-        parse: impl Fn(&[u8]) -> Result<T, String>,
-        before_attempt: impl Fn() -> Result<(), UpstreamError>,
-    ) -> Result<T, UpstreamError> {
-        self.fetch_budgeted_from(url, None, parse, before_attempt)
-            .await
-    }
-
-    /// [`Upstream::fetch_budgeted`], with `prefetched` (an attempt at `url` already made and counted) as its
-    /// first attempt: a body is parsed, a failure is retried (after `Retry-After`) like any other.
-    pub async fn fetch_budgeted_from<T>(
+    pub async fn fetch_streamed<S: PageSink>(
         &self,
         url: &str,
         mut prefetched: Option<Prefetched>,
-        parse: impl Fn(&[u8]) -> Result<T, String>,
+        sink: impl Fn() -> S,
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
-    ) -> Result<T, UpstreamError> {
+    ) -> Result<S::Page, UpstreamError> {
         let target = self.check_own(url)?;
         // A span per request (retries included): inside a job's span, so traces group by job.
         let span = tracing::info_span!("upstream_request", url = %target);
@@ -268,24 +255,15 @@ impl Upstream {
         let mut attempt = 0;
         let mut unreachable_since: Option<Instant> = None;
         loop {
-            let fetched = match prefetched.take() {
-                Some(Prefetched(attempt)) => attempt,
+            let opened = match prefetched.take() {
+                Some(Prefetched(opened)) => opened,
                 None => {
                     before_attempt()?;
-                    self.fetch_once(&target).await
+                    self.open(&target).await
                 }
             };
-            let (err, retry_after) = match fetched {
-                Ok(body) => match self.recycle(body, &parse) {
-                    Ok(v) => return Ok(v),
-                    Err(detail) => (
-                        UpstreamError::Invalid {
-                            url: url.to_owned(),
-                            detail,
-                        },
-                        None,
-                    ),
-                },
+            let (err, retry_after) = match self.read(&target, opened, sink()).await {
+                Ok(page) => return Ok(page),
                 Err(Attempt::Final(e)) => return Err(e),
                 Err(Attempt::Retry(e, retry_after)) => (e, retry_after),
             };
@@ -315,12 +293,13 @@ impl Upstream {
     }
 
     /// One attempt at `url` in the background, for a page wanted next, to be handed to
-    /// [`Upstream::fetch_budgeted_from`]; `None` for a URL not under the base.
+    /// [`Upstream::fetch_streamed`]; `None` for a URL not under the base. It goes as far as the response
+    /// head: the body waits in the connection until the page is read, so memory holds no page ahead.
     pub fn prefetch(self: &Arc<Self>, url: &str) -> Option<tokio::task::JoinHandle<Prefetched>> {
         let target = self.check_own(url).ok()?;
         let upstream = self.clone();
         Some(tokio::spawn(async move {
-            Prefetched(upstream.fetch_once(&target).await)
+            Prefetched(upstream.open(&target).await)
         }))
     }
 
@@ -335,30 +314,16 @@ impl Upstream {
         }
     }
 
-    /// Parses a page body, then keeps its buffer for the next page.
-    fn recycle<T>(
-        &self,
-        body: Vec<u8>,
-        parse: impl Fn(&[u8]) -> Result<T, String>,
-    ) -> Result<T, String> {
-        let parsed = parse(&body);
-        let mut pool = self.page_buffers.lock().expect("page buffer pool lock");
-        if pool.len() < self.permits_total {
-            let mut body = body;
-            body.clear();
-            pool.push(body);
-        }
-        parsed
-    }
-
-    async fn fetch_once(&self, url: &Url) -> Result<Vec<u8>, Attempt> {
+    /// Sends a GET and waits for a successful response head; the body is left to [`Upstream::read`].
+    async fn open(&self, url: &Url) -> Result<Opened, Attempt> {
         if self.limiter.check().is_err() {
             METRICS.rate_limiter_waits.inc();
             self.limiter.until_ready().await;
         }
-        let _permit = self
+        let permit = self
             .permits
-            .acquire()
+            .clone()
+            .acquire_owned()
             .await
             .expect("semaphore never closed");
         let (mut response, sent) = self.send(url).await?;
@@ -395,27 +360,46 @@ impl Upstream {
                 },
             );
         }
-        let expected = response.content_length().unwrap_or(0) as usize;
-        let mut body = self
-            .page_buffers
-            .lock()
-            .expect("page buffer pool lock")
-            .pop()
-            .unwrap_or_default();
-        // Sized from Content-Length, with headroom for slightly larger pages to come: `reserve` would
-        // double a page-sized buffer for a page one byte larger than the last, and memory with it.
-        let expected = expected.min(self.max_page_bytes);
-        body.reserve_exact(expected + expected / 8);
-        while let Some(chunk) = response.chunk().await.map_err(|e| transport(url, e))? {
-            if body.len() + chunk.len() > self.max_page_bytes {
-                return Err(Attempt::Final(UpstreamError::Invalid {
-                    url: url.to_string(),
-                    detail: format!("body larger than max_page_bytes ({})", self.max_page_bytes),
-                }));
-            }
-            body.extend_from_slice(&chunk);
+        Ok(Opened {
+            response,
+            _permit: permit,
+        })
+    }
+
+    /// Hands an opened response's body to `sink` as it arrives.
+    async fn read<S: PageSink>(
+        &self,
+        url: &Url,
+        opened: Result<Opened, Attempt>,
+        mut sink: S,
+    ) -> Result<S::Page, Attempt> {
+        let mut opened = opened?;
+        let invalid = |detail: String| UpstreamError::Invalid {
+            url: url.to_string(),
+            detail,
+        };
+        if let Some(expected) = opened.response.content_length() {
+            sink.expect(expected.min(self.max_page_bytes as u64) as usize);
         }
-        Ok(body)
+        let mut read = 0;
+        while let Some(chunk) = opened
+            .response
+            .chunk()
+            .await
+            .map_err(|e| transport(url, e))?
+        {
+            read += chunk.len();
+            if read > self.max_page_bytes {
+                return Err(Attempt::Final(invalid(format!(
+                    "body larger than max_page_bytes ({})",
+                    self.max_page_bytes
+                ))));
+            }
+            sink.chunk(&chunk)
+                .map_err(|detail| Attempt::Retry(invalid(detail), None))?;
+        }
+        sink.finish()
+            .map_err(|detail| Attempt::Retry(invalid(detail), None))
     }
 
     /// Sends one GET with the current credentials; returns the `Authorization` it carried.
@@ -482,146 +466,41 @@ fn parse_retry_after(value: &str) -> Option<Duration> {
     Some(delta.to_std().unwrap_or(Duration::ZERO))
 }
 
-/// An attempt made ahead of time by [`Upstream::prefetch`]: the body, or how the attempt failed.
-pub struct Prefetched(Result<Vec<u8>, Attempt>);
+/// An attempt made ahead of time by [`Upstream::prefetch`]: the response, or how the attempt failed.
+pub struct Prefetched(Result<Opened, Attempt>);
 
-/// The parts of a searchset Bundle the proxy needs; resources stay raw JSON.
-#[derive(Debug, Deserialize)]
-pub struct SearchPage<'a> {
-    /// Must be `Bundle`.
-    #[serde(rename = "resourceType")]
-    pub resource_type: String,
-    /// `Bundle.total`, when the upstream counts.
-    pub total: Option<u64>,
-    /// Paging links.
-    #[serde(default)]
-    pub link: Vec<Link>,
-    /// Entries; only `search.mode = match` (or no mode) are results.
-    #[serde(default, borrow)]
-    pub entry: Vec<Entry<'a>>,
+/// A response whose head said success, and the request permit it holds until its body is read.
+struct Opened {
+    response: Response,
+    _permit: OwnedSemaphorePermit,
 }
 
-/// `Bundle.link`.
-#[derive(Debug, Deserialize)]
-pub struct Link {
-    /// `next`, `self`…
-    pub relation: String,
-    /// Target.
-    pub url: String,
+/// Takes a page body chunk by chunk as it arrives; a new one serves every attempt.
+pub trait PageSink {
+    /// What a complete body gives.
+    type Page;
+    /// The body's announced length (at most `max_page_bytes`), before its first chunk.
+    fn expect(&mut self, _bytes: usize) {}
+    /// The next chunk of the body; an error fails the attempt, which is retried.
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String>;
+    /// The body has ended; an error fails the attempt, which is retried.
+    fn finish(self) -> Result<Self::Page, String>;
 }
 
-/// `Bundle.entry`, resource kept as raw JSON so it is written exactly as received.
-#[derive(Debug, Deserialize)]
-pub struct Entry<'a> {
-    /// The resource.
-    #[serde(borrow)]
-    pub resource: Option<&'a serde_json::value::RawValue>,
-    /// `entry.search`.
-    pub search: Option<EntrySearch>,
-    /// `entry.request` (history bundles).
-    pub request: Option<EntryRequest>,
-    /// `entry.response` (history bundles).
-    pub response: Option<EntryResponse>,
+/// The whole body, parsed once it is in: for small responses (metadata, the planner's probes).
+struct Whole<'p, F> {
+    body: Vec<u8>,
+    parse: &'p F,
 }
 
-/// `Bundle.entry.request`.
-#[derive(Debug, Deserialize)]
-pub struct EntryRequest {
-    /// HTTP method of the recorded interaction.
-    pub method: String,
-    /// `Type/id` it applied to.
-    pub url: String,
-}
-
-/// `Bundle.entry.response`.
-#[derive(Debug, Deserialize)]
-pub struct EntryResponse {
-    /// When the interaction happened.
-    #[serde(rename = "lastModified")]
-    pub last_modified: Option<String>,
-}
-
-/// `Bundle.entry.search`.
-#[derive(Debug, Deserialize)]
-pub struct EntrySearch {
-    /// `match`, `include` or `outcome`.
-    pub mode: Option<String>,
-}
-
-/// The `next` link of a page, read from the Bundle's members before `entry` only (servers write `link`
-/// first), so that the next page can be asked for before this one is parsed; `None` when it is not there.
-/// Only a hint: the page's full parse decides what is next.
-pub fn next_link_early(body: &[u8]) -> Option<String> {
-    use serde::de::{DeserializeSeed, Error, IgnoredAny, MapAccess, Visitor};
-
-    struct Head<'s>(&'s mut Option<String>);
-    impl<'de> DeserializeSeed<'de> for Head<'_> {
-        type Value = ();
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-            d.deserialize_map(self)
-        }
+impl<T, F: Fn(&[u8]) -> Result<T, String>> PageSink for Whole<'_, F> {
+    type Page = T;
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+        self.body.extend_from_slice(bytes);
+        Ok(())
     }
-    impl<'de> Visitor<'de> for Head<'_> {
-        type Value = ();
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a Bundle")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-            while let Some(key) = map.next_key::<String>()? {
-                match key.as_str() {
-                    "link" => {
-                        let links: Vec<Link> = map.next_value()?;
-                        *self.0 = links
-                            .into_iter()
-                            .find(|l| l.relation == "next")
-                            .map(|l| l.url);
-                        // An error is the way to stop serde_json before the entries it would scan.
-                        return Err(A::Error::custom("read as far as needed"));
-                    }
-                    "entry" => return Err(A::Error::custom("no link before the entries")),
-                    _ => {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-            }
-            Ok(())
-        }
-    }
-
-    let mut next = None;
-    let _stopped = Head(&mut next).deserialize(&mut serde_json::Deserializer::from_slice(body));
-    next
-}
-
-impl<'a> SearchPage<'a> {
-    /// Parses a page, checking it is a Bundle.
-    pub fn parse(body: &'a [u8]) -> Result<Self, String> {
-        let page: SearchPage =
-            serde_json::from_slice(body).map_err(|e| format!("not a JSON Bundle: {e}"))?;
-        if page.resource_type != "Bundle" {
-            return Err(format!("expected a Bundle, got {}", page.resource_type));
-        }
-        Ok(page)
-    }
-
-    /// The `next` link, if any.
-    pub fn next(&self) -> Option<&str> {
-        self.link
-            .iter()
-            .find(|l| l.relation == "next")
-            .map(|l| l.url.as_str())
-    }
-
-    /// The search results (entries in `match` mode).
-    pub fn matches(&self) -> impl Iterator<Item = &'a serde_json::value::RawValue> + '_ {
-        self.entry.iter().filter_map(|e| {
-            let is_match = e
-                .search
-                .as_ref()
-                .and_then(|s| s.mode.as_deref())
-                .is_none_or(|m| m == "match");
-            e.resource.filter(|_| is_match)
-        })
+    fn finish(self) -> Result<T, String> {
+        (self.parse)(&self.body)
     }
 }
 
@@ -651,43 +530,6 @@ mod tests {
         ] {
             assert!(u.check_own(foreign).is_err(), "{foreign} accepted");
         }
-    }
-
-    #[test]
-    fn page_keeps_matches_only_and_finds_next() {
-        let body = br#"{"resourceType":"Bundle","total":2,"link":[{"relation":"self","url":"a"},{"relation":"next","url":"b"}],
-            "entry":[{"resource":{"resourceType":"Patient","id":"1"},"search":{"mode":"match"}},
-                     {"resource":{"resourceType":"Organization","id":"o"},"search":{"mode":"include"}},
-                     {"resource":{"resourceType":"Patient","id":"2"}}]}"#;
-        let page = SearchPage::parse(body).unwrap();
-        assert_eq!(page.next(), Some("b"));
-        assert_eq!(page.total, Some(2));
-        let ids: Vec<_> = page.matches().map(|r| r.get()).collect();
-        assert_eq!(
-            ids,
-            [
-                r#"{"resourceType":"Patient","id":"1"}"#,
-                r#"{"resourceType":"Patient","id":"2"}"#
-            ]
-        );
-        assert!(SearchPage::parse(br#"{"resourceType":"Patient"}"#).is_err());
-        assert!(SearchPage::parse(b"<html>").is_err());
-    }
-
-    #[test]
-    fn the_next_link_is_read_early_only_when_it_comes_before_the_entries() {
-        let link = r#""link":[{"relation":"self","url":"s"},{"relation":"next","url":"n?p=2"}]"#;
-        let entry = r#""entry":[{"resource":{"resourceType":"Patient","id":"a"}}]"#;
-        let before = format!(r#"{{"resourceType":"Bundle","type":"searchset",{link},{entry}}}"#);
-        assert_eq!(next_link_early(before.as_bytes()).as_deref(), Some("n?p=2"));
-        let after = format!(r#"{{"resourceType":"Bundle",{entry},{link}}}"#);
-        assert_eq!(next_link_early(after.as_bytes()), None);
-        let last = format!(
-            r#"{{"resourceType":"Bundle","link":[{{"relation":"self","url":"s"}}],{entry}}}"#
-        );
-        assert_eq!(next_link_early(last.as_bytes()), None);
-        assert_eq!(next_link_early(b"<html>"), None);
-        assert_eq!(next_link_early(br#"{"link":[{"relation":"next"}]}"#), None);
     }
 
     #[test]
