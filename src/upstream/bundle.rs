@@ -371,7 +371,7 @@ impl<'a> Scan<'a> {
     }
 
     /// Skips whitespace; the next byte, not consumed.
-    #[inline]
+    #[inline(always)]
     fn ws(&mut self) -> Result<u8, Stop> {
         while let Some(&c) = self.b.get(self.i) {
             match c {
@@ -405,7 +405,7 @@ impl<'a> Scan<'a> {
     /// Any value, validated and skipped.
     fn value(&mut self, depth: usize) -> Result<(), Stop> {
         match self.ws()? {
-            b'{' => self.object(depth + 1, |s, _| s.value(depth + 1)),
+            b'{' => self.object(depth + 1),
             b'[' => self.array(depth + 1),
             b'"' => self.string().map(drop),
             b't' => self.literal(b"true"),
@@ -424,9 +424,34 @@ impl<'a> Scan<'a> {
         Ok(&self.b[start..self.i])
     }
 
-    /// An object at its `{`, handing each member's (raw) name to `member`, which must read the value.
-    #[inline]
-    fn object(
+    /// An object at its `{`, skipped; its member names are not looked at, so they are not unescaped.
+    fn object(&mut self, depth: usize) -> Result<(), Stop> {
+        if depth > MAX_DEPTH {
+            return Err(Stop::Invalid("nested too deeply"));
+        }
+        self.i += 1;
+        if self.ws()? == b'}' {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.expect_quote("expected a member name")?;
+            self.string()?;
+            self.expect(b':', "expected :")?;
+            self.value(depth)?;
+            match self.ws()? {
+                b',' => self.i += 1,
+                b'}' => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(Stop::Invalid("expected , or }")),
+            }
+        }
+    }
+
+    /// An object at its `{`, handing each member's name to `member`, which must read the value.
+    fn members(
         &mut self,
         depth: usize,
         mut member: impl FnMut(&mut Self, Cow<'a, [u8]>) -> Result<(), Stop>,
@@ -479,8 +504,8 @@ impl<'a> Scan<'a> {
 
     /// A member name at its quote, unescaped only when it has escapes (names almost never do).
     fn key(&mut self) -> Result<Cow<'a, [u8]>, Stop> {
-        let raw = self.string()?;
-        if memchr::memchr(b'\\', raw).is_none() {
+        let (raw, escaped) = self.string()?;
+        if !escaped {
             return Ok(Cow::Borrowed(raw));
         }
         Ok(Cow::Owned(
@@ -488,13 +513,14 @@ impl<'a> Scan<'a> {
         ))
     }
 
-    /// A string at its opening quote; its raw contents, between the quotes.
-    #[inline]
-    fn string(&mut self) -> Result<&'a [u8], Stop> {
+    /// A string at its opening quote; its raw contents, between the quotes, and whether it has escapes.
+    #[inline(always)]
+    fn string(&mut self) -> Result<(&'a [u8], bool), Stop> {
         let b = self.b;
         let start = self.i + 1;
         let mut i = start;
         let mut stop_at_high = HIGHS;
+        let mut escaped = false;
         loop {
             // Eight bytes at a time to the next quote, backslash, control character or (once) non-ASCII byte.
             while let Some(word) = b.get(i..i + 8) {
@@ -519,9 +545,12 @@ impl<'a> Scan<'a> {
                         return Err(Stop::Invalid("a string is not valid UTF-8"));
                     }
                     self.i = i + 1;
-                    return Ok(raw);
+                    return Ok((raw, escaped));
                 }
-                b'\\' => i = self.escape(i)?,
+                b'\\' => {
+                    escaped = true;
+                    i = self.escape(i)?;
+                }
                 0..=0x1f => return Err(Stop::Invalid("a control character in a string")),
                 0x80.. => {
                     // Checked as UTF-8 once the string ends; no need to stop at such bytes again.
@@ -610,8 +639,8 @@ impl<'a> Scan<'a> {
     /// A string value's text.
     fn text(&mut self) -> Result<Cow<'a, str>, Stop> {
         self.expect_quote("expected a string")?;
-        let raw = self.string()?;
-        if memchr::memchr(b'\\', raw).is_some() {
+        let (raw, escaped) = self.string()?;
+        if escaped {
             return unescape(&self.b[self.i - raw.len() - 2..self.i]).map(Cow::Owned);
         }
         std::str::from_utf8(raw)
@@ -626,7 +655,7 @@ impl<'a> Scan<'a> {
         }
         let mut entry = Entry::default();
         let mut twice = false;
-        self.object(3, |s, key| {
+        self.members(3, |s, key| {
             let slot = match &*key {
                 b"resource" if s.ws()? == b'n' => return s.value(3),
                 b"resource" => {
@@ -659,7 +688,7 @@ impl<'a> Scan<'a> {
         let mut resource_type = None;
         let mut id = None;
         let mut twice = false;
-        self.object(4, |s, key| {
+        self.members(4, |s, key| {
             let slot = match &*key {
                 b"resourceType" => &mut resource_type,
                 b"id" if s.ws()? == b'n' => return s.value(4),
