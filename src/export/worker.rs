@@ -770,38 +770,20 @@ mod tests {
         )
     }
 
-    /// A resource two OR-ed searches of a slice both return is written once, also when the first search's
-    /// page was checkpointed (its fsync and commit still under way) as the second search's page came in.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_resource_found_again_across_a_checkpoint_is_written_once() {
-        // The first page takes longer than a commit interval, so a checkpoint starts right after it.
-        let slow = COMMIT_INTERVAL.as_millis() as u64 + 100;
-        let base = serve(vec![
-            ("Observation?subject=Patient/a", slow, bundle(&["o1"])),
-            ("Observation?performer=Patient/a", 0, bundle(&["o1", "o2"])),
-        ])
-        .await;
-        let tmp = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&tmp.path().join("store")).unwrap());
+    /// A job "j" in a fresh store with `slice` as its plan, and the context to run the slice against `base`.
+    fn context(tmp: &std::path::Path, base: &str, slice: &Slice) -> (Arc<Store>, SliceContext) {
+        let store = Arc::new(Store::open(&tmp.join("store")).unwrap());
         let job = crate::store::tests::job("j");
         store.put_job(&job).unwrap();
-        let slice = Slice {
-            resource_type: "Observation".into(),
-            searches: vec![
-                format!("{base}/Observation?subject=Patient/a"),
-                format!("{base}/Observation?performer=Patient/a"),
-            ],
-            ..crate::store::tests::slice("j", 0)
-        };
         assert!(store
-            .commit_plan(&job, std::slice::from_ref(&slice))
+            .commit_plan(&job, std::slice::from_ref(slice))
             .unwrap());
         let upstream: crate::config::UpstreamConfig =
             toml::from_str(&format!("base_url = \"{base}\"")).unwrap();
         let ctx = SliceContext {
             store: store.clone(),
             upstream: Arc::new(Upstream::new(&upstream).unwrap()),
-            dir: tmp.path().join("files"),
+            dir: tmp.join("files"),
             per_file: 1000,
             elements: vec![],
             cancel: CancellationToken::new(),
@@ -815,18 +797,115 @@ mod tests {
             snapshot: Utc::now(),
             gzip: false,
         };
-        assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
+        (store, ctx)
+    }
+
+    /// The ids in the files of the job's only slice, which must be done.
+    fn written_ids(tmp: &std::path::Path, store: &Store) -> Vec<String> {
         let done = store.slices("j").unwrap().remove(0);
         assert_eq!(done.state, SliceState::Done);
         let mut ids = Vec::new();
         for part in &done.files {
-            let text = std::fs::read_to_string(tmp.path().join("files").join(&part.name)).unwrap();
+            let text = std::fs::read_to_string(tmp.join("files").join(&part.name)).unwrap();
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 ids.push(v["id"].as_str().unwrap().to_owned());
             }
         }
+        ids
+    }
+
+    /// A resource two OR-ed searches of a slice both return is written once, also when the first search's
+    /// page was checkpointed (its fsync and commit still under way) as the second search's page came in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_resource_found_again_across_a_checkpoint_is_written_once() {
+        // The first page takes longer than a commit interval, so a checkpoint starts right after it.
+        let slow = COMMIT_INTERVAL.as_millis() as u64 + 100;
+        let base = serve(vec![
+            ("Observation?subject=Patient/a", slow, bundle(&["o1"])),
+            ("Observation?performer=Patient/a", 0, bundle(&["o1", "o2"])),
+        ])
+        .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let slice = Slice {
+            resource_type: "Observation".into(),
+            searches: vec![
+                format!("{base}/Observation?subject=Patient/a"),
+                format!("{base}/Observation?performer=Patient/a"),
+            ],
+            ..crate::store::tests::slice("j", 0)
+        };
+        let (store, ctx) = context(tmp.path(), &base, &slice);
+        assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
+        let mut ids = written_ids(tmp.path(), &store);
         ids.sort();
         assert_eq!(ids, ["o1", "o2"]);
+    }
+
+    /// The page after a page is asked for as soon as the page's `link` has arrived, while the rest of
+    /// the page is still on its way: the first page's last entries are held back until the second page
+    /// is asked for (or 5 s pass).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_next_page_is_asked_for_while_the_page_is_still_arriving() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        let first = format!(
+            r#"{{"resourceType":"Bundle","link":[{{"relation":"next","url":"{base}/Observation?page=2"}}],"entry":[{{"resource":{{"resourceType":"Observation","id":"o1"}}}},"#
+        );
+        let rest = r#"{"resource":{"resourceType":"Observation","id":"o2"}}]}"#;
+        let second = bundle(&["o3"]);
+        let asked = Arc::new(tokio::sync::Notify::new());
+        let early = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (asked2, early2) = (asked.clone(), early.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (asked, early) = (asked2.clone(), early2.clone());
+                let (first, second) = (first.clone(), second.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8];
+                        if stream.read(&mut byte).await.unwrap() == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let page_two = String::from_utf8(head).unwrap().contains("page=2");
+                    let body_len = if page_two {
+                        second.len()
+                    } else {
+                        first.len() + rest.len()
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {body_len}\r\nconnection: close\r\n\r\n"
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                    if page_two {
+                        asked.notify_one();
+                        stream.write_all(second.as_bytes()).await.unwrap();
+                        return;
+                    }
+                    stream.write_all(first.as_bytes()).await.unwrap();
+                    let waited =
+                        tokio::time::timeout(Duration::from_secs(5), asked.notified()).await;
+                    early.store(waited.is_ok(), Ordering::SeqCst);
+                    stream.write_all(rest.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let slice = Slice {
+            resource_type: "Observation".into(),
+            searches: vec![format!("{base}/Observation")],
+            ..crate::store::tests::slice("j", 0)
+        };
+        let (store, ctx) = context(tmp.path(), &base, &slice);
+        assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
+        assert!(
+            early.load(Ordering::SeqCst),
+            "page 2 was asked for only after page 1 was in"
+        );
+        assert_eq!(written_ids(tmp.path(), &store), ["o1", "o2", "o3"]);
     }
 }
