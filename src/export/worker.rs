@@ -724,6 +724,19 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// A request's head, read byte by byte (no body follows a GET); `None` if the connection closes first.
+    async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            if stream.read(&mut byte).await.unwrap() == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(String::from_utf8(head).unwrap())
+    }
+
     /// Serves `pages` (path and query → delay, body), one request per connection.
     async fn serve(pages: Vec<(&'static str, u64, String)>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -733,15 +746,9 @@ mod tests {
                 let (mut stream, _) = listener.accept().await.unwrap();
                 let pages = pages.clone();
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let mut byte = [0u8];
-                        if stream.read(&mut byte).await.unwrap() == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8(head).unwrap();
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
                     let target = head.split(' ').nth(1).unwrap().to_owned();
                     let (_, delay, body) = pages
                         .iter()
@@ -863,15 +870,10 @@ mod tests {
                 let (asked, early) = (asked2.clone(), early2.clone());
                 let (first, second) = (first.clone(), second.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    while !head.ends_with(b"\r\n\r\n") {
-                        let mut byte = [0u8];
-                        if stream.read(&mut byte).await.unwrap() == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let page_two = String::from_utf8(head).unwrap().contains("page=2");
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
+                    let page_two = head.contains("page=2");
                     let body_len = if page_two {
                         second.len()
                     } else {

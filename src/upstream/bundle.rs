@@ -14,11 +14,11 @@ const MAX_DEPTH: usize = 128;
 
 /// `Bundle.link`.
 #[derive(Debug, Deserialize)]
-pub struct Link {
+struct Link {
     /// `next`, `self`…
-    pub relation: String,
+    relation: String,
     /// Target.
-    pub url: String,
+    url: String,
 }
 
 /// `Bundle.entry.request`.
@@ -428,6 +428,9 @@ impl<'a> Scan<'a> {
     }
 
     /// An object at its `{`, skipped; its member names are not looked at, so they are not unescaped.
+    ///
+    /// The same walk as [`Scan::members`] without a name for anyone: nearly every object of a page comes
+    /// here, and going through `members` made the whole scan 6-8% slower in A/B runs.
     fn object(&mut self, depth: usize) -> Result<(), Stop> {
         if depth > MAX_DEPTH {
             return Err(Stop::Invalid("nested too deeply"));
