@@ -10,7 +10,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use fhir_bulk_proxy::export::elements::write_compact;
+use fhir_bulk_proxy::export::elements::{strip_whitespace, write_compact};
 use fhir_bulk_proxy::upstream::bundle::{BundleReader, Entry};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -91,7 +91,7 @@ fn by_reader(body: &[u8], out: &mut Vec<u8>) {
             if r.compact {
                 out.extend_from_slice(r.json);
             } else {
-                write_compact(r.json, out);
+                strip_whitespace(r.json, out);
             }
             out.push(b'\n');
         }
@@ -108,7 +108,7 @@ fn by_serde_json(body: &[u8], out: &mut Vec<u8>) {
     for e in page.entry {
         let is_match = e.search.and_then(|s| s.mode).is_none_or(|m| m == "match");
         if let Some(r) = e.resource.filter(|_| is_match) {
-            write_compact(r.get().as_bytes(), out);
+            write_compact(r.get(), out);
             out.push(b'\n');
         }
     }

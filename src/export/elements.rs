@@ -15,11 +15,11 @@ const MANDATORY: [&str; 3] = ["resourceType", "id", "meta"];
 ///
 /// The input is valid JSON (it came through a `RawValue`), so tracking strings and escapes is enough.
 /// Most servers send compact JSON: that is recognised in one fast scan and copied as it is.
-pub fn write_compact(json: &[u8], out: &mut Vec<u8>) {
-    if is_compact(json) {
-        out.extend_from_slice(json);
+pub fn write_compact(json: &str, out: &mut Vec<u8>) {
+    if is_compact(json.as_bytes()) {
+        out.extend_from_slice(json.as_bytes());
     } else {
-        strip_whitespace(json, out);
+        strip_whitespace(json.as_bytes(), out);
     }
 }
 
@@ -42,7 +42,7 @@ fn is_compact(bytes: &[u8]) -> bool {
 }
 
 /// Copies `bytes` (valid JSON) to `out`, leaving out whitespace outside strings.
-fn strip_whitespace(bytes: &[u8], out: &mut Vec<u8>) {
+pub fn strip_whitespace(bytes: &[u8], out: &mut Vec<u8>) {
     let n = bytes.len();
     // Copy in runs: strings (most of a resource) are skipped with memchr to their closing quote, and
     // only the few bytes between strings are looked at one by one.
@@ -118,12 +118,8 @@ fn selects(element: &str, key: &str) -> bool {
 /// Writes the resource reduced to `elements` (plus the mandatory ones), tagged SUBSETTED, compact.
 ///
 /// Kept members are copied byte for byte; only `meta` is rebuilt, to add the tag once.
-pub fn write_subset(
-    resource: &RawValue,
-    elements: &[String],
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    let members: Members = serde_json::from_str(resource.get())
+pub fn write_subset(resource: &[u8], elements: &[String], out: &mut Vec<u8>) -> Result<(), String> {
+    let members: Members = serde_json::from_slice(resource)
         .map_err(|e| format!("resource is not a JSON object: {e}"))?;
     let mut meta_written = false;
     out.push(b'{');
@@ -143,7 +139,7 @@ pub fn write_subset(
             member(out, key, &|o| o.extend_from_slice(meta.as_bytes()));
             meta_written = true;
         } else if MANDATORY.contains(&key.as_str()) || elements.iter().any(|e| selects(e, key)) {
-            member(out, key, &|o| write_compact(value.get().as_bytes(), o));
+            member(out, key, &|o| write_compact(value.get(), o));
         }
     }
     if !meta_written {
@@ -180,7 +176,7 @@ mod tests {
 
     fn compact(s: &str) -> String {
         let mut out = Vec::new();
-        write_compact(s.as_bytes(), &mut out);
+        write_compact(s, &mut out);
         String::from_utf8(out).unwrap()
     }
 
@@ -295,16 +291,15 @@ mod tests {
         #[test]
         fn compaction_equals_compact_serialization(v in json_value()) {
             let mut out = Vec::new();
-            write_compact(serde_json::to_string_pretty(&v).unwrap().as_bytes(), &mut out);
+            write_compact(&serde_json::to_string_pretty(&v).unwrap(), &mut out);
             proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&v).unwrap());
         }
     }
 
     fn subset(json: &str, elements: &[&str]) -> serde_json::Value {
-        let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
         let elements: Vec<String> = elements.iter().map(|s| s.to_string()).collect();
         let mut out = Vec::new();
-        write_subset(&raw, &elements, &mut out).unwrap();
+        write_subset(json.as_bytes(), &elements, &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains('\n'));
         serde_json::from_str(&text).unwrap()

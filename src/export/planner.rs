@@ -188,16 +188,18 @@ impl Bounds<'_> {
         let (total, oldest) = self
             .upstream
             .fetch(url.as_str(), |body| {
-                let mut oldest = None;
+                // The first match's `lastUpdated`; a resource that serde_json cannot take as a Value
+                // (a number out of its range) only means no split, as before.
+                let mut first = None;
                 let page = read_matches(body, |resource| {
-                    if oldest.is_none() {
-                        let r: serde_json::Value =
-                            serde_json::from_slice(resource.json).map_err(|e| e.to_string())?;
-                        oldest = Some(r["meta"]["lastUpdated"].as_str().and_then(parse_ms));
-                    }
+                    first.get_or_insert_with(|| {
+                        serde_json::from_slice::<serde_json::Value>(resource.json)
+                            .ok()
+                            .and_then(|r| r["meta"]["lastUpdated"].as_str().and_then(parse_ms))
+                    });
                     Ok(())
                 })?;
-                Ok((page.total, oldest.flatten()))
+                Ok((page.total, first.flatten()))
             })
             .await?;
         let (Some(total), Some(oldest)) = (total, oldest) else {

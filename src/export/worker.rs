@@ -11,11 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde_json::value::RawValue;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::export::elements::{write_compact, write_subset};
+use crate::export::elements::{strip_whitespace, write_subset};
 use crate::export::writer::NdjsonWriter;
 use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
@@ -664,13 +663,11 @@ impl Lines<'_> {
             out.ids.push(id.to_owned());
         }
         if !ctx.elements.is_empty() {
-            let raw: &RawValue = serde_json::from_slice(resource.json)
-                .map_err(|e| format!("resource is not JSON: {e}"))?;
-            write_subset(raw, &ctx.elements, &mut out.data)?;
+            write_subset(resource.json, &ctx.elements, &mut out.data)?;
         } else if resource.compact {
             out.data.extend_from_slice(resource.json);
         } else {
-            write_compact(resource.json, &mut out.data);
+            strip_whitespace(resource.json, &mut out.data);
         }
         out.data.push(b'\n');
         out.ends.push(out.data.len());
