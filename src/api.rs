@@ -8,10 +8,9 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_LOCATION, EXPIRES, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
-use percent_encoding::percent_decode_str;
 use url::Url;
 
-use crate::auth::{Auth, AuthError, Principal};
+use crate::auth::{access, Auth, AuthError, Principal};
 use crate::config::{Config, PassThroughAuth};
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
@@ -22,6 +21,7 @@ use crate::metrics::METRICS;
 use crate::outcome::outcome;
 use crate::proxy::affinity::Affinity;
 use crate::proxy::PassThrough;
+use crate::route::{PathError, Route, Router};
 use crate::storage::Storage;
 use crate::store::{Job, JobState, Level, Store};
 use crate::upstream::Upstream;
@@ -46,19 +46,8 @@ pub struct App {
     pub auth: Arc<Auth>,
     /// Where finished files are kept.
     pub storage: Arc<Storage>,
-}
-
-/// What a request is for, decided from its path alone.
-enum Route {
-    Kickoff(Level),
-    Status(String),
-    File(String, String),
-    Metadata,
-    SmartConfiguration,
-    Token,
-    /// Under an owned prefix but of no known shape.
-    Unknown,
-    PassThrough,
+    /// Routing of normalised request paths.
+    router: Router,
 }
 
 impl App {
@@ -78,6 +67,11 @@ impl App {
             public_base.clone(),
             security,
         );
+        let router = Router::new(
+            public_base.path(),
+            auth.enabled(),
+            config.server.forward_outside_base,
+        );
         let poll_window = Duration::from_millis(config.export.min_poll_interval_ms.max(1));
         Self {
             recent_polls: moka::sync::Cache::builder()
@@ -91,6 +85,7 @@ impl App {
             pass_through,
             auth,
             storage,
+            router,
         }
     }
 
@@ -106,12 +101,25 @@ impl App {
         if head_size(&req) > limit {
             return ApiError::HeaderTooLarge(limit).into_response();
         }
-        let result = match self.route(req.uri().path()) {
+        let (route, rewritten, needs) = match self.router.resolve(req.uri().path()) {
+            Ok(resolved) => {
+                let needs = match resolved.route {
+                    Route::PassThrough | Route::Metadata if self.requires_token() => {
+                        access::needs(req.method(), &resolved.segments)
+                    }
+                    _ => Vec::new(),
+                };
+                (resolved.route, resolved.rewritten, needs)
+            }
+            Err(e) => return ApiError::from(e).into_response(),
+        };
+        let result = match route {
             Route::Kickoff(level) => self.kickoff(level, req).await,
             Route::Status(id) => self.status(&id, req).await,
             Route::File(id, name) => self.file(&id, &name, &req).await,
             Route::Metadata if req.method() == Method::GET => {
-                self.forward(req, peer, affinity, true).await
+                self.forward(req, peer, affinity, Forward::metadata(rewritten, needs))
+                    .await
             }
             Route::SmartConfiguration if req.method() == Method::GET => Ok(json(
                 StatusCode::OK,
@@ -122,71 +130,42 @@ impl App {
             Route::SmartConfiguration | Route::Token => {
                 Err(ApiError::MethodNotAllowed(req.method().clone()))
             }
-            Route::Unknown => Err(ApiError::NotFound(format!(
-                "no such bulk data resource: {}",
+            Route::Refused => Err(ApiError::NotFound(format!(
+                "{} is not an endpoint of this server",
                 req.uri().path()
             ))),
-            Route::Metadata | Route::PassThrough => self.forward(req, peer, affinity, false).await,
+            Route::Metadata | Route::PassThrough => {
+                self.forward(req, peer, affinity, Forward::plain(rewritten, needs))
+                    .await
+            }
         };
         result.unwrap_or_else(ApiError::into_response)
     }
 
-    fn route(&self, path: &str) -> Route {
-        let base = self.public_base.path().trim_end_matches('/');
-        let Some(rel) = path
-            .strip_prefix(base)
-            .filter(|r| r.is_empty() || r.starts_with('/'))
-        else {
-            return Route::PassThrough;
-        };
-        // Most traffic is ordinary FHIR REST: skip decoding paths that cannot name an owned endpoint.
-        let owned_shape = rel.contains(['$', '%'])
-            || rel.ends_with("/metadata")
-            || rel.ends_with("/smart-configuration")
-            || rel.ends_with("/auth/token");
-        if !owned_shape {
-            return Route::PassThrough;
-        }
-        let decoded: Option<Vec<String>> = rel
-            .trim_start_matches('/')
-            .split('/')
-            .map(|s| {
-                percent_decode_str(s)
-                    .decode_utf8()
-                    .ok()
-                    .map(|c| c.into_owned())
-            })
-            .collect();
-        let Some(segments) = decoded else {
-            return Route::PassThrough;
-        };
-        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-        match segments.as_slice() {
-            ["$export"] => Route::Kickoff(Level::System),
-            ["Patient", "$export"] => Route::Kickoff(Level::Patient),
-            ["Group", id, "$export"] => Route::Kickoff(Level::Group { id: id.to_string() }),
-            ["$bulk-status", id] => Route::Status(id.to_string()),
-            ["$bulk-files", id, name] => Route::File(id.to_string(), name.to_string()),
-            ["metadata"] => Route::Metadata,
-            [".well-known", "smart-configuration"] if self.auth.enabled() => {
-                Route::SmartConfiguration
-            }
-            ["auth", "token"] if self.auth.enabled() => Route::Token,
-            ["$bulk-status" | "$bulk-files", ..] => Route::Unknown,
-            _ => Route::PassThrough,
-        }
+    /// Whether pass-through requests need a proxy token and the scopes for what they do.
+    fn requires_token(&self) -> bool {
+        self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken
     }
 
-    /// Passes a request through; `capability_statement` marks `GET [base]/metadata`, whose body is augmented.
+    /// Passes a request through, on its normalised path, once its token allows it.
     async fn forward(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         affinity: &Affinity,
-        capability_statement: bool,
+        forward: Forward,
     ) -> Result<Response<Body>, ApiError> {
-        if self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken {
-            self.auth.authenticate(req.headers()).await?;
+        if self.requires_token() {
+            let principal = self.auth.authenticate(req.headers()).await?;
+            if let Some(need) = access::unmet(&principal.grant, &forward.needs) {
+                return Err(AuthError::Forbidden(format!(
+                    "the access token's scopes do not include {}, which {} {} needs",
+                    access::describe(need),
+                    req.method(),
+                    req.uri().path()
+                ))
+                .into());
+            }
             // The proxy's token means nothing upstream and must not leak there; the proxy's own
             // upstream credentials (if any) stand in for it.
             req.headers_mut().remove(hyper::header::AUTHORIZATION);
@@ -195,8 +174,15 @@ impl App {
                     .insert(hyper::header::AUTHORIZATION, authorization);
             }
         }
+        if let Some(path) = forward.rewritten {
+            let target = match req.uri().query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            };
+            *req.uri_mut() = target.parse().map_err(|_| PathError::NotAPath)?;
+        }
         let started = std::time::Instant::now();
-        let result = if capability_statement {
+        let result = if forward.capability_statement {
             self.pass_through.metadata(req, peer, affinity).await
         } else {
             self.pass_through.forward(req, peer, affinity).await
@@ -491,6 +477,34 @@ impl App {
                 Ok(files::respond(reader, len, encoding))
             }
             None => files::serve(&self.runner.job_dir(id).join(&part.name), encoding).await,
+        }
+    }
+}
+
+/// How one pass-through request is sent.
+struct Forward {
+    /// `GET [base]/metadata`, whose body is augmented.
+    capability_statement: bool,
+    /// The normalised path, when it differs from the request's.
+    rewritten: Option<String>,
+    /// What the token must allow (require-token mode).
+    needs: Vec<access::Need>,
+}
+
+impl Forward {
+    fn plain(rewritten: Option<String>, needs: Vec<access::Need>) -> Self {
+        Self {
+            capability_statement: false,
+            rewritten,
+            needs,
+        }
+    }
+
+    fn metadata(rewritten: Option<String>, needs: Vec<access::Need>) -> Self {
+        Self {
+            capability_statement: true,
+            rewritten,
+            needs,
         }
     }
 }

@@ -148,6 +148,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Forward requests whose path is outside the public FHIR base (404 when off); export operations
+    /// are refused wherever they appear.
+    pub forward_outside_base: bool,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +161,7 @@ impl Default for ServerConfig {
             max_kickoff_body_bytes: 1024 * 1024,
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 25,
+            forward_outside_base: false,
         }
     }
 }

@@ -9,6 +9,7 @@ use hyper::{Method, Response, StatusCode};
 use crate::auth::AuthError;
 use crate::export::kickoff::KickoffError;
 use crate::outcome::outcome;
+use crate::route::PathError;
 use crate::store::StoreError;
 use crate::upstream::UpstreamError;
 
@@ -84,6 +85,9 @@ pub enum ApiError {
     /// Authorization failed.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// The request path cannot be routed safely.
+    #[error(transparent)]
+    Path(#[from] PathError),
 }
 
 impl ApiError {
@@ -122,6 +126,10 @@ impl ApiError {
             }
             ApiError::Auth(AuthError::Token(_)) => (StatusCode::BAD_REQUEST, "security"),
             ApiError::Auth(AuthError::Setup(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
+            ApiError::Path(PathError::DotSegment | PathError::OutsideBase(_)) => {
+                (StatusCode::NOT_FOUND, "not-found")
+            }
+            ApiError::Path(_) => (StatusCode::BAD_REQUEST, "invalid"),
         }
     }
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod outcome;
 pub mod proxy;
+pub mod route;
 pub mod server;
 pub mod storage;
 pub mod store;

@@ -1526,6 +1526,71 @@ fn pass_through_with_require_token() {
     );
 }
 
+/// Issue #22 item 2: in require-token mode a pass-through request needs a scope covering its type and its
+/// interaction; the proxy's own upstream credentials must not read or write what the token may not.
+#[test]
+fn pass_through_with_require_token_needs_the_scope_of_the_interaction() {
+    let fake = Stub::start(FAKE_BUNDLE.into(), "application/fhir+json");
+    let f = Fixture::start(
+        &format!("{}/fhir", fake.origin),
+        "pass_through = \"require-token\"",
+    );
+    let send = |method: reqwest::Method, path: &str, token: &str| {
+        client()
+            .request(method, format!("{}/{path}", f.base()))
+            .bearer_auth(token)
+            .header("Content-Type", "application/fhir+json")
+            .body("{}")
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    use reqwest::Method as M;
+    let patient = f
+        .token(&ec_signer(EC_CLIENT), "system/Patient.rs")
+        .access_token;
+    let encounter = f
+        .token(&ec_signer(CRUDS_CLIENT), "system/Encounter.cruds")
+        .access_token;
+    let cases = [
+        (M::GET, "Patient?name=x", &patient, 200),
+        (M::GET, "Patient/p1", &patient, 200),
+        (M::GET, "Patient/p1/_history", &patient, 200),
+        (M::GET, "Observation?code=x", &patient, 403),
+        (M::GET, "Observation/o1", &patient, 403),
+        (M::GET, "Patient/p1/Observation", &patient, 403),
+        (M::POST, "Observation/_search", &patient, 403),
+        (M::DELETE, "Basic/b1", &patient, 403),
+        (M::PUT, "Patient/p1", &patient, 403),
+        (M::POST, "", &patient, 403),
+        (M::GET, "_history", &patient, 403),
+        (M::GET, "Patient/p1/$everything", &patient, 403),
+        (M::GET, "Patient/p1/Observation", &encounter, 403),
+        (M::DELETE, "Encounter/e1", &encounter, 200),
+        (M::PUT, "Encounter/e1", &encounter, 200),
+        (M::POST, "Encounter", &encounter, 200),
+        (M::GET, "Encounter?patient=p1", &encounter, 200),
+        (M::GET, "Patient/p1", &encounter, 403),
+        (M::GET, "metadata", &encounter, 200),
+    ];
+    let mut wrong = Vec::new();
+    for (method, path, token, want) in &cases {
+        let before = fake.heads().len();
+        let got = send(method.clone(), path, token);
+        let reached = fake.heads().len() > before;
+        if got != *want || reached != (*want == 200) {
+            wrong.push(format!(
+                "{method} {path}: {got} (upstream reached: {reached}), want {want}"
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "scopes not enforced on pass-through: {wrong:#?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Logs
 // ---------------------------------------------------------------------------------------------------------

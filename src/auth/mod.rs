@@ -1,5 +1,6 @@
 //! SMART Backend Services: discovery, the token endpoint, and access-token checks on requests.
 
+pub mod access;
 pub mod clients;
 pub mod scopes;
 

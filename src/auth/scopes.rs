@@ -2,8 +2,18 @@
 
 /// Permission bits in SMART v2 order: create, read, update, delete, search.
 const PERMISSIONS: &str = "cruds";
-const READ: u8 = 1 << 1;
-const SEARCH: u8 = 1 << 4;
+/// `c`: create.
+pub const CREATE: u8 = 1;
+/// `r`: read (and vread, history).
+pub const READ: u8 = 1 << 1;
+/// `u`: update.
+pub const UPDATE: u8 = 1 << 2;
+/// `d`: delete.
+pub const DELETE: u8 = 1 << 3;
+/// `s`: search.
+pub const SEARCH: u8 = 1 << 4;
+/// Every permission.
+pub const ALL: u8 = CREATE | READ | UPDATE | DELETE | SEARCH;
 
 /// One parsed `system/` scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,8 +38,8 @@ impl Scope {
         }
         let permissions = match perms {
             "read" => READ | SEARCH,
-            "write" => 0b01101,
-            "*" => 0b11111,
+            "write" => CREATE | UPDATE | DELETE,
+            "*" => ALL,
             v2 => {
                 // v2 permissions are a non-empty subsequence of `cruds`, in that order.
                 let mut bits = 0u8;
@@ -95,6 +105,19 @@ impl Grant {
     }
 }
 
+impl Grant {
+    /// Whether the scopes together give `permissions` on `resource_type`, or on every type when it is
+    /// `None` (only `system/*` scopes count then).
+    pub fn permits(&self, resource_type: Option<&str>, permissions: u8) -> bool {
+        let held = self
+            .scopes
+            .iter()
+            .filter(|s| s.resource == "*" || Some(s.resource.as_str()) == resource_type)
+            .fold(0, |bits, s| bits | s.permissions);
+        held & permissions == permissions
+    }
+}
+
 /// The requested scopes that `allowed` covers, in request order (the granted subset).
 pub fn grantable<'a>(requested: &'a str, allowed: &[Scope]) -> Vec<&'a str> {
     requested
@@ -153,5 +176,18 @@ mod tests {
         assert!(!g.allows("Observation"));
         assert!(!g.all_types());
         assert!(Grant::from_scope_string("system/*.read").all_types());
+    }
+
+    #[test]
+    fn permits_combines_scopes_of_a_type_and_wildcards_count_for_all() {
+        let g = Grant::from_scope_string("system/Patient.r system/Patient.s system/*.c");
+        assert!(g.permits(Some("Patient"), READ | SEARCH | CREATE));
+        assert!(!g.permits(Some("Patient"), DELETE));
+        assert!(!g.permits(Some("Observation"), READ));
+        assert!(g.permits(Some("Observation"), CREATE));
+        assert!(g.permits(None, CREATE));
+        assert!(!g.permits(None, READ));
+        assert!(Grant::from_scope_string("system/*.write").permits(Some("Basic"), DELETE));
+        assert!(!Grant::from_scope_string("system/*.read").permits(Some("Basic"), DELETE));
     }
 }

@@ -1,0 +1,355 @@
+//! Interception cannot be bypassed: every spelling of an export path, sent over HTTP/1.1 and HTTP/2 with no
+//! token (`pass_through = "forward"`, the most exposed mode), is answered by the proxy or refused, and none
+//! reaches the upstream.
+//!
+//! The upstream here is a recorder: it answers every request (a CapabilityStatement, an empty searchset,
+//! a Group) and keeps its request target exactly as it arrived. Its oracle is deliberately blunt: once fully
+//! percent-decoded, no recorded path may mention `export` or `bulk` in any letter case. A second test runs
+//! the same variants against the real upstream, which implements `$export` of its own: the answer is
+//! never its export (whose status URLs say `bulk-status`, where the proxy's say `$bulk-status`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+/// Owned operations, as paths after the FHIR base: the proxy's own endpoints, export operations it does
+/// not serve, and the async endpoints of the upstream's own export.
+const OWNED: [&str; 12] = [
+    "$export",
+    "Patient/$export",
+    "Group/G/$export",
+    "$bulk-status/0123456789abcdef",
+    "$bulk-files/0123456789abcdef/Observation.000.ndjson",
+    "Observation/$export",
+    "Patient/p1/$export",
+    "Group/$export",
+    "$export-poll-status",
+    "bulk-status/0123456789abcdef",
+    "bulk-files/0123456789abcdef/Observation.ndjson",
+    "_operations/export/1",
+];
+
+/// Ways of spelling `base` + `/` + `op` that some server reads as the same path.
+fn variants(base: &str, op: &str) -> Vec<String> {
+    let segments: Vec<&str> = op.split('/').collect();
+    let (init, last) = segments.split_at(segments.len() - 1);
+    let init = |sep: &str| init.iter().map(|s| format!("{s}{sep}")).collect::<String>();
+    let last = last[0];
+    let dollar_encoded = op.replace('$', "%24");
+    vec![
+        format!("{base}/{op}"),
+        format!("{base}/{op}/"),
+        format!("{base}/{op}//"),
+        format!("{base}/{op}/."),
+        format!("{base}/{op}/.."),
+        format!("{base}/{op}/%2e"),
+        format!("{base}/{op}/%2E%2E"),
+        format!("{base}//{}", op.replace('/', "//")),
+        format!("/{base}/{op}"),
+        format!("{base}/%2F{op}"),
+        format!("{base}/%2F%2F{op}"),
+        format!("{base}%2F{}", op.replace('/', "%2F")),
+        format!("{base}/{}", op.replace('/', "%2f")),
+        format!("{base}/{dollar_encoded}"),
+        format!("{base}/{}%2524{}", init("/"), last.trim_start_matches('$')),
+        format!("{base}/{}{}", init("/"), last.to_uppercase()),
+        format!("{base}/{};x", op),
+        format!("{base}/{}{last};x", init(";y/")),
+        format!("{base}/./{op}"),
+        format!("{base}/x/../{op}"),
+        format!("{base}/%2e/{op}"),
+        format!("{base}/{}", op.replace('/', "\\")),
+        format!("{base}/{op}%20"),
+        format!("{base}/{op}%00"),
+        format!("{base}/{op}%2F"),
+        format!("{}/{op}", base.to_uppercase()),
+    ]
+}
+
+/// What reached the recorder: one request target per request.
+#[derive(Clone, Default)]
+struct Recorder {
+    targets: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    /// Serves on a free port; returns the base URL `http://127.0.0.1:PORT/fhir`.
+    fn start(&self) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        let (targets, public) = (self.targets.clone(), base.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let (targets, base) = (targets.clone(), public.clone());
+                std::thread::spawn(move || serve(stream, &targets, &base));
+            }
+        });
+        base
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.targets.lock().unwrap().clone()
+    }
+}
+
+/// Answers the requests of one connection (keep-alive) until it closes.
+fn serve(stream: TcpStream, targets: &Mutex<Vec<String>>, base: &str) {
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let target = line.split(' ').nth(1).unwrap_or_default().to_owned();
+        let mut length = 0;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header).unwrap_or(0) == 0 {
+                return;
+            }
+            if header == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        targets.lock().unwrap().push(target.clone());
+        let path = target.split('?').next().unwrap_or_default();
+        let answer = if path.ends_with("/metadata") {
+            capability_statement()
+        } else if path.ends_with("/Group/G") {
+            serde_json::json!({"resourceType": "Group", "id": "G", "type": "person", "actual": true,
+                "member": [{"entity": {"reference": "Patient/p1"}}]})
+        } else {
+            serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
+                "link": [{"relation": "self", "url": format!("{base}{}", target.strip_prefix("/fhir").unwrap_or(&target))}]})
+        };
+        let body = answer.to_string();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(body.as_bytes()).is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn capability_statement() -> serde_json::Value {
+    let resource = |ty: &str, params: &[&str]| {
+        serde_json::json!({"type": ty, "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "searchParam": params.iter().map(|p| serde_json::json!({"name": p, "type": "reference"}))
+                .collect::<Vec<_>>()})
+    };
+    serde_json::json!({"resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+        "fhirVersion": "4.0.1", "format": ["json"],
+        "rest": [{"mode": "server", "resource": [
+            resource("Patient", &["_id", "_lastUpdated"]),
+            resource("Observation", &["patient", "subject", "_lastUpdated"]),
+            resource("Group", &["_id", "member"]),
+        ], "operation": [{"name": "export", "definition": "http://hl7.org/fhir/OperationDefinition/export"}]}]})
+}
+
+/// `target`'s path, percent-decoded until it no longer changes, in lower case.
+fn decoded_path(target: &str) -> String {
+    let mut path = target.split('?').next().unwrap_or_default().to_owned();
+    loop {
+        let next = percent_encoding::percent_decode_str(&path)
+            .decode_utf8_lossy()
+            .into_owned();
+        if next == path {
+            return path.to_lowercase();
+        }
+        path = next;
+    }
+}
+
+/// Sends `GET target` over a raw HTTP/1.1 connection, exactly as spelled; returns status and head.
+fn get_raw_http1(addr: &str, target: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nAccept: application/fhir+json\r\n\
+         Prefer: respond-async\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let head = answer
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    (status, head)
+}
+
+/// Sends `GET target` over HTTP/2 (prior knowledge), `:path` exactly as spelled.
+async fn get_raw_http2(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    addr: &str,
+    target: &str,
+) -> (u16, String) {
+    let uri: hyper::Uri = match format!("http://{addr}{target}").parse() {
+        Ok(uri) => uri,
+        // Not a URI the http crate accepts (a backslash, say): no HTTP/2 client can send it.
+        Err(_) => return (0, String::new()),
+    };
+    let req = hyper::Request::get(uri)
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    let head = format!("{:?}", response.headers());
+    (response.status().as_u16(), head)
+}
+
+fn http2_sender(
+    addr: &str,
+) -> (
+    tokio::runtime::Runtime,
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sender = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        sender
+    });
+    (runtime, sender)
+}
+
+fn all_variants(base_path: &str) -> Vec<String> {
+    OWNED
+        .iter()
+        .flat_map(|op| variants(base_path, op))
+        .collect()
+}
+
+#[test]
+fn no_spelling_of_an_owned_operation_reaches_the_upstream() {
+    let recorder = Recorder::default();
+    let upstream = recorder.start();
+    let proxy = Proxy::start(&upstream, "");
+    let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
+    let variants = all_variants(&url_path(&proxy.base));
+    let (runtime, mut h2) = http2_sender(&addr);
+    let mut answered = std::collections::BTreeMap::<u16, usize>::new();
+    for target in &variants {
+        let (status, _) = get_raw_http1(&addr, target);
+        *answered.entry(status).or_default() += 1;
+        let (status, _) = runtime.block_on(get_raw_http2(&mut h2, &addr, target));
+        *answered.entry(status).or_default() += 1;
+    }
+    // Kick-offs the proxy accepted plan searches upstream; give them time to be sent.
+    std::thread::sleep(Duration::from_secs(2));
+    let leaked: Vec<String> = recorder
+        .targets()
+        .into_iter()
+        .filter(|t| {
+            let path = decoded_path(t);
+            path.contains("export") || path.contains("bulk")
+        })
+        .collect();
+    println!(
+        "{} variants x HTTP/1.1 and HTTP/2; proxy answers by status: {answered:?}; {} requests reached the upstream",
+        variants.len(),
+        recorder.targets().len()
+    );
+    assert!(
+        leaked.is_empty(),
+        "owned operations reached the upstream: {leaked:#?}"
+    );
+    assert!(
+        !answered.contains_key(&502) && !answered.keys().any(|s| *s >= 500),
+        "a variant made the proxy fail: {answered:?}"
+    );
+}
+
+#[test]
+fn the_real_upstreams_own_export_is_never_reached() {
+    let upstream = upstream();
+    let proxy = Proxy::start(&upstream, "");
+    let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
+    let (runtime, mut h2) = http2_sender(&addr);
+    let mut reached = Vec::new();
+    for target in all_variants(&url_path(&proxy.base)) {
+        let (status1, head1) = get_raw_http1(&addr, &target);
+        let (status2, head2) = runtime.block_on(get_raw_http2(&mut h2, &addr, &target));
+        for (status, head) in [(status1, head1), (status2, head2)] {
+            // The upstream's export answers 202 with a status URL of its own, `.../bulk-status/ID`, and
+            // serves its manifests and files under `bulk-status` and `bulk-files`.
+            let theirs = head.to_lowercase().contains("/bulk-status/")
+                || (status == 200 && !target.to_lowercase().contains("metadata"));
+            if theirs {
+                reached.push(format!("{target} -> {status}"));
+            }
+        }
+    }
+    assert!(
+        reached.is_empty(),
+        "answered by the upstream's own export: {reached:#?}"
+    );
+}
+
+#[test]
+fn ordinary_requests_with_odd_spellings_are_forwarded_normalised() {
+    let recorder = Recorder::default();
+    let upstream = recorder.start();
+    let proxy = Proxy::start(&upstream, "");
+    let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
+    let base = url_path(&proxy.base);
+    for (sent, expected) in [
+        (format!("{base}/Patient/p1"), "/fhir/Patient/p1"),
+        (format!("{base}//Patient//p1/"), "/fhir/Patient/p1"),
+        (
+            format!("{base}/Patient%2Fp1?x=%2F"),
+            "/fhir/Patient/p1?x=%2F",
+        ),
+    ] {
+        let before = recorder.targets().len();
+        let (status, _) = get_raw_http1(&addr, &sent);
+        assert_eq!(status, 200, "{sent}");
+        assert_eq!(
+            recorder.targets()[before..],
+            [expected.to_owned()],
+            "{sent}"
+        );
+    }
+    let before = recorder.targets().len();
+    let (status, _) = get_raw_http1(&addr, "/elsewhere/Patient");
+    assert_eq!(status, 404, "a path outside the base is not forwarded");
+    assert_eq!(recorder.targets().len(), before);
+}
