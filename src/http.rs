@@ -126,10 +126,8 @@ impl ApiError {
             }
             ApiError::Auth(AuthError::Token(_)) => (StatusCode::BAD_REQUEST, "security"),
             ApiError::Auth(AuthError::Setup(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
-            ApiError::Path(PathError::DotSegment | PathError::OutsideBase(_)) => {
-                (StatusCode::NOT_FOUND, "not-found")
-            }
-            ApiError::Path(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            // No resource has such a path, whatever the upstream would have made of it.
+            ApiError::Path(_) => (StatusCode::NOT_FOUND, "not-found"),
         }
     }
 
