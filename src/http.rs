@@ -136,6 +136,8 @@ impl ApiError {
         let (status, code) = self.status_and_code();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
+        } else if matches!(self, ApiError::Upstream(_)) {
+            tracing::warn!(error = %self, "request failed upstream");
         }
         // The token endpoint speaks OAuth (RFC 6749 §5.2), not FHIR.
         if let ApiError::Auth(AuthError::Token(e)) = &self {
@@ -149,10 +151,15 @@ impl ApiError {
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return response;
         }
+        let diagnostics = match &self {
+            ApiError::Upstream(e) => e.public_message(),
+            ApiError::Gateway(_) => "the upstream FHIR server could not be reached".to_owned(),
+            _ => self.to_string(),
+        };
         let mut response = json(
             status,
             "application/fhir+json",
-            &outcome("error", code, &self.to_string()),
+            &outcome("error", code, &diagnostics),
         );
         let retry_after = match &self {
             ApiError::Busy { retry_after, .. } => Some(*retry_after),
@@ -193,6 +200,19 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("_since"));
+        let r = ApiError::Upstream(UpstreamError::Status {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            url: "http://10.1.2.3:8090/fhir/Group/g".into(),
+            detail: "database at db.internal:5432 is down".into(),
+        })
+        .into_response();
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("answered 500"), "{body}");
+        assert!(
+            !body.contains("10.1.2.3") && !body.contains("db.internal"),
+            "{body}"
+        );
         let r = ApiError::PollTooSoon(3).into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[RETRY_AFTER], "3");

@@ -128,6 +128,11 @@ fn serve(stream: TcpStream, targets: &Mutex<Vec<String>>, base: &str) {
         }
         targets.lock().unwrap().push(target.clone());
         let path = target.split('?').next().unwrap_or_default();
+        let status = if path.ends_with("/Group/broken") {
+            "500 Internal Server Error"
+        } else {
+            "200 OK"
+        };
         let answer = if path.ends_with("/metadata") {
             capability_statement()
         } else if path.ends_with("/Group/G") {
@@ -139,7 +144,7 @@ fn serve(stream: TcpStream, targets: &Mutex<Vec<String>>, base: &str) {
         };
         let body = answer.to_string();
         let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {status}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         if writer.write_all(head.as_bytes()).is_err() || writer.write_all(body.as_bytes()).is_err()
@@ -352,4 +357,37 @@ fn ordinary_requests_with_odd_spellings_are_forwarded_normalised() {
     let (status, _) = get_raw_http1(&addr, "/elsewhere/Patient");
     assert_eq!(status, 404, "a path outside the base is not forwarded");
     assert_eq!(recorder.targets().len(), before);
+}
+
+#[test]
+fn group_ids_that_are_dot_segments_are_not_found_and_errors_name_no_upstream() {
+    let recorder = Recorder::default();
+    let upstream = recorder.start();
+    let proxy = Proxy::start(&upstream, "");
+    let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
+    let upstream_authority = origin(&upstream).trim_start_matches("http://").to_owned();
+    let base = url_path(&proxy.base);
+    for id in [".", "..", "%2e", "%2E%2e", "%2e%2e%2f"] {
+        let before = recorder.targets().len();
+        let (status, head) = get_raw_http1(&addr, &format!("{base}/Group/{id}/$export"));
+        assert_eq!(status, 404, "Group/{id}/$export: {head}");
+        assert_eq!(
+            recorder.targets().len(),
+            before,
+            "Group/{id} reached the upstream"
+        );
+    }
+    let resp = client()
+        .get(format!("{}/Group/broken/$export", proxy.base))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async")
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.text().unwrap();
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        !body.contains(&upstream_authority) && !body.contains("/fhir/Group"),
+        "the diagnostics name the upstream: {body}"
+    );
 }

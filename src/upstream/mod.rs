@@ -59,6 +59,33 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// What a client may be told: the kind of failure, without the upstream's URLs, addresses or answers,
+    /// which are for the operator's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            UpstreamError::Status { status, .. } => {
+                format!("the upstream FHIR server answered {status}")
+            }
+            UpstreamError::Transport { .. } => {
+                "the upstream FHIR server could not be reached".to_owned()
+            }
+            UpstreamError::Invalid { .. } => {
+                "the upstream FHIR server's response was unusable".to_owned()
+            }
+            UpstreamError::Unreachable { secs, .. } => {
+                format!("the upstream FHIR server has been unreachable for {secs} s")
+            }
+            UpstreamError::Foreign { .. } => {
+                "the upstream FHIR server linked outside its base; the link was not followed"
+                    .to_owned()
+            }
+            UpstreamError::Credentials(_) => {
+                "the proxy cannot authenticate to the upstream".to_owned()
+            }
+            UpstreamError::Budget(_) | UpstreamError::Client(_) => self.to_string(),
+        }
+    }
+
     /// The upstream's own HTTP status, when it gave one.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
