@@ -387,7 +387,7 @@ impl App {
                 Ok(response)
             }
             JobState::Completed => {
-                let slices = self.store.slices(id)?;
+                let slices = visible(self.store.slices(id)?, principal.as_ref());
                 let body = self.manifest(&job, &slices).await?;
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
@@ -459,6 +459,18 @@ impl App {
         let slices = self.store.slices(id)?;
         // Only names the job recorded are served: a client-chosen path never reaches the file system.
         let part = manifest::find_file(&job, &slices, name).ok_or_else(missing)?;
+        let file_type = slices
+            .iter()
+            .find(|s| s.files.iter().any(|f| f.name == name))
+            .map(|s| s.resource_type.as_str());
+        if let (Some(principal), Some(file_type)) = (&principal, file_type) {
+            if !principal.grant.allows(file_type) {
+                return Err(AuthError::Forbidden(format!(
+                    "the access token's scopes do not allow reading {file_type}"
+                ))
+                .into());
+            }
+        }
         let gzip = files::accepts_gzip(
             req.headers()
                 .get(ACCEPT_ENCODING)
@@ -479,6 +491,18 @@ impl App {
             None => files::serve(&self.runner.job_dir(id).join(&part.name), encoding).await,
         }
     }
+}
+
+/// The slices whose resources the caller's token may read: a job's owner may hold several tokens, and the
+/// one it polls or downloads with sees only the types its own scopes allow.
+fn visible(
+    mut slices: Vec<crate::store::Slice>,
+    principal: Option<&Principal>,
+) -> Vec<crate::store::Slice> {
+    if let Some(principal) = principal {
+        slices.retain(|s| principal.grant.allows(&s.resource_type));
+    }
+    slices
 }
 
 /// How one pass-through request is sent.

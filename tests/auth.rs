@@ -1526,6 +1526,47 @@ fn pass_through_with_require_token() {
     );
 }
 
+/// A job's owner may hold several tokens: the one it polls or downloads with sees only what its own scopes
+/// allow (the manifest lists only those types; another type's file is 403).
+#[test]
+fn status_and_files_are_limited_to_the_polling_tokens_scopes() {
+    let f = Fixture::start(&upstream(), "");
+    let wide = f.token(&rs_signer(), "system/*.rs").access_token;
+    let narrow = f.token(&rs_signer(), "system/Patient.rs").access_token;
+    let status_url = accepted_status_url(
+        f.base(),
+        kickoff_get_auth(f.base(), "$export?_type=Patient,Observation", Some(&wide)),
+    );
+    let (manifest, _) = wait_manifest_auth(&status_url, Some(&wide));
+    let files = download_all_auth(&manifest, "output", Some(&wide));
+    assert_eq!(
+        exported_types(&files),
+        BTreeSet::from(["Observation".to_owned(), "Patient".to_owned()])
+    );
+    let (seen, _) = wait_manifest_auth(&status_url, Some(&narrow));
+    let types: BTreeSet<&str> = seen["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["type"].as_str())
+        .collect();
+    assert_eq!(types, BTreeSet::from(["Patient"]), "{seen}");
+    for output in manifest["output"].as_array().unwrap() {
+        let url = output["url"].as_str().unwrap();
+        let want = if output["type"] == "Patient" {
+            200
+        } else {
+            403
+        };
+        let status = get_with_token(url, Some(&narrow)).send().unwrap().status();
+        assert_eq!(
+            status.as_u16(),
+            want,
+            "{url} with a system/Patient.rs token"
+        );
+    }
+}
+
 /// Issue #22 item 2: in require-token mode a pass-through request needs a scope covering its type and its
 /// interaction; the proxy's own upstream credentials must not read or write what the token may not.
 #[test]
