@@ -437,32 +437,63 @@ mod defaults {
     }
 }
 
-/// Values given on the command line or in the environment, which win over the file.
-#[derive(Debug, Default, Clone)]
+/// Values given on the command line or in the environment, which win over the file (the `serve` flags).
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Overrides {
-    /// Listen address.
+    /// Address to listen on (server.listen).
+    #[arg(long, env = "FBP_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Upstream FHIR base URL.
+    /// Upstream FHIR base URL (upstream.base_url).
+    #[arg(long, env = "FBP_UPSTREAM_URL")]
     pub upstream_url: Option<Url>,
-    /// Public FHIR base URL.
+    /// Public FHIR base URL of the proxy (server.public_base_url).
+    #[arg(long, env = "FBP_PUBLIC_BASE_URL")]
     pub public_base_url: Option<Url>,
-    /// Data directory.
+    /// Data directory for the job store and files (export.data_dir).
+    #[arg(long, env = "FBP_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Upstream bearer token.
+    /// Bearer token for the proxy's own upstream requests (upstream.bearer_token).
+    #[arg(long, env = "FBP_UPSTREAM_BEARER_TOKEN", hide_env_values = true)]
     pub upstream_bearer_token: Option<String>,
 }
 
 impl Config {
-    /// Reads `path`, applies `overrides` and checks the result.
-    pub fn load(path: &Path, overrides: Overrides) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
+    /// Reads `path` (every setting at its default when there is none), applies `overrides` and checks the
+    /// result.
+    pub fn load(path: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let parse_error = |source| ConfigError::Parse {
+            path: path.map_or_else(|| PathBuf::from("(none)"), Path::to_owned),
             source,
-        })?;
-        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
+        };
+        let mut table: toml::Table = toml::from_str(&text).map_err(parse_error)?;
+        // The one setting without a default may come from the command line alone.
+        if let Some(url) = &overrides.upstream_url {
+            let upstream = table
+                .entry("upstream")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(upstream) = upstream.as_table_mut() {
+                upstream.insert("base_url".into(), toml::Value::String(url.to_string()));
+            }
+        }
+        if table
+            .get("upstream")
+            .and_then(|u| u.get("base_url"))
+            .is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "upstream.base_url",
+                reason: "not set: give it in the config file, with --upstream-url or in FBP_UPSTREAM_URL"
+                    .into(),
+            });
+        }
+        let mut config: Config = table.try_into().map_err(parse_error)?;
         config.apply(overrides);
         config.validate()?;
         Ok(config)
@@ -585,7 +616,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
-        Config::load(&path, Overrides::default())
+        Config::load(Some(&path), Overrides::default())
     }
 
     #[test]
@@ -607,7 +638,7 @@ mod tests {
         )
         .unwrap();
         let c = Config::load(
-            &path,
+            Some(&path),
             Overrides {
                 data_dir: Some("/x".into()),
                 upstream_url: Some(Url::parse("http://127.0.0.1:10/r4").unwrap()),
@@ -620,9 +651,31 @@ mod tests {
     }
 
     #[test]
+    fn no_file_needs_only_the_upstream_url() {
+        let url = Url::parse("http://127.0.0.1:9/fhir").unwrap();
+        let c = Config::load(
+            None,
+            Overrides {
+                upstream_url: Some(url.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.upstream.base_url, url);
+        assert_eq!(c.server.listen, ServerConfig::default().listen);
+        assert!(matches!(
+            Config::load(None, Overrides::default()),
+            Err(ConfigError::Invalid {
+                key: "upstream.base_url",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn example_config_loads_with_auth_on() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
-        let c = Config::load(&path, Overrides::default()).unwrap();
+        let c = Config::load(Some(&path), Overrides::default()).unwrap();
         assert!(c.auth.enabled);
         assert_eq!(c.auth.clients.len(), 1);
     }

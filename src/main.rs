@@ -1,7 +1,6 @@
 //! Command line of fhir-bulk-proxy.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -54,24 +53,11 @@ enum JobsAction {
 /// Flags win over environment variables, which win over the config file.
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// TOML configuration file.
+    /// TOML configuration file; without one, every setting but the upstream URL has its default.
     #[arg(long, short, env = "FBP_CONFIG")]
-    config: PathBuf,
-    /// Address to listen on (server.listen).
-    #[arg(long, env = "FBP_LISTEN")]
-    listen: Option<SocketAddr>,
-    /// Upstream FHIR base URL (upstream.base_url).
-    #[arg(long, env = "FBP_UPSTREAM_URL")]
-    upstream_url: Option<Url>,
-    /// Public FHIR base URL of the proxy (server.public_base_url).
-    #[arg(long, env = "FBP_PUBLIC_BASE_URL")]
-    public_base_url: Option<Url>,
-    /// Data directory for the job store and files (export.data_dir).
-    #[arg(long, env = "FBP_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Bearer token for the proxy's own upstream requests (upstream.bearer_token).
-    #[arg(long, env = "FBP_UPSTREAM_BEARER_TOKEN", hide_env_values = true)]
-    upstream_bearer_token: Option<String>,
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 fn main() -> ExitCode {
@@ -111,14 +97,8 @@ fn tune_malloc() {
 
 fn serve(args: ServeArgs, log_format: LogFormat) -> ExitCode {
     tune_malloc();
-    let overrides = Overrides {
-        listen: args.listen,
-        upstream_url: args.upstream_url,
-        public_base_url: args.public_base_url,
-        data_dir: args.data_dir,
-        upstream_bearer_token: args.upstream_bearer_token,
-    };
-    let config = match Config::load(&args.config, overrides.clone()) {
+    let overrides = args.overrides;
+    let config = match Config::load(args.config.as_deref(), overrides.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("fhir-bulk-proxy: {e}");

@@ -49,7 +49,7 @@ pub enum ServerError {
 /// Runs the proxy until SIGTERM or Ctrl-C; SIGHUP reloads the client registry from `config_path`.
 pub async fn run(
     config: Config,
-    config_path: PathBuf,
+    config_path: Option<PathBuf>,
     overrides: Overrides,
 ) -> Result<(), ServerError> {
     let data_dir = config.export.data_dir.clone();
@@ -209,7 +209,7 @@ fn serve_connection(
 }
 
 /// Reloads registered clients on SIGHUP; a bad file keeps the current registry.
-fn spawn_reloader(auth: Arc<Auth>, config_path: PathBuf, overrides: Overrides) {
+fn spawn_reloader(auth: Arc<Auth>, config_path: Option<PathBuf>, overrides: Overrides) {
     tokio::spawn(async move {
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
@@ -218,7 +218,7 @@ fn spawn_reloader(auth: Arc<Auth>, config_path: PathBuf, overrides: Overrides) {
             }
         };
         while hup.recv().await.is_some() {
-            let reloaded = Config::load(&config_path, overrides.clone())
+            let reloaded = Config::load(config_path.as_deref(), overrides.clone())
                 .map_err(|e| e.to_string())
                 .and_then(|c| auth.reload(&c.auth.clients).map_err(|e| e.to_string()));
             match reloaded {
