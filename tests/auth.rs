@@ -1608,3 +1608,52 @@ fn secrets_never_reach_the_logs() {
         leaked.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Assertion times and headers (issue #22)
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn assertion_not_valid_yet_is_rejected() {
+    let f = Fixture::start(&upstream(), "");
+    let mut c = claims(RS_CLIENT, &f.token_endpoint());
+    c["nbf"] = json!(now() - 60);
+    f.send(
+        &sign(&header(&rs_signer()), &c, &rs_signer().key),
+        "system/*.rs",
+    )
+    .grant("assertion with nbf a minute ago");
+    c["nbf"] = json!(now() + 120);
+    c["jti"] = json!(new_jti());
+    f.send(
+        &sign(&header(&rs_signer()), &c, &rs_signer().key),
+        "system/*.rs",
+    )
+    .expect_invalid_client("assertion with nbf 2 minutes ahead");
+}
+
+/// jsonwebtoken's `Header` has no `crit`, so the header is written and signed by hand; the same
+/// hand-made assertion without `crit` is accepted, so the rejection is for `crit`.
+#[test]
+fn assertion_with_unknown_crit_is_rejected() {
+    let f = Fixture::start(&upstream(), "");
+    let signer = rs_signer();
+    let hand_signed = |header: Value| {
+        let input = format!(
+            "{}.{}",
+            b64_json(&header),
+            b64_json(&claims(RS_CLIENT, &f.token_endpoint()))
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &signer.key, signer.alg).unwrap();
+        format!("{input}.{signature}")
+    };
+    let plain = json!({"alg": "RS384", "typ": "JWT", "kid": RS_KID});
+    f.send(&hand_signed(plain.clone()), "system/*.rs")
+        .grant("hand-signed assertion without crit");
+    let mut critical = plain;
+    critical["crit"] = json!(["x-unknown"]);
+    critical["x-unknown"] = json!(true);
+    f.send(&hand_signed(critical), "system/*.rs")
+        .expect_invalid_client("assertion with crit [\"x-unknown\"]");
+}
