@@ -1657,3 +1657,41 @@ fn assertion_with_unknown_crit_is_rejected() {
     f.send(&hand_signed(critical), "system/*.rs")
         .expect_invalid_client("assertion with crit [\"x-unknown\"]");
 }
+
+#[test]
+fn pass_through_replaces_client_forwarding_headers() {
+    let fake = Stub::start(FAKE_BUNDLE.into(), "application/fhir+json");
+    let f = Fixture::start(
+        &format!("{}/fhir", fake.origin),
+        "pass_through = \"forward\"",
+    );
+    let url = format!("{}/Patient?name=forwarded", f.base());
+    assert_status(
+        client()
+            .get(&url)
+            .header("X-Forwarded-For", "6.6.6.6")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "evil.example")
+            .header("Forwarded", "for=evil")
+            .send()
+            .unwrap(),
+        200,
+        "pass-through with client forwarding headers",
+    );
+    let head = fake
+        .heads()
+        .into_iter()
+        .find(|h| h.contains("name=forwarded"))
+        .unwrap_or_else(|| panic!("the request did not reach the upstream: {:?}", fake.heads()));
+    let proxy_authority = url::Url::parse(f.base()).unwrap();
+    let proxy_host = format!(
+        "{}:{}",
+        proxy_authority.host_str().unwrap(),
+        proxy_authority.port().unwrap()
+    );
+    let seen = |name: &str| header_values(&head, name);
+    assert_eq!(seen("x-forwarded-for"), ["127.0.0.1"], "{head}");
+    assert_eq!(seen("x-forwarded-proto"), ["http"], "{head}");
+    assert_eq!(seen("x-forwarded-host"), [proxy_host], "{head}");
+    assert!(seen("forwarded").is_empty(), "{head}");
+}
