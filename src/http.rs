@@ -26,6 +26,22 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
+/// Whether an I/O failure means the local disk, or the proxy's quota on it, is full (ENOSPC, EDQUOT):
+/// what was being written cannot be until space is freed, which is 507 Insufficient Storage.
+pub fn storage_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// What a client is told when the local disk is full, whatever was being written.
+pub fn storage_full_message(e: &dyn std::fmt::Display) -> String {
+    format!(
+        "the proxy's local disk is full ({e}); an operator must free space before exports can run"
+    )
+}
+
 /// A JSON response with the given content type.
 pub fn json(
     status: StatusCode,
@@ -91,7 +107,19 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The I/O failure underneath, if the error is one.
+    fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            ApiError::Io(e) => Some(e),
+            ApiError::Store(e) => e.io_error(),
+            _ => None,
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
+        if self.io_error().is_some_and(storage_full) {
+            return (StatusCode::INSUFFICIENT_STORAGE, "no-store");
+        }
         match self {
             ApiError::Kickoff(KickoffError::Param { .. }) => {
                 (StatusCode::BAD_REQUEST, "not-supported")
@@ -151,9 +179,10 @@ impl ApiError {
                 .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
             return response;
         }
-        let diagnostics = match &self {
-            ApiError::Upstream(e) => e.public_message(),
-            ApiError::Gateway(_) => "the upstream FHIR server could not be reached".to_owned(),
+        let diagnostics = match (&self, self.io_error()) {
+            (_, Some(e)) if storage_full(e) => storage_full_message(&self),
+            (ApiError::Upstream(e), _) => e.public_message(),
+            (ApiError::Gateway(_), _) => "the upstream FHIR server could not be reached".to_owned(),
             _ => self.to_string(),
         };
         let mut response = json(
@@ -216,5 +245,33 @@ mod tests {
         let r = ApiError::PollTooSoon(3).into_response();
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[RETRY_AFTER], "3");
+    }
+
+    /// A store write that finds the disk full (a kick-off's job record) is 507 with an
+    /// OperationOutcome saying so; so is a quota, and other I/O failures stay 500.
+    #[tokio::test]
+    async fn a_full_disk_is_insufficient_storage() {
+        let io = std::io::Error::from_raw_os_error;
+        for (error, status) in [
+            (
+                ApiError::Store(StoreError::Sled(io(libc::ENOSPC).into())),
+                507,
+            ),
+            (
+                ApiError::Store(StoreError::Sled(io(libc::EDQUOT).into())),
+                507,
+            ),
+            (ApiError::Io(io(libc::ENOSPC)), 507),
+            (ApiError::Store(StoreError::Sled(io(libc::EIO).into())), 500),
+        ] {
+            let what = error.to_string();
+            let r = error.into_response();
+            assert_eq!(r.status().as_u16(), status, "{what}");
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["resourceType"], "OperationOutcome", "{what}");
+            let text = v["issue"][0]["diagnostics"].as_str().unwrap();
+            assert_eq!(text.contains("disk is full"), status == 507, "{text}");
+        }
     }
 }

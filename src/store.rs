@@ -31,6 +31,20 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The I/O failure underneath, if sled met one.
+    pub fn io_error(&self) -> Option<&std::io::Error> {
+        match self {
+            StoreError::Open {
+                source: sled::Error::Io(e),
+                ..
+            }
+            | StoreError::Sled(sled::Error::Io(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// Which population a job exports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]

@@ -1714,3 +1714,90 @@ fn secrets_never_reach_the_logs() {
         leaked.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Assertion times and headers (issue #22)
+// ---------------------------------------------------------------------------------------------------------
+
+#[test]
+fn assertion_not_valid_yet_is_rejected() {
+    let f = Fixture::start(&upstream(), "");
+    let mut c = claims(RS_CLIENT, &f.token_endpoint());
+    c["nbf"] = json!(now() - 60);
+    f.send(
+        &sign(&header(&rs_signer()), &c, &rs_signer().key),
+        "system/*.rs",
+    )
+    .grant("assertion with nbf a minute ago");
+    c["nbf"] = json!(now() + 120);
+    c["jti"] = json!(new_jti());
+    f.send(
+        &sign(&header(&rs_signer()), &c, &rs_signer().key),
+        "system/*.rs",
+    )
+    .expect_invalid_client("assertion with nbf 2 minutes ahead");
+}
+
+/// jsonwebtoken's `Header` has no `crit`, so the header is written and signed by hand; the same
+/// hand-made assertion without `crit` is accepted, so the rejection is for `crit`.
+#[test]
+fn assertion_with_unknown_crit_is_rejected() {
+    let f = Fixture::start(&upstream(), "");
+    let signer = rs_signer();
+    let hand_signed = |header: Value| {
+        let input = format!(
+            "{}.{}",
+            b64_json(&header),
+            b64_json(&claims(RS_CLIENT, &f.token_endpoint()))
+        );
+        let signature =
+            jsonwebtoken::crypto::sign(input.as_bytes(), &signer.key, signer.alg).unwrap();
+        format!("{input}.{signature}")
+    };
+    let plain = json!({"alg": "RS384", "typ": "JWT", "kid": RS_KID});
+    f.send(&hand_signed(plain.clone()), "system/*.rs")
+        .grant("hand-signed assertion without crit");
+    let mut critical = plain;
+    critical["crit"] = json!(["x-unknown"]);
+    critical["x-unknown"] = json!(true);
+    f.send(&hand_signed(critical), "system/*.rs")
+        .expect_invalid_client("assertion with crit [\"x-unknown\"]");
+}
+
+#[test]
+fn pass_through_replaces_client_forwarding_headers() {
+    let fake = Stub::start(FAKE_BUNDLE.into(), "application/fhir+json");
+    let f = Fixture::start(
+        &format!("{}/fhir", fake.origin),
+        "pass_through = \"forward\"",
+    );
+    let url = format!("{}/Patient?name=forwarded", f.base());
+    assert_status(
+        client()
+            .get(&url)
+            .header("X-Forwarded-For", "6.6.6.6")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "evil.example")
+            .header("Forwarded", "for=evil")
+            .send()
+            .unwrap(),
+        200,
+        "pass-through with client forwarding headers",
+    );
+    let head = fake
+        .heads()
+        .into_iter()
+        .find(|h| h.contains("name=forwarded"))
+        .unwrap_or_else(|| panic!("the request did not reach the upstream: {:?}", fake.heads()));
+    let proxy_authority = url::Url::parse(f.base()).unwrap();
+    let proxy_host = format!(
+        "{}:{}",
+        proxy_authority.host_str().unwrap(),
+        proxy_authority.port().unwrap()
+    );
+    let seen = |name: &str| header_values(&head, name);
+    assert_eq!(seen("x-forwarded-for"), ["127.0.0.1"], "{head}");
+    assert_eq!(seen("x-forwarded-proto"), ["http"], "{head}");
+    assert_eq!(seen("x-forwarded-host"), [proxy_host], "{head}");
+    assert!(seen("forwarded").is_empty(), "{head}");
+}

@@ -2,10 +2,11 @@
 
 pub mod access;
 pub mod clients;
+pub mod replay;
 pub mod scopes;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hyper::header::{HeaderMap, AUTHORIZATION};
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use crate::auth::clients::{Client, Registry};
+use crate::auth::replay::SeenJtis;
 use crate::auth::scopes::{grantable, Grant};
 use crate::config::{AuthConfig, ClientConfig, ExternalAuthConfig};
 
@@ -25,6 +27,10 @@ const MAX_ASSERTION_LIFETIME_SECS: i64 = 300;
 
 /// Clock skew tolerated on client assertions and external tokens.
 const LEEWAY_SECS: u64 = 5;
+
+/// How much longer than an assertion can be accepted its jti stays in memory: the entry, not its
+/// eviction, decides, so this only has to cover the system clock being stepped back meanwhile.
+const JTI_RETENTION_MARGIN_SECS: u64 = 60;
 
 /// Algorithms accepted for client assertions and external tokens: asymmetric only, so a public key
 /// can never be misused as an HMAC secret.
@@ -98,10 +104,22 @@ struct AccessClaims {
     jti: String,
 }
 
+/// The claims of a client assertion checked against the clock; NumericDates may have fractions.
 #[derive(Debug, Deserialize)]
 struct AssertionClaims {
-    exp: i64,
+    exp: f64,
+    nbf: Option<f64>,
     jti: Option<String>,
+}
+
+/// Unix time in seconds, with fractions: whole seconds would accept an assertion up to a second
+/// longer than its jti is held.
+type Clock = Box<dyn Fn() -> f64 + Send + Sync>;
+
+fn system_clock() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The authorization service.
@@ -114,7 +132,8 @@ pub struct Auth {
     decoding: DecodingKey,
     issuer: String,
     token_url: String,
-    seen_jti: moka::sync::Cache<String, ()>,
+    seen_jti: SeenJtis,
+    clock: Clock,
 }
 
 /// Reads the access-token signing secret, creating one (0600) on first start.
@@ -153,17 +172,33 @@ fn signing_secret(cfg: &AuthConfig, data_dir: &Path) -> Result<Vec<u8>, AuthErro
     }
 }
 
-fn unverified_claims(jwt: &str) -> Option<serde_json::Value> {
-    let payload = jwt.split('.').nth(1)?;
+/// Segment `index` of a compact JWS (0: header, 1: claims) as JSON, unverified.
+fn json_segment(jwt: &str, index: usize) -> Option<serde_json::Value> {
+    let segment = jwt.split('.').nth(index)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
+        .decode(segment.trim_end_matches('='))
         .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Whether the JWS header has `crit` (RFC 7515 §4.1.11): the proxy implements no extension header
+/// parameter, so any it lists makes the JWS invalid. jsonwebtoken's `Header` drops the field.
+fn has_crit(jwt: &str) -> bool {
+    json_segment(jwt, 0).is_some_and(|header| header.get("crit").is_some())
 }
 
 impl Auth {
     /// Sets up keys and clients; `public_base` is the proxy's FHIR base URL.
     pub fn new(cfg: &AuthConfig, public_base: &Url, data_dir: &Path) -> Result<Self, AuthError> {
+        Self::with_clock(cfg, public_base, data_dir, Box::new(system_clock))
+    }
+
+    fn with_clock(
+        cfg: &AuthConfig,
+        public_base: &Url,
+        data_dir: &Path,
+        clock: Clock,
+    ) -> Result<Self, AuthError> {
         let secret = signing_secret(cfg, data_dir)?;
         let min_refetch = Duration::from_secs(cfg.jwks_min_refetch_secs);
         let registry = Registry::new(&cfg.clients, min_refetch)
@@ -191,12 +226,11 @@ impl Auth {
             decoding: DecodingKey::from_secret(&secret),
             token_url: format!("{base}/auth/token"),
             issuer: base,
-            // Assertions live at most 5 minutes, so a jti needs remembering no longer than that.
-            seen_jti: moka::sync::Cache::builder()
-                .time_to_live(Duration::from_secs(
-                    MAX_ASSERTION_LIFETIME_SECS as u64 + 2 * LEEWAY_SECS,
-                ))
-                .build(),
+            // An assertion is accepted at most its lifetime plus the leeway on either end.
+            seen_jti: SeenJtis::new(Duration::from_secs(
+                MAX_ASSERTION_LIFETIME_SECS as u64 + 2 * LEEWAY_SECS + JTI_RETENTION_MARGIN_SECS,
+            )),
+            clock,
         })
     }
 
@@ -334,7 +368,12 @@ impl Auth {
                 header.alg
             )));
         }
-        let claims = unverified_claims(assertion)
+        if has_crit(assertion) {
+            return Err(TokenError::client(
+                "the assertion header lists crit extensions, which the proxy does not implement",
+            ));
+        }
+        let claims = json_segment(assertion, 1)
             .ok_or_else(|| TokenError::client("unreadable assertion claims"))?;
         let iss = claims["iss"].as_str().unwrap_or_default();
         let client = self
@@ -384,25 +423,42 @@ impl Auth {
         validation.set_issuer(&[&client.id]);
         validation.sub = Some(client.id.clone());
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+        // Times are checked by `admit`, on the same clock that holds the jti.
+        validation.validate_exp = false;
         let data = jsonwebtoken::decode::<AssertionClaims>(assertion, &key, &validation)
             .map_err(|e| TokenError::client(format!("assertion rejected: {e}")))?;
-        let now = chrono::Utc::now().timestamp();
-        if data.claims.exp > now + MAX_ASSERTION_LIFETIME_SECS + LEEWAY_SECS as i64 {
+        self.admit(&client.id, data.claims)?;
+        Ok(client)
+    }
+
+    /// Checks a verified assertion's times and its jti: it is accepted while now < exp + leeway, and
+    /// its jti is held exactly that long.
+    fn admit(&self, client_id: &str, claims: AssertionClaims) -> Result<(), TokenError> {
+        let now = (self.clock)();
+        let leeway = LEEWAY_SECS as f64;
+        let until = claims.exp + leeway;
+        if now >= until {
+            return Err(TokenError::client("the assertion has expired (exp)"));
+        }
+        if claims.exp > now + (MAX_ASSERTION_LIFETIME_SECS as f64) + leeway {
             return Err(TokenError::client(
                 "exp is more than 5 minutes in the future",
             ));
         }
-        let jti = data
-            .claims
+        if claims.nbf.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(TokenError::client("the assertion is not valid yet (nbf)"));
+        }
+        let jti = claims
             .jti
             .filter(|j| !j.is_empty())
             .ok_or_else(|| TokenError::client("the assertion has no jti"))?;
-        let replay_key = format!("{}\u{0}{jti}", client.id);
-        // One atomic insert-if-absent: two racing requests with the same jti cannot both pass.
-        if !self.seen_jti.entry(replay_key).or_insert(()).is_fresh() {
+        if !self
+            .seen_jti
+            .first_use(format!("{client_id}\u{0}{jti}"), until, now)
+        {
             return Err(TokenError::client("jti was already used"));
         }
-        Ok(client)
+        Ok(())
     }
 
     /// Checks the request's bearer token.
@@ -441,6 +497,9 @@ impl Auth {
         let header = jsonwebtoken::decode_header(token).map_err(|e| invalid(e.to_string()))?;
         if !ASYMMETRIC.contains(&header.alg) {
             return Err(invalid(format!("alg {:?} is not accepted", header.alg)));
+        }
+        if has_crit(token) {
+            return Err(invalid("crit extensions are not implemented".into()));
         }
         let kid = header.kid.ok_or_else(|| invalid("no kid".into()))?;
         let issuer = keys
@@ -483,6 +542,10 @@ mod tests {
     use super::*;
 
     fn auth(dir: &Path) -> Auth {
+        auth_with_clock(dir, Box::new(system_clock))
+    }
+
+    fn auth_with_clock(dir: &Path, clock: Clock) -> Auth {
         let cfg = AuthConfig {
             enabled: true,
             clients: vec![ClientConfig {
@@ -493,7 +556,90 @@ mod tests {
             }],
             ..AuthConfig::default()
         };
-        Auth::new(&cfg, &Url::parse("http://127.0.0.1:1/fhir").unwrap(), dir).unwrap()
+        let base = Url::parse("http://127.0.0.1:1/fhir").unwrap();
+        Auth::with_clock(&cfg, &base, dir, clock).unwrap()
+    }
+
+    /// An `Auth` whose clock reads the returned cell (Unix seconds).
+    fn auth_at(dir: &Path) -> (Auth, std::sync::Arc<std::sync::Mutex<f64>>) {
+        let now = std::sync::Arc::new(std::sync::Mutex::new(0.0));
+        let clock = now.clone();
+        let a = auth_with_clock(dir, Box::new(move || *clock.lock().unwrap()));
+        (a, now)
+    }
+
+    fn assertion(exp: f64, nbf: Option<f64>, jti: &str) -> AssertionClaims {
+        AssertionClaims {
+            exp,
+            nbf,
+            jti: Some(jti.into()),
+        }
+    }
+
+    /// A used assertion is refused at every moment after its first use, also within the last second
+    /// in which exp + leeway (in whole seconds) still accepts it; a new jti with the same exp is
+    /// accepted until exactly then, so the refusals before it were for the jti.
+    #[test]
+    fn a_used_assertion_is_refused_for_as_long_as_its_exp_accepts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, now) = auth_at(dir.path());
+        let leeway = LEEWAY_SECS as f64;
+        for (n, first) in [1e9, 1e9 + 0.5, 1e9 + 0.95].into_iter().enumerate() {
+            *now.lock().unwrap() = first;
+            // The latest exp accepted at the first use.
+            let exp = (first + MAX_ASSERTION_LIFETIME_SECS as f64 + leeway).floor();
+            let used = format!("used-{n}");
+            a.admit("c1", assertion(exp, None, &used)).unwrap();
+            for step in 1..=320 * 20 {
+                let t = first + f64::from(step) * 0.05;
+                *now.lock().unwrap() = t;
+                assert!(
+                    a.admit("c1", assertion(exp, None, &used)).is_err(),
+                    "replay {:.2} s after the first use at {first} (exp {exp}) was accepted",
+                    t - first
+                );
+            }
+            *now.lock().unwrap() = exp + leeway - 0.01;
+            a.admit("c1", assertion(exp, None, &format!("fresh-{n}")))
+                .unwrap();
+            *now.lock().unwrap() = exp + leeway;
+            let late = a.admit("c1", assertion(exp, None, &format!("late-{n}")));
+            assert!(late.is_err(), "accepted at exp + leeway");
+        }
+    }
+
+    #[test]
+    fn nbf_past_the_leeway_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, now) = auth_at(dir.path());
+        *now.lock().unwrap() = 1e9;
+        let leeway = LEEWAY_SECS as f64;
+        let err = a
+            .admit("c1", assertion(1e9 + 60.0, Some(1e9 + leeway + 1.0), "a"))
+            .unwrap_err();
+        assert_eq!(err.code, "invalid_client");
+        assert!(err.description.contains("nbf"), "{err}");
+        a.admit("c1", assertion(1e9 + 60.0, Some(1e9 + leeway), "b"))
+            .unwrap();
+        a.admit("c1", assertion(1e9 + 60.0, Some(1e9 - 30.0), "c"))
+            .unwrap();
+    }
+
+    #[test]
+    fn any_crit_header_is_found() {
+        let jws = |header: serde_json::Value| {
+            let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+            format!("{}.e30.sig", b64.encode(header.to_string()))
+        };
+        assert!(has_crit(&jws(
+            serde_json::json!({"alg": "RS384", "crit": ["x-unknown"], "x-unknown": 1})
+        )));
+        assert!(has_crit(&jws(
+            serde_json::json!({"alg": "RS384", "crit": []})
+        )));
+        assert!(!has_crit(&jws(
+            serde_json::json!({"alg": "RS384", "kid": "k"})
+        )));
     }
 
     fn bearer(token: &str) -> HeaderMap {

@@ -259,15 +259,8 @@ impl Runner {
             async move {
                 if let Err(e) = runner.run(&task_id, &task_cancel).await {
                     tracing::error!(job = %task_id, error = %e, "job failed");
-                    let failed = match e {
-                        WorkerError::JobFailed { status, message } => {
-                            JobState::Failed { status, message }
-                        }
-                        e => JobState::Failed {
-                            status: 500,
-                            message: format!("the export failed inside the proxy: {e}"),
-                        },
-                    };
+                    let (status, message) = e.failure();
+                    let failed = JobState::Failed { status, message };
                     if let Err(e) = runner.finish(&task_id, failed).await {
                         tracing::error!(job = %task_id, error = %e, "could not record job failure");
                     }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{strip_whitespace, write_subset};
 use crate::export::writer::NdjsonWriter;
+use crate::http::{storage_full, storage_full_message};
 use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
 use crate::upstream::bundle::{BundleReader, Entry};
@@ -38,6 +39,24 @@ pub enum WorkerError {
     /// A limit was reached or the upstream is gone: the whole job fails with this status.
     #[error("{message}")]
     JobFailed { status: u16, message: String },
+}
+
+impl WorkerError {
+    /// The status and message the job fails with.
+    pub fn failure(self) -> (u16, String) {
+        let io = match &self {
+            WorkerError::Io(e) => Some(e),
+            WorkerError::Store(e) => e.io_error(),
+            WorkerError::JobFailed { .. } => None,
+        };
+        if io.is_some_and(storage_full) {
+            return (507, storage_full_message(&self));
+        }
+        match self {
+            WorkerError::JobFailed { status, message } => (status, message),
+            e => (500, format!("the export failed inside the proxy: {e}")),
+        }
+    }
 }
 
 /// Bytes all export files take, against `max_disk_bytes`; shared by every job.
@@ -817,6 +836,33 @@ mod tests {
             }
         }
         ids
+    }
+
+    /// A full disk fails the job with 507 and an explanation. The slice's second file is /dev/full, so
+    /// writing into it gets ENOSPC from the kernel through the writer, as on a full file system (with
+    /// no first file, resuming stops looking for stray files before it reaches the second).
+    #[tokio::test]
+    async fn a_full_disk_fails_the_job_with_507() {
+        let base = serve(vec![("Observation?code=x", 0, bundle(&["o1", "o2"]))]).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let slice = Slice {
+            resource_type: "Observation".into(),
+            searches: vec![format!("{base}/Observation?code=x")],
+            ..crate::store::tests::slice("j", 0)
+        };
+        let (_store, ctx) = context(tmp.path(), &base, &slice);
+        let ctx = SliceContext { per_file: 1, ..ctx };
+        std::fs::create_dir_all(&ctx.dir).unwrap();
+        std::os::unix::fs::symlink("/dev/full", ctx.dir.join("Observation.0000.001.ndjson"))
+            .unwrap();
+        let error = run_slice(ctx, slice).await.unwrap_err();
+        assert!(
+            matches!(&error, WorkerError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC)),
+            "not the kernel's ENOSPC: {error:?}"
+        );
+        let (status, message) = error.failure();
+        assert_eq!(status, 507, "{message}");
+        assert!(message.contains("disk is full"), "{message}");
     }
 
     /// A resource two OR-ed searches of a slice both return is written once, also when the first search's

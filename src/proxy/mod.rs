@@ -9,7 +9,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH,
-    CONTENT_LOCATION, CONTENT_TYPE, HOST, LOCATION,
+    CONTENT_LOCATION, CONTENT_TYPE, FORWARDED, HOST, LOCATION,
 };
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -110,7 +110,7 @@ impl PassThrough {
         peer: SocketAddr,
         affinity: &Affinity,
     ) -> Result<Response<Incoming>, ApiError> {
-        prepare_request_headers(req.headers_mut(), peer, self.host.as_ref());
+        prepare_request_headers(req.headers_mut(), peer, self.host.as_ref(), &self.public);
         // Upstream connections are HTTP/1.1 whatever the client spoke to the proxy (HTTP/2 included).
         *req.version_mut() = Version::HTTP_11;
         let mut response = self.send_affine(req, affinity).await?;
@@ -325,25 +325,39 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-fn prepare_request_headers(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
-    use std::io::Write as _;
+/// Readies a client's request headers for the upstream, `host` being the upstream's `Host` and
+/// `public` the base URL clients use.
+///
+/// The proxy is the edge in front of the upstream, so forwarding headers a client sent are its own
+/// claims, not a trusted hop's: they are replaced by what the proxy saw, and `Forwarded` is dropped.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    peer: SocketAddr,
+    host: Option<&HeaderValue>,
+    public: &Url,
+) {
     strip_hop_by_hop(headers);
     let original_host = headers.remove(HOST);
-    // The previous list and this peer, built in one buffer and copied once into the header value.
-    let mut forwarded_for = Vec::with_capacity(64);
-    if let Some(previous) = headers.get(&X_FORWARDED_FOR) {
-        forwarded_for.extend_from_slice(previous.as_bytes());
-        forwarded_for.extend_from_slice(b", ");
+    for name in [
+        FORWARDED,
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+    ] {
+        headers.remove(name);
     }
-    let _ = write!(forwarded_for, "{}", peer.ip());
-    if let Ok(v) = HeaderValue::from_bytes(&forwarded_for) {
-        headers.insert(X_FORWARDED_FOR, v);
+    if let Ok(ip) = HeaderValue::try_from(peer.ip().to_string()) {
+        headers.insert(X_FORWARDED_FOR, ip);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    if let (false, Some(host)) = (headers.contains_key(&X_FORWARDED_HOST), original_host) {
-        headers.insert(X_FORWARDED_HOST, host);
+    // TLS, if any, ends in front of the proxy; the public base says whether clients use it.
+    let proto = if public.scheme() == "https" {
+        "https"
+    } else {
+        "http"
+    };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    if let Some(original) = original_host {
+        headers.insert(X_FORWARDED_HOST, original);
     }
     if let Some(host) = host {
         headers.insert(HOST, host.clone());
@@ -467,10 +481,12 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));
         h.insert(HOST, HeaderValue::from_static("proxy.example:443"));
+        let p = pass();
         prepare_request_headers(
             &mut h,
             "10.0.0.1:5000".parse().unwrap(),
-            pass().host.as_ref(),
+            p.host.as_ref(),
+            &p.public,
         );
         assert!(
             h.get("x-secret").is_none()
@@ -481,6 +497,44 @@ mod tests {
         assert_eq!(h[HOST], "127.0.0.1:8090");
         assert_eq!(h["x-forwarded-host"], "proxy.example:443");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn client_forwarding_headers_are_replaced_by_the_proxys() {
+        for (public, proto) in [
+            ("http://127.0.0.1:7000/r4", "http"),
+            ("https://fhir.example/r4", "https"),
+        ] {
+            let p = PassThrough::new(
+                Url::parse("http://127.0.0.1:8090/fhir").unwrap(),
+                Url::parse(public).unwrap(),
+                None,
+            );
+            let mut h = HeaderMap::new();
+            h.insert(HOST, HeaderValue::from_static("proxy.example"));
+            h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+            h.append("x-forwarded-for", HeaderValue::from_static("7.7.7.7"));
+            h.insert("x-forwarded-proto", HeaderValue::from_static("gopher"));
+            h.insert("x-forwarded-host", HeaderValue::from_static("evil.example"));
+            h.insert("forwarded", HeaderValue::from_static("for=evil"));
+            h.append("forwarded", HeaderValue::from_static("host=evil.example"));
+            prepare_request_headers(
+                &mut h,
+                "10.0.0.1:5000".parse().unwrap(),
+                p.host.as_ref(),
+                &p.public,
+            );
+            let all = |name: &str| -> Vec<&str> {
+                h.get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect()
+            };
+            assert_eq!(all("x-forwarded-for"), ["10.0.0.1"], "{public}");
+            assert_eq!(all("x-forwarded-proto"), [proto], "{public}");
+            assert_eq!(all("x-forwarded-host"), ["proxy.example"], "{public}");
+            assert!(all("forwarded").is_empty(), "{public}");
+        }
     }
 
     #[test]
