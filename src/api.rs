@@ -476,10 +476,7 @@ impl App {
                 .get(ACCEPT_ENCODING)
                 .and_then(|v| v.to_str().ok()),
         );
-        let encoding = files::Encoding {
-            stored_gzip: part.gzip,
-            client_gzip: gzip,
-        };
+        let encoding = files::Encoding::of(part, gzip);
         match self.storage.bucket().filter(|_| job.stored_remotely) {
             Some(bucket) => {
                 let (reader, len) = bucket

@@ -117,9 +117,16 @@ impl Bucket {
                 name: name.clone(),
                 source,
             };
-            let mut file = tokio::fs::File::open(dir.join(name))
+            let file = tokio::fs::File::open(dir.join(name))
                 .await
                 .map_err(failed)?;
+            // A presigned download reaches the client as stored, and many clients read only the
+            // first of a series of gzip members (the previous release's files): store one stream.
+            let mut file: FileReader = if part.gzip && part.stream.is_none() {
+                crate::files::rejoin_members(Box::new(file))
+            } else {
+                Box::new(file)
+            };
             let mut attributes = Attributes::new();
             attributes.insert(Attribute::ContentType, "application/fhir+ndjson".into());
             if part.gzip {

@@ -137,9 +137,24 @@ pub struct FilePart {
     pub lines: u64,
     /// Bytes committed; a resumed job truncates the file back to this.
     pub bytes: u64,
-    /// Whether the file is gzip-compressed at rest (a series of gzip members).
+    /// Whether the file is gzip-compressed at rest.
     #[serde(default)]
     pub gzip: bool,
+    /// Where the file's single gzip stream stands; `None` for a plain file, and for a gzip file of the
+    /// previous release, which is a series of gzip members (many clients decode only the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<GzipStream>,
+}
+
+/// What a gzip file's trailer needs, as of the committed bytes: the stream goes on from here on resume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GzipStream {
+    /// CRC-32 of the uncompressed bytes.
+    pub crc: u32,
+    /// Uncompressed bytes.
+    pub size: u64,
+    /// Whether the final block and trailer are written: the file is a complete gzip file.
+    pub finished: bool,
 }
 
 /// Where a slice is.

@@ -169,6 +169,7 @@ mod tests {
                 lines,
                 bytes: 0,
                 gzip: false,
+                stream: None,
             }],
             pages,
             total,

@@ -491,7 +491,8 @@ async fn end_checkpoint(
     Ok(end)
 }
 
-/// Makes everything written durable, then commits the cursor that covers it: a slice's last checkpoint.
+/// Completes the slice's last file, makes everything written durable, then commits the cursor that
+/// covers it: a slice's last checkpoint.
 async fn checkpoint(
     ctx: &SliceContext,
     slice: &mut Slice,
@@ -499,6 +500,7 @@ async fn checkpoint(
     batch: &mut Batch,
     pending: &mut Option<Pending>,
 ) -> Result<SliceEnd, WorkerError> {
+    output.settle().await?.finish()?;
     if begin_checkpoint(ctx, slice, output, batch, pending).await? == SliceEnd::Stopped {
         return Ok(SliceEnd::Stopped);
     }

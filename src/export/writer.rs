@@ -4,13 +4,27 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::store::FilePart;
+use flate2::{Compress, Compression, FlushCompress};
+
+use crate::store::{FilePart, GzipStream};
+
+/// Every gzip file's header: deflate, no name, no time, unknown OS.
+const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+
+/// An empty final deflate block (fixed Huffman codes, only the end-of-block code): it ends a stream
+/// whose blocks were all flushed to a byte boundary without being final.
+const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
+
+/// Bytes of compressed output handed to the file at a time.
+const DEFLATE_CHUNK: usize = 128 * 1024;
 
 /// Writer of one slice's files, positioned at the slice's committed end.
 ///
-/// Each page is written with one call per file it touches. With `gzip`, each such write is one gzip
-/// member: concatenated members are a valid gzip file, and truncating at a committed length always cuts
-/// between members.
+/// Each page is written with one call per file it touches. With `gzip`, a file is one gzip stream, as
+/// clients that decode a single gzip member need: each write adds deflate blocks that are not final and
+/// end on a byte boundary, so that truncating at a committed length always cuts between writes and a
+/// resumed writer goes on with the same stream (its CRC and size are committed with the part). The
+/// final block and trailer are written when the file is complete: as it rolls over, or by `finish`.
 pub struct NdjsonWriter {
     dir: PathBuf,
     stem: String,
@@ -22,6 +36,8 @@ pub struct NdjsonWriter {
     unsynced: Vec<File>,
     /// Whether a file was created since the last sync (its directory entry needs syncing too).
     created: bool,
+    /// Compressed output on its way to the file.
+    deflated: Vec<u8>,
 }
 
 impl NdjsonWriter {
@@ -44,6 +60,7 @@ impl NdjsonWriter {
             current: None,
             unsynced: Vec::new(),
             created: false,
+            deflated: Vec::new(),
         };
         for stray in writer.parts.len().. {
             match std::fs::remove_file(writer.dir.join(writer.part_name(stray))) {
@@ -75,7 +92,7 @@ impl NdjsonWriter {
     pub fn write_page(&mut self, page: &[u8], ends: &[usize]) -> io::Result<()> {
         let (mut start, mut line) = (0, 0);
         while line < ends.len() {
-            if self.parts.last().is_none_or(|p| p.lines >= self.per_file) {
+            if !self.parts.last().is_some_and(|p| self.appendable(p)) {
                 self.roll()?;
             }
             let part = self.parts.last().expect("roll added a part");
@@ -87,35 +104,71 @@ impl NdjsonWriter {
         Ok(())
     }
 
-    /// Writes `lines` whole lines to the current file (as one gzip member when compressing).
+    /// Whether lines may go on into `part`: it has room, and if gzip, its stream is this release's and
+    /// not ended (a previous release's series of members is not continued, so formats never mix).
+    fn appendable(&self, part: &FilePart) -> bool {
+        part.lines < self.per_file
+            && part.gzip == self.gzip
+            && (!part.gzip || part.stream.is_some_and(|s| !s.finished))
+    }
+
+    /// Writes `lines` whole lines to the current file.
     fn append(&mut self, bytes: &[u8], lines: u64) -> io::Result<()> {
         let file = self.current.as_mut().expect("roll opened a file");
-        let written = if self.gzip {
-            let mut encoder = flate2::write::GzEncoder::new(
-                Vec::with_capacity(bytes.len() / 4),
-                flate2::Compression::fast(),
-            );
-            encoder.write_all(bytes)?;
-            let member = encoder.finish()?;
-            file.write_all(&member)?;
-            member.len()
-        } else {
-            file.write_all(bytes)?;
-            bytes.len()
-        };
         let part = self.parts.last_mut().expect("a part is open");
-        part.bytes += written as u64;
+        let written = match &mut part.stream {
+            Some(stream) => {
+                let written = deflate_flushed(bytes, file, &mut self.deflated)?;
+                let mut crc = crc32fast::Hasher::new_with_initial(stream.crc);
+                crc.update(bytes);
+                stream.crc = crc.finalize();
+                stream.size += bytes.len() as u64;
+                written
+            }
+            None => {
+                file.write_all(bytes)?;
+                bytes.len() as u64
+            }
+        };
+        part.bytes += written;
         part.lines += lines;
         Ok(())
     }
 
+    /// Ends the current file's gzip stream with the final block and trailer; for a slice with nothing
+    /// more to write (a file that rolls over is ended then). Nothing to do for a plain or ended file.
+    pub fn finish(&mut self) -> io::Result<()> {
+        let (Some(file), Some(part)) = (self.current.as_mut(), self.parts.last_mut()) else {
+            return Ok(());
+        };
+        let Some(stream) = part.stream.as_mut().filter(|s| !s.finished) else {
+            return Ok(());
+        };
+        let mut tail = [0; 10];
+        tail[..2].copy_from_slice(&FINAL_BLOCK);
+        tail[2..6].copy_from_slice(&stream.crc.to_le_bytes());
+        // ISIZE is the size modulo 2^32.
+        tail[6..].copy_from_slice(&(stream.size as u32).to_le_bytes());
+        file.write_all(&tail)?;
+        stream.finished = true;
+        part.bytes += tail.len() as u64;
+        Ok(())
+    }
+
     fn roll(&mut self) -> io::Result<()> {
+        self.finish()?;
         let name = self.part_name(self.parts.len());
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
             .open(self.dir.join(&name))?;
+        let stream = if self.gzip {
+            file.write_all(&GZIP_HEADER)?;
+            Some(GzipStream::default())
+        } else {
+            None
+        };
         if let Some(previous) = self.current.replace(file) {
             self.unsynced.push(previous);
         }
@@ -123,8 +176,13 @@ impl NdjsonWriter {
         self.parts.push(FilePart {
             name,
             lines: 0,
-            bytes: 0,
+            bytes: if self.gzip {
+                GZIP_HEADER.len() as u64
+            } else {
+                0
+            },
             gzip: self.gzip,
+            stream,
         });
         Ok(())
     }
@@ -146,6 +204,29 @@ impl NdjsonWriter {
         // New directory entries are only durable once the directory itself is synced.
         let dir = std::mem::take(&mut self.created).then(|| self.dir.clone());
         Ok((self.parts.clone(), Durable { files, dir }))
+    }
+}
+
+/// Compresses `bytes` into `file` as deflate blocks that are not final and end on a byte boundary (a
+/// sync flush), so that whatever follows them, even a fresh compressor's output after a restart,
+/// continues one valid stream. A fresh compressor per call: nothing refers back past a commit point.
+/// Returns the bytes written.
+fn deflate_flushed(bytes: &[u8], file: &mut File, buf: &mut Vec<u8>) -> io::Result<u64> {
+    let mut deflate = Compress::new(Compression::fast(), false);
+    buf.clear();
+    buf.reserve_exact(DEFLATE_CHUNK);
+    loop {
+        let consumed = deflate.total_in() as usize;
+        deflate
+            .compress_vec(&bytes[consumed..], buf, FlushCompress::Sync)
+            .map_err(io::Error::other)?;
+        file.write_all(buf)?;
+        // The flush is complete once the compressor stops short of filling the space it was given.
+        let full = buf.len() == buf.capacity();
+        buf.clear();
+        if !full && deflate.total_in() as usize == bytes.len() {
+            return Ok(deflate.total_out());
+        }
     }
 }
 
@@ -211,6 +292,7 @@ pub fn write_file(path: &Path, lines: &[String]) -> io::Result<FilePart> {
         lines: lines.len() as u64,
         bytes,
         gzip: false,
+        stream: None,
     })
 }
 
@@ -329,29 +411,147 @@ mod tests {
         );
     }
 
-    #[test]
-    fn gzip_members_survive_truncation_at_a_commit() {
+    /// `n` lines of `width` pseudo-random hex digits (hardly compressible), numbered from `first`.
+    fn noisy_lines(first: usize, n: usize, width: usize) -> Vec<String> {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ first as u64;
+        (first..first + n)
+            .map(|i| {
+                let noise: String = (0..width / 16)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        format!("{state:016x}")
+                    })
+                    .collect();
+                format!("{{\"id\":\"{i}\",\"n\":\"{noise}\"}}")
+            })
+            .collect()
+    }
+
+    /// The text of a gzip file read with a single-member decoder, as most HTTP clients read it; it
+    /// checks the trailer's CRC and size, and the file must hold nothing after that one member.
+    fn single_member(dir: &Path, part: &FilePart) -> String {
         use std::io::Read;
-        let dir = tempfile::tempdir().unwrap();
-        let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, vec![]).unwrap();
-        page(&mut w, &[r#"{"id":"1"}"#]);
-        page(&mut w, &[r#"{"id":"2"}"#]);
-        let committed = sync(&mut w);
-        page(&mut w, &[r#"{"id":"lost"}"#]);
-        sync(&mut w);
-        drop(w);
-        let mut w =
-            NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, committed).unwrap();
-        page(&mut w, &[r#"{"id":"3"}"#]);
-        let parts = sync(&mut w);
-        assert_eq!(parts[0].name, "P.0000.000.ndjson.gz");
-        assert!(parts[0].gzip);
-        let raw = std::fs::read(dir.path().join(&parts[0].name)).unwrap();
-        assert_eq!(raw.len() as u64, parts[0].bytes);
+        let raw = std::fs::read(dir.join(&part.name)).unwrap();
+        assert_eq!(
+            raw.len() as u64,
+            part.bytes,
+            "{}: committed length",
+            part.name
+        );
+        let mut decoder = flate2::bufread::GzDecoder::new(&raw[..]);
         let mut text = String::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
+        decoder
             .read_to_string(&mut text)
+            .unwrap_or_else(|e| panic!("{}: {e}", part.name));
+        assert!(
+            decoder.into_inner().is_empty(),
+            "{}: bytes after the first gzip member",
+            part.name
+        );
+        text
+    }
+
+    fn joined(lines: &[String]) -> String {
+        lines.iter().map(|l| format!("{l}\n")).collect()
+    }
+
+    #[test]
+    fn gzip_file_is_one_stream_across_pages_and_rolls() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 1000, true, vec![]).unwrap();
+        // Small pages, then one whose compressed form outgrows the compressor's output chunk, then
+        // enough to roll the first file over.
+        let lines: Vec<String> = [(0, 3), (3, 1), (4, 900), (904, 300)]
+            .into_iter()
+            .flat_map(|(first, n)| {
+                let page_lines = noisy_lines(first, n, 512);
+                let refs: Vec<&str> = page_lines.iter().map(String::as_str).collect();
+                page(&mut w, &refs);
+                page_lines
+            })
+            .collect();
+        w.finish().unwrap();
+        let parts = sync(&mut w);
+        assert_eq!(parts.len(), 2);
+        assert!(parts[0].bytes > 2 * DEFLATE_CHUNK as u64);
+        let mut text = String::new();
+        for part in &parts {
+            let stream = part.stream.expect("a gzip stream");
+            assert!(stream.finished, "{} is complete", part.name);
+            let part_text = single_member(dir.path(), part);
+            assert_eq!(part_text.len() as u64, stream.size);
+            assert_eq!(part_text.lines().count() as u64, part.lines);
+            text.push_str(&part_text);
+        }
+        assert_eq!(text, joined(&lines));
+    }
+
+    #[test]
+    fn gzip_resumes_the_stream_after_a_crash_at_each_commit() {
+        // Pages of 2 lines into files of 3: commit points fall inside files and right after a roll.
+        let pages: Vec<Vec<String>> = (0..6).map(|p| noisy_lines(2 * p, 2, 64)).collect();
+        let write = |w: &mut NdjsonWriter, pages: &[Vec<String>]| {
+            for lines in pages {
+                let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+                page(w, &refs);
+            }
+        };
+        for committed_pages in 0..=pages.len() {
+            let dir = tempfile::tempdir().unwrap();
+            let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 3, true, vec![]).unwrap();
+            write(&mut w, &pages[..committed_pages]);
+            let committed = sync(&mut w);
+            // Written and even completed after the commit, then "crashed".
+            write(&mut w, &pages[committed_pages..]);
+            write(&mut w, &[noisy_lines(100, 2, 64)]);
+            w.finish().unwrap();
+            sync(&mut w);
+            drop(w);
+            let mut w =
+                NdjsonWriter::resume(dir.path(), "P.0000".into(), 3, true, committed).unwrap();
+            write(&mut w, &pages[committed_pages..]);
+            w.finish().unwrap();
+            let parts = sync(&mut w);
+            assert_eq!(parts.len(), 4, "after {committed_pages} committed pages");
+            let text: String = parts
+                .iter()
+                .map(|part| single_member(dir.path(), part))
+                .collect();
+            assert_eq!(
+                text,
+                joined(&pages.concat()),
+                "after {committed_pages} committed pages"
+            );
+        }
+    }
+
+    #[test]
+    fn a_previous_release_file_of_gzip_members_is_not_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut raw = Vec::new();
+        for line in ["{\"id\":\"1\"}\n", "{\"id\":\"2\"}\n"] {
+            let mut member = flate2::write::GzEncoder::new(Vec::new(), Compression::fast());
+            member.write_all(line.as_bytes()).unwrap();
+            raw.extend(member.finish().unwrap());
+        }
+        std::fs::write(dir.path().join("P.0000.000.ndjson.gz"), &raw).unwrap();
+        // A record as that release stored it: no stream state.
+        let old: FilePart = serde_json::from_str(&format!(
+            r#"{{"name":"P.0000.000.ndjson.gz","lines":2,"bytes":{},"gzip":true}}"#,
+            raw.len()
+        ))
+        .unwrap();
+        assert_eq!(old.stream, None);
+        let mut w = NdjsonWriter::resume(dir.path(), "P.0000".into(), 100, true, vec![old.clone()])
             .unwrap();
-        assert_eq!(text, "{\"id\":\"1\"}\n{\"id\":\"2\"}\n{\"id\":\"3\"}\n");
+        page(&mut w, &[r#"{"id":"3"}"#]);
+        w.finish().unwrap();
+        let parts = sync(&mut w);
+        assert_eq!(parts[0], old);
+        assert_eq!(std::fs::read(dir.path().join(&old.name)).unwrap(), raw);
+        assert_eq!(parts[1].name, "P.0000.001.ndjson.gz");
+        assert_eq!(single_member(dir.path(), &parts[1]), "{\"id\":\"3\"}\n");
     }
 }
