@@ -16,7 +16,7 @@ use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
 use crate::export::runner::{now_secs, AdmitError, Runner};
 use crate::files;
-use crate::http::{json, ApiError, Body};
+use crate::http::{self, json, ApiError, Body};
 use crate::metrics::METRICS;
 use crate::outcome::outcome;
 use crate::proxy::affinity::Affinity;
@@ -115,7 +115,18 @@ impl App {
         };
         let result = match route {
             Route::Kickoff(level) => self.kickoff(level, req).await,
-            Route::Status(id) => self.status(&id, req).await,
+            Route::Status(id) => {
+                let plain_json = http::accepts_plain_json(req.headers());
+                let response = self
+                    .status(&id, req)
+                    .await
+                    .unwrap_or_else(ApiError::into_response);
+                Ok(if plain_json {
+                    http::as_plain_json(response)
+                } else {
+                    response
+                })
+            }
             Route::File(id, name) => self.file(&id, &name, &req).await,
             Route::Metadata if req.method() == Method::GET => {
                 self.forward(req, peer, affinity, Forward::metadata(rewritten, needs))

@@ -56,6 +56,42 @@ pub fn json(
     response
 }
 
+/// Whether `Accept` asks for `application/json` rather than `application/fhir+json` (Bulk Data clients
+/// poll the status endpoint with either).
+pub fn accepts_plain_json(headers: &hyper::HeaderMap) -> bool {
+    let ranges: Vec<String> = headers
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|range| !range.split(';').skip(1).any(|p| p.trim() == "q=0"))
+        .map(|range| {
+            range
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .collect();
+    ranges.iter().any(|r| r == "application/json")
+        && !ranges.iter().any(|r| r == "application/fhir+json")
+}
+
+/// `response` labelled `application/json` where it was `application/fhir+json` (same JSON body).
+pub fn as_plain_json(mut response: Response<Body>) -> Response<Body> {
+    let fhir_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/fhir+json"));
+    if fhir_json {
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    response
+}
+
 /// Everything a request to the proxy's own endpoints can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

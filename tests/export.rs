@@ -503,6 +503,24 @@ fn delete_cancels_the_job() {
         body["resourceType"], "OperationOutcome",
         "404 after DELETE without OperationOutcome"
     );
+    // Status requests may ask for `application/json` (the spec's default for this endpoint); its errors
+    // then come labelled so, and `application/fhir+json` still gets what it asks for.
+    for (accept, want) in [
+        ("application/json", "application/json"),
+        ("application/fhir+json", "application/fhir+json"),
+    ] {
+        let resp = client()
+            .get(&status_url)
+            .header("Accept", accept)
+            .send()
+            .unwrap();
+        let content_type = resp.headers()["content-type"].to_str().unwrap().to_owned();
+        assert_eq!(resp.status(), 404);
+        assert!(
+            content_type.starts_with(want),
+            "Accept {accept}: {content_type}"
+        );
+    }
 }
 
 #[test]

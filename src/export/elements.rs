@@ -150,7 +150,8 @@ pub fn write_subset(resource: &[u8], elements: &[String], out: &mut Vec<u8>) -> 
     Ok(())
 }
 
-/// `meta` with the SUBSETTED tag present exactly once.
+/// `meta` with the SUBSETTED tag present exactly once, as exactly `{system, code}`: an upstream that
+/// subsetted the resource may have tagged it already, with a `display` or a `version` of its own.
 fn tagged_meta(meta: Option<&RawValue>) -> Result<String, String> {
     let mut meta: serde_json::Value = match meta {
         Some(raw) => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
@@ -161,12 +162,8 @@ fn tagged_meta(meta: Option<&RawValue>) -> Result<String, String> {
         .entry("tag")
         .or_insert_with(|| serde_json::Value::Array(Vec::new()));
     let tags = tags.as_array_mut().ok_or("meta.tag is not an array")?;
-    let tagged = tags
-        .iter()
-        .any(|t| t["system"] == SUBSETTED_SYSTEM && t["code"] == "SUBSETTED");
-    if !tagged {
-        tags.push(serde_json::json!({"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}));
-    }
+    tags.retain(|t| !(t["system"] == SUBSETTED_SYSTEM && t["code"] == "SUBSETTED"));
+    tags.push(serde_json::json!({"system": SUBSETTED_SYSTEM, "code": "SUBSETTED"}));
     Ok(meta.to_string())
 }
 
@@ -320,6 +317,20 @@ mod tests {
         assert_eq!(v["meta"]["tag"][0]["code"], "SUBSETTED");
         let again = subset(&v.to_string(), &["status"]);
         assert_eq!(again["meta"]["tag"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_upstreams_subsetted_tag_becomes_exactly_the_specs() {
+        let v = subset(
+            r#"{"resourceType":"Patient","id":"p","meta":{"tag":[{"system":"urn:x","code":"keep"},
+                {"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED","display":"subsetted"}]}}"#,
+            &["gender"],
+        );
+        assert_eq!(
+            v["meta"]["tag"],
+            serde_json::json!([{"system": "urn:x", "code": "keep"},
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}])
+        );
     }
 
     #[test]
