@@ -52,14 +52,70 @@ pub struct ExportSpec {
     pub output_format: String,
     /// `_since` as a FHIR instant.
     pub since: Option<String>,
-    /// `_type`, or empty for all types the level allows.
-    pub types: Vec<String>,
+    /// `_type`, or every type the level allows.
+    pub types: TypeSelection,
     /// `_typeFilter` queries by type: each a query string without the leading `Type?`.
     pub type_filters: Vec<(String, String)>,
     /// `_elements`: `Type.element` or bare `element` entries.
     pub elements: Vec<String>,
     /// `patient` references (ids only), Patient and Group level.
     pub patients: Vec<String>,
+}
+
+/// The resource types a job exports.
+///
+/// "Every type" is a variant of its own: an empty list means no type at all, so a list that lost its
+/// entries (to lenient handling, to a grant) can never come to mean everything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TypeSelection {
+    /// No `_type` was given: every type the level allows.
+    All,
+    /// Exactly these types (those of them the level allows).
+    Only(Vec<String>),
+}
+
+impl TypeSelection {
+    /// Whether `resource_type` is selected.
+    pub fn includes(&self, resource_type: &str) -> bool {
+        match self {
+            TypeSelection::All => true,
+            TypeSelection::Only(types) => types.iter().any(|t| t == resource_type),
+        }
+    }
+
+    /// The explicit list of types, made from `every` first when every type is selected.
+    pub fn make_explicit(&mut self, every: impl FnOnce() -> Vec<String>) -> &mut Vec<String> {
+        if *self == TypeSelection::All {
+            *self = TypeSelection::Only(every());
+        }
+        match self {
+            TypeSelection::Only(types) => types,
+            TypeSelection::All => unreachable!("made explicit above"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TypeSelection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        enum Tagged {
+            All,
+            Only(Vec<String>),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Record {
+            Tagged(Tagged),
+            Legacy(Vec<String>),
+        }
+        Ok(match Record::deserialize(d)? {
+            Record::Tagged(Tagged::All) => TypeSelection::All,
+            Record::Tagged(Tagged::Only(types)) => TypeSelection::Only(types),
+            // Jobs stored before the selection was explicit wrote every type as an empty list.
+            Record::Legacy(types) if types.is_empty() => TypeSelection::All,
+            Record::Legacy(types) => TypeSelection::Only(types),
+        })
+    }
 }
 
 /// Lifecycle of a job.
@@ -375,7 +431,7 @@ pub(crate) mod tests {
                 level: Level::System,
                 output_format: "application/fhir+ndjson".into(),
                 since: None,
-                types: vec![],
+                types: TypeSelection::All,
                 type_filters: vec![],
                 elements: vec![],
                 patients: vec![],

@@ -6,7 +6,7 @@ use url::Url;
 
 use crate::export::compartment;
 use crate::export::ranges::{self, format_ms, parse_ms, Range};
-use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
+use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState, TypeSelection};
 use crate::upstream::bundle::read_matches;
 use crate::upstream::{Capability, Upstream, UpstreamError};
 
@@ -143,15 +143,14 @@ fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
                     .is_some_and(|p| compartment::patient_param(t, p).is_some())
         }
     };
-    if spec.types.is_empty() {
-        capability
+    match &spec.types {
+        TypeSelection::All => capability
             .types
             .keys()
             .filter(|t| in_level(t))
             .cloned()
-            .collect()
-    } else {
-        spec.types.iter().filter(|t| in_level(t)).cloned().collect()
+            .collect(),
+        TypeSelection::Only(types) => types.iter().filter(|t| in_level(t)).cloned().collect(),
     }
 }
 
