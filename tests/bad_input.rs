@@ -360,18 +360,30 @@ fn lenient_handling_never_widens_to_everything() {
         ),
         ("Patient/$export?patient=Patient/x", "patient"),
     ];
-    for (path, mention) in cases {
-        let resp = get(&proxy, path, &[FHIR_JSON, LENIENT]);
-        assert_rejected(&format!("lenient GET {path}"), &resp, 400, mention);
-    }
+    let mut answers: Vec<(String, Raw, &str)> = cases
+        .iter()
+        .map(|(path, mention)| {
+            let resp = get(&proxy, path, &[FHIR_JSON, LENIENT]);
+            (format!("lenient GET {path}"), resp, *mention)
+        })
+        .collect();
     for path in ["Patient/$export", "Group/bulk-test-group/$export"] {
         let resp = lenient_post_patients(&proxy, path, &["https://evil.example/Patient/x"]);
-        assert_rejected(
-            &format!("lenient POST {path} with a foreign patient"),
-            &resp,
-            400,
+        answers.push((
+            format!("lenient POST {path} with a foreign patient"),
+            resp,
             "patient",
-        );
+        ));
+    }
+    // Every case is asked before any is judged, so a failure lists all the kick-offs that widened.
+    let accepted: Vec<&str> = answers
+        .iter()
+        .filter(|(_, resp, _)| resp.status != 400)
+        .map(|(what, _, _)| what.as_str())
+        .collect();
+    assert!(accepted.is_empty(), "not refused: {accepted:#?}");
+    for (what, resp, mention) in &answers {
+        assert_rejected(what, resp, 400, mention);
     }
     let status_url = finished_job(&proxy);
     assert_alive(&proxy, &status_url);
