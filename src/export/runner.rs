@@ -298,9 +298,9 @@ impl Runner {
                 Err(PlanError::JobGone) => return Ok(()),
                 Err(PlanError::Store(e)) => return Err(e.into()),
                 Err(e) => {
-                    let status = match e {
+                    let status = match &e {
                         PlanError::GroupNotFound(_) => 404,
-                        _ => 502,
+                        PlanError::Upstream(_) | PlanError::Store(_) | PlanError::JobGone => 502,
                     };
                     let message = format!("the export could not be planned: {e}");
                     return self.finish(id, JobState::Failed { status, message }).await;
