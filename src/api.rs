@@ -23,7 +23,7 @@ use crate::proxy::affinity::Affinity;
 use crate::proxy::PassThrough;
 use crate::route::{PathError, Route, Router};
 use crate::storage::Storage;
-use crate::store::{Job, JobState, Level, Store};
+use crate::store::{Job, JobState, Level, Store, TypeSelection};
 use crate::upstream::Upstream;
 
 /// Everything the handlers share.
@@ -564,21 +564,18 @@ fn restrict_to_grant(
 ) -> Result<(), ApiError> {
     let grant = &principal.grant;
     let spec = &mut kickoff.spec;
-    if spec.types.is_empty() {
+    if let TypeSelection::All = spec.types {
         if grant.all_types() {
             return Ok(());
         }
-        spec.types = kickoff::level_types(&spec.level, capability)
-            .into_iter()
-            .filter(|t| grant.allows(t))
-            .collect();
-    } else {
-        let denied: Vec<String> = spec
-            .types
-            .iter()
-            .filter(|t| !grant.allows(t))
-            .cloned()
-            .collect();
+        spec.types = TypeSelection::Only(
+            kickoff::level_types(&spec.level, capability)
+                .into_iter()
+                .filter(|t| grant.allows(t))
+                .collect(),
+        );
+    } else if let TypeSelection::Only(types) = &mut spec.types {
+        let denied: Vec<String> = types.iter().filter(|t| !grant.allows(t)).cloned().collect();
         if !denied.is_empty() {
             let message = format!(
                 "the access token does not allow exporting {}",
@@ -587,13 +584,13 @@ fn restrict_to_grant(
             if !kickoff.lenient {
                 return Err(AuthError::Forbidden(message).into());
             }
-            spec.types.retain(|t| grant.allows(t));
+            types.retain(|t| grant.allows(t));
             kickoff.notes.push(format!(
                 "{message}; the export was narrowed to the granted types"
             ));
         }
     }
-    if spec.types.is_empty() {
+    if spec.types == TypeSelection::Only(Vec::new()) {
         return Err(AuthError::Forbidden(
             "the access token allows none of the requested resource types".into(),
         )

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::export::ranges::Split;
+
 /// sled's page cache. The store holds job records and cursors, rewritten every commit; sled's default
 /// (1 GiB) lets the cache fill with superseded versions of them, so the proxy's memory would grow with
 /// the length of an export. The working set is far smaller.
@@ -66,14 +68,70 @@ pub struct ExportSpec {
     pub output_format: String,
     /// `_since` as a FHIR instant.
     pub since: Option<String>,
-    /// `_type`, or empty for all types the level allows.
-    pub types: Vec<String>,
+    /// `_type`, or every type the level allows.
+    pub types: TypeSelection,
     /// `_typeFilter` queries by type: each a query string without the leading `Type?`.
     pub type_filters: Vec<(String, String)>,
     /// `_elements`: `Type.element` or bare `element` entries.
     pub elements: Vec<String>,
     /// `patient` references (ids only), Patient and Group level.
     pub patients: Vec<String>,
+}
+
+/// The resource types a job exports.
+///
+/// "Every type" is a variant of its own: an empty list means no type at all, so a list that lost its
+/// entries (to lenient handling, to a grant) can never come to mean everything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum TypeSelection {
+    /// No `_type` was given: every type the level allows.
+    All,
+    /// Exactly these types (those of them the level allows).
+    Only(Vec<String>),
+}
+
+impl TypeSelection {
+    /// Whether `resource_type` is selected.
+    pub fn includes(&self, resource_type: &str) -> bool {
+        match self {
+            TypeSelection::All => true,
+            TypeSelection::Only(types) => types.iter().any(|t| t == resource_type),
+        }
+    }
+
+    /// The explicit list of types, made from `every` first when every type is selected.
+    pub fn make_explicit(&mut self, every: impl FnOnce() -> Vec<String>) -> &mut Vec<String> {
+        if *self == TypeSelection::All {
+            *self = TypeSelection::Only(every());
+        }
+        match self {
+            TypeSelection::Only(types) => types,
+            TypeSelection::All => unreachable!("made explicit above"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TypeSelection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        enum Tagged {
+            All,
+            Only(Vec<String>),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Record {
+            Tagged(Tagged),
+            Legacy(Vec<String>),
+        }
+        Ok(match Record::deserialize(d)? {
+            Record::Tagged(Tagged::All) => TypeSelection::All,
+            Record::Tagged(Tagged::Only(types)) => TypeSelection::Only(types),
+            // Jobs stored before the selection was explicit wrote every type as an empty list.
+            Record::Legacy(types) if types.is_empty() => TypeSelection::All,
+            Record::Legacy(types) => TypeSelection::Only(types),
+        })
+    }
 }
 
 /// Lifecycle of a job.
@@ -218,12 +276,28 @@ impl Slice {
     }
 }
 
+/// How far planning of a job got, stored with the slices planned so far so that a restarted job
+/// resumes planning instead of starting it over.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Planning {
+    /// Slices stored so far: the index of the next one.
+    #[serde(default)]
+    pub slices: u32,
+    /// Types whose slices are all stored.
+    #[serde(default)]
+    pub done: Vec<String>,
+    /// The type whose `_lastUpdated` split is under way, with the split so far.
+    #[serde(default)]
+    pub split: Option<(String, Split)>,
+}
+
 /// The sled-backed store.
 pub struct Store {
     db: sled::Db,
     jobs: sled::Tree,
     slices: sled::Tree,
     seen: sled::Tree,
+    planning: sled::Tree,
 }
 
 fn slice_key(job_id: &str, index: u32) -> String {
@@ -265,6 +339,7 @@ impl Store {
                 jobs: db.open_tree("jobs")?,
                 slices: db.open_tree("slices")?,
                 seen: db.open_tree("seen")?,
+                planning: db.open_tree("planning")?,
                 db,
             })
         };
@@ -313,16 +388,52 @@ impl Store {
         self.commit_plan(job, &[])
     }
 
-    /// Stores a job's plan and its new state in one atomic step, unless the job was deleted meanwhile.
+    /// Stores the last slices of a job's plan and its new state in one atomic step, ending its
+    /// planning, unless the job was deleted meanwhile.
     pub fn commit_plan(&self, job: &Job, slices: &[Slice]) -> Result<bool, StoreError> {
-        let result = (&self.jobs, &self.slices).transaction(|(jobs, tx_slices)| {
+        let trees = (&self.jobs, &self.slices, &self.planning);
+        let result = trees.transaction(|(jobs, tx_slices, planning)| {
             if jobs.get(job.id.as_bytes())?.is_none() {
                 return Err(ConflictableTransactionError::Abort(()));
             }
             for s in slices {
                 tx_slices.insert(slice_key(&s.job_id, s.index).as_bytes(), encode(s))?;
             }
+            planning.remove(job.id.as_bytes())?;
             jobs.insert(job.id.as_bytes(), encode(job))?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => abort(e).map_or(Ok(false), Err),
+        }
+    }
+
+    /// How far planning of a job got (nothing planned yet if there is no record).
+    pub fn planning(&self, job_id: &str) -> Result<Planning, StoreError> {
+        match self.planning.get(job_id.as_bytes())? {
+            Some(v) => decode(job_id.as_bytes(), &v),
+            None => Ok(Planning::default()),
+        }
+    }
+
+    /// Stores planning progress with the slices planned since the last call in one atomic step,
+    /// so that what is stored always matches `planning`; false if the job was deleted meanwhile.
+    pub fn commit_planning(
+        &self,
+        job_id: &str,
+        progress: &Planning,
+        slices: &[Slice],
+    ) -> Result<bool, StoreError> {
+        let trees = (&self.jobs, &self.slices, &self.planning);
+        let result = trees.transaction(|(jobs, tx_slices, planning)| {
+            if jobs.get(job_id.as_bytes())?.is_none() {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            for s in slices {
+                tx_slices.insert(slice_key(&s.job_id, s.index).as_bytes(), encode(s))?;
+            }
+            planning.insert(job_id.as_bytes(), encode(progress))?;
             Ok(())
         });
         match result {
@@ -378,8 +489,10 @@ impl Store {
         self.delete_slices(id)
     }
 
-    /// Removes a job's slices and dedup sets, keeping the job record (a failed job's outcome).
+    /// Removes a job's slices, planning progress and dedup sets, keeping the job record (a failed
+    /// job's outcome).
     pub fn delete_slices(&self, id: &str) -> Result<(), StoreError> {
+        self.planning.remove(id.as_bytes())?;
         let prefix = format!("{id}/");
         for tree in [&self.slices, &self.seen] {
             let mut batch = sled::Batch::default();
@@ -404,7 +517,7 @@ pub(crate) mod tests {
                 level: Level::System,
                 output_format: "application/fhir+ndjson".into(),
                 since: None,
-                types: vec![],
+                types: TypeSelection::All,
                 type_filters: vec![],
                 elements: vec![],
                 patients: vec![],
@@ -486,6 +599,56 @@ pub(crate) mod tests {
         // A worker finishing a page after cancellation must not resurrect the slice.
         assert!(!store.commit_slice(&slices[1], &[]).unwrap());
         assert!(store.slices("a").unwrap().is_empty());
+    }
+
+    #[test]
+    fn type_selection_keeps_all_apart_from_none() {
+        for selection in [
+            TypeSelection::All,
+            TypeSelection::Only(vec![]),
+            TypeSelection::Only(vec!["Patient".into()]),
+        ] {
+            let stored = serde_json::to_vec(&selection).unwrap();
+            assert_eq!(
+                serde_json::from_slice::<TypeSelection>(&stored).unwrap(),
+                selection
+            );
+        }
+        // Records of jobs accepted before the selection was explicit.
+        let legacy = |json: &str| serde_json::from_str::<TypeSelection>(json).unwrap();
+        assert_eq!(legacy("[]"), TypeSelection::All);
+        assert_eq!(
+            legacy(r#"["Patient"]"#),
+            TypeSelection::Only(vec!["Patient".into()])
+        );
+    }
+
+    #[test]
+    fn planning_progress_goes_with_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let progress = Planning {
+            slices: 1,
+            done: vec!["Patient".into()],
+            split: None,
+        };
+        assert!(!store
+            .commit_planning("a", &progress, &[slice("a", 0)])
+            .unwrap());
+        let mut j = job("a");
+        store.put_job(&j).unwrap();
+        assert!(store
+            .commit_planning("a", &progress, &[slice("a", 0)])
+            .unwrap());
+        assert_eq!(store.planning("a").unwrap(), progress);
+        assert_eq!(store.slices("a").unwrap().len(), 1);
+        j.state = JobState::Running;
+        assert!(store.commit_plan(&j, &[slice("a", 1)]).unwrap());
+        assert_eq!(store.planning("a").unwrap(), Planning::default());
+        assert_eq!(store.slices("a").unwrap().len(), 2);
+        assert!(store.commit_planning("a", &progress, &[]).unwrap());
+        store.delete_job("a").unwrap();
+        assert_eq!(store.planning("a").unwrap(), Planning::default());
     }
 
     #[test]

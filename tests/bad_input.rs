@@ -318,3 +318,113 @@ fn finished_job(proxy: &Proxy) -> String {
     wait_manifest(&status_url);
     status_url
 }
+
+const LENIENT: (&str, &str) = ("Prefer", "respond-async, handling=lenient");
+
+/// A POST kick-off with lenient handling and a `Parameters` body naming `patients`.
+fn lenient_post_patients(proxy: &Proxy, path: &str, patients: &[&str]) -> Raw {
+    let parameters: Vec<Value> = patients
+        .iter()
+        .map(|p| json!({"name": "patient", "valueReference": {"reference": p}}))
+        .collect();
+    let body = json!({"resourceType": "Parameters", "parameter": parameters}).to_string();
+    raw(
+        &proxy.base,
+        "POST",
+        &format!("{}/{path}", url_path(&proxy.base)),
+        &[
+            FHIR_JSON,
+            LENIENT,
+            ("Content-Type", "application/fhir+json"),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// Lenient handling drops what it cannot use; when that leaves no type or no patient, the export
+/// would have meant everything, so it is refused instead.
+#[test]
+fn lenient_handling_never_widens_to_everything() {
+    let proxy = Proxy::start(&upstream(), "");
+    assert!(
+        searchable_types(&upstream()).contains_key("Practitioner"),
+        "the test needs a searchable type outside the Patient compartment"
+    );
+    let cases: &[(&str, &str)] = &[
+        ("$export?_type=MissingType", "_type"),
+        ("Patient/$export?_type=Practitioner", "_type"),
+        ("Group/bulk-test-group/$export?_type=Practitioner", "_type"),
+        (
+            "$export?_type=Observation&_typeFilter=Observation%3F_count%3D5",
+            "_typeFilter",
+        ),
+        ("Patient/$export?patient=Patient/x", "patient"),
+    ];
+    let mut answers: Vec<(String, Raw, &str)> = cases
+        .iter()
+        .map(|(path, mention)| {
+            let resp = get(&proxy, path, &[FHIR_JSON, LENIENT]);
+            (format!("lenient GET {path}"), resp, *mention)
+        })
+        .collect();
+    for path in ["Patient/$export", "Group/bulk-test-group/$export"] {
+        let resp = lenient_post_patients(&proxy, path, &["https://evil.example/Patient/x"]);
+        answers.push((
+            format!("lenient POST {path} with a foreign patient"),
+            resp,
+            "patient",
+        ));
+    }
+    // Every case is asked before any is judged, so a failure lists all the kick-offs that widened.
+    let accepted: Vec<&str> = answers
+        .iter()
+        .filter(|(_, resp, _)| resp.status != 400)
+        .map(|(what, _, _)| what.as_str())
+        .collect();
+    assert!(accepted.is_empty(), "not refused: {accepted:#?}");
+    for (what, resp, mention) in &answers {
+        assert_rejected(what, resp, 400, mention);
+    }
+    let status_url = finished_job(&proxy);
+    assert_alive(&proxy, &status_url);
+}
+
+/// What lenient handling keeps is exported, and only that: a type whose only filter was dropped is
+/// left out (with a note in the error file), not exported unfiltered.
+#[test]
+fn lenient_handling_narrows_to_what_is_usable() {
+    let proxy = Proxy::start(&upstream(), "");
+    let upstream = upstream();
+    let run = |path: &str| {
+        let resp = client()
+            .get(format!("{}/{path}", proxy.base))
+            .header("Accept", "application/fhir+json")
+            .header("Prefer", "respond-async, handling=lenient")
+            .send()
+            .unwrap();
+        wait_manifest(&accepted_status_url(&proxy.base, resp)).0
+    };
+
+    let manifest = run("$export?_type=Patient,Observation&_typeFilter=Observation%3F_count%3D5");
+    assert_same(
+        &resources_by_type(&download_all(&manifest)),
+        &direct_system(&upstream, Some(&["Patient"])),
+    );
+    let errors: Vec<String> = manifest["error"]
+        .as_array()
+        .expect("manifest without error array")
+        .iter()
+        .flat_map(|e| download_lines(e["url"].as_str().unwrap()))
+        .collect();
+    assert!(
+        errors
+            .iter()
+            .any(|l| l.contains("not exported: Observation")),
+        "the error file does not say Observation was left out: {errors:?}"
+    );
+
+    let manifest = run("Patient/$export?_type=Practitioner,Observation");
+    let mut expected = direct_compartment(&upstream, &all_patient_ids(&upstream));
+    expected.retain(|t, _| t == "Observation");
+    assert_same(&resources_by_type(&download_all(&manifest)), &expected);
+}

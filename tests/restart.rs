@@ -150,3 +150,54 @@ fn kill_during_patient_export() {
         &direct_compartment(&upstream, &all_patient_ids(&upstream)),
     );
 }
+
+/// The `X-Progress` of a running job.
+fn progress(proxy: &Proxy, status_path: &str) -> String {
+    let resp = client()
+        .get(format!("{}{status_path}", origin(&proxy.base)))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 202, "the export is not running");
+    resp.headers()["X-Progress"].to_str().unwrap().to_owned()
+}
+
+/// Planning alone takes many seconds here: every type's `_lastUpdated` split is probed at a few
+/// requests a second. Killed every 1.5-2.5 s, a planner that started over on every restart would
+/// never finish; one that resumes where it stopped finishes, with neither a slice lost nor one twice.
+#[test]
+fn kill_repeatedly_during_planning() {
+    const SLOW: &str = "requests_per_second = 8";
+    let mut rng = XorShift(0x91a2_b3c4_d5e6_f708);
+    let mut proxy = Proxy::start_with_config(
+        &upstream(),
+        "page_size = 5\ntime_slices = 8\nslice_concurrency = 4",
+        SLOW,
+    );
+    let status_path = kickoff(&proxy, "$export");
+    let mut kills = 0;
+    while progress(&proxy, &status_path).contains("(planning)") {
+        assert!(kills < 60, "planning had not finished after {kills} kills");
+        proxy.kill9();
+        proxy.restart();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(1000)));
+    }
+    assert!(
+        kills >= 3,
+        "planning ended after {kills} kills: slow the upstream down further"
+    );
+    println!("planning finished after {kills} kills");
+    // Fetching the pages at the planning rate would take minutes; the plan is what this test is about.
+    let config = std::fs::read_to_string(proxy.config_path()).unwrap();
+    std::fs::write(
+        proxy.config_path(),
+        config.replace(SLOW, "requests_per_second = 200"),
+    )
+    .unwrap();
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), None),
+    );
+}

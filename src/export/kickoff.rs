@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::export::compartment;
-use crate::store::{ExportSpec, Level};
+use crate::store::{ExportSpec, Level, TypeSelection};
 use crate::upstream::Capability;
 
 /// Accepted `_outputFormat` values; all mean FHIR NDJSON.
@@ -94,11 +94,13 @@ pub fn parse(
         lenient,
         notes: Vec::new(),
         allowed: level_types(&level, capability),
+        unusable_filters: BTreeSet::new(),
+        patient_given: false,
         spec: ExportSpec {
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
             since: None,
-            types: Vec::new(),
+            types: TypeSelection::All,
             type_filters: Vec::new(),
             elements: Vec::new(),
             patients: Vec::new(),
@@ -119,7 +121,10 @@ pub fn parse(
             "_type" => b.types(&value)?,
             "_typeFilter" => b.type_filter(&value)?,
             "_elements" => b.elements(&value)?,
-            "patient" if !is_post => b.reject(&name, "is supported with POST only")?,
+            "patient" if !is_post => {
+                b.patient_given = true;
+                b.reject(&name, "is supported with POST only")?
+            }
             "patient" => b.patient(&value)?,
             "includeAssociatedData" | "organizeOutputBy" | "allowPartialManifests" => {
                 b.reject(&name, "is not supported by this server")?
@@ -127,11 +132,7 @@ pub fn parse(
             _ => b.reject(&name, "is not a parameter of $export")?,
         }
     }
-    Ok(Kickoff {
-        spec: b.spec,
-        notes: b.notes,
-        lenient,
-    })
+    b.finish()
 }
 
 fn check_headers(accept: Option<&str>, prefer: &[String]) -> Result<(), KickoffError> {
@@ -219,6 +220,10 @@ struct Builder {
     notes: Vec<String>,
     allowed: BTreeSet<String>,
     spec: ExportSpec,
+    /// Exported types with a `_typeFilter` that lenient handling ignored.
+    unusable_filters: BTreeSet<String>,
+    /// Whether any `patient` parameter was given, usable or not.
+    patient_given: bool,
 }
 
 impl Builder {
@@ -265,16 +270,79 @@ impl Builder {
         }
     }
 
+    /// Ends the kick-off. What lenient handling ignored may only narrow the export: a type that loses
+    /// every filter is left out rather than exported unfiltered, and a `_type` or `patient` selection
+    /// left with nothing in it is refused rather than taken to mean everything.
+    fn finish(mut self) -> Result<Kickoff, KickoffError> {
+        let filtered: BTreeSet<&str> = self
+            .spec
+            .type_filters
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .collect();
+        let unfiltered: Vec<String> = self
+            .unusable_filters
+            .iter()
+            .filter(|t| !filtered.contains(t.as_str()))
+            .cloned()
+            .collect();
+        let mut emptied_by = "_type";
+        if !unfiltered.is_empty() {
+            let allowed = &self.allowed;
+            let types = self
+                .spec
+                .types
+                .make_explicit(|| allowed.iter().cloned().collect());
+            if !types.is_empty() {
+                emptied_by = "_typeFilter";
+            }
+            types.retain(|t| !unfiltered.contains(t));
+            self.notes.push(format!(
+                "not exported: {}, since none of its _typeFilter queries could be used",
+                unfiltered.join(", ")
+            ));
+        }
+        if self.spec.types == TypeSelection::Only(Vec::new()) {
+            return Err(self.nothing_left(emptied_by, "no requested resource type can be exported"));
+        }
+        if self.patient_given && self.spec.patients.is_empty() {
+            return Err(self.nothing_left("patient", "no usable patient reference remains"));
+        }
+        Ok(Kickoff {
+            spec: self.spec,
+            notes: self.notes,
+            lenient: self.lenient,
+        })
+    }
+
+    /// The refusal of a selection that lenient handling emptied, saying what was ignored.
+    fn nothing_left(&self, name: &str, what: &str) -> KickoffError {
+        let reason = if self.notes.is_empty() {
+            what.to_owned()
+        } else {
+            format!("{what} ({})", self.notes.join("; "))
+        };
+        KickoffError::Param {
+            name: name.to_owned(),
+            reason,
+        }
+    }
+
     fn types(&mut self, value: &str) -> Result<(), KickoffError> {
+        let mut listed = match std::mem::replace(&mut self.spec.types, TypeSelection::All) {
+            TypeSelection::All => Vec::new(),
+            TypeSelection::Only(types) => types,
+        };
         for t in value.split(',').map(str::trim) {
             if self.allowed.contains(t) {
-                if !self.spec.types.iter().any(|x| x == t) {
-                    self.spec.types.push(t.to_owned());
+                if !listed.iter().any(|x| x == t) {
+                    listed.push(t.to_owned());
                 }
             } else {
                 self.reject("_type", &self.unknown_type(t))?;
             }
         }
+        self.spec.types = TypeSelection::Only(listed);
         Ok(())
     }
 
@@ -287,13 +355,14 @@ impl Builder {
 
     /// Whether `t` is exported at all: allowed for the level and, if `_type` was given, listed there.
     fn exported(&self, t: &str) -> bool {
-        self.allowed.contains(t)
-            && (self.spec.types.is_empty() || self.spec.types.iter().any(|x| x == t))
+        self.allowed.contains(t) && self.spec.types.includes(t)
     }
 
     fn type_filter(&mut self, value: &str) -> Result<(), KickoffError> {
         for query in split_type_filters(value) {
             let Some((t, q)) = query.split_once('?') else {
+                // A bare type name is a filter of that type gone wrong, not a filter of nothing.
+                self.note_unusable_filter(query);
                 self.reject(
                     "_typeFilter",
                     &format!("{query:?} is not of the form Type?params"),
@@ -321,6 +390,9 @@ impl Builder {
                 serializer.append_pair(&k, &v);
                 count += 1;
             }
+            if bad.is_some() || count == 0 {
+                self.note_unusable_filter(t);
+            }
             match (bad, count) {
                 (Some(k), _) => self.reject(
                     "_typeFilter",
@@ -337,6 +409,14 @@ impl Builder {
             }
         }
         Ok(())
+    }
+
+    /// Remembers that an exported type had a filter ignored, so that [`Builder::finish`] can keep
+    /// the type from being exported unfiltered.
+    fn note_unusable_filter(&mut self, t: &str) {
+        if self.exported(t) {
+            self.unusable_filters.insert(t.to_owned());
+        }
     }
 
     fn elements(&mut self, value: &str) -> Result<(), KickoffError> {
@@ -376,6 +456,7 @@ impl Builder {
     }
 
     fn patient(&mut self, value: &str) -> Result<(), KickoffError> {
+        self.patient_given = true;
         if self.spec.level == Level::System {
             return self.reject("patient", "is only for Patient and Group level exports");
         }
@@ -467,7 +548,10 @@ mod tests {
              &_typeFilter=Observation%3Fcode%3Da%2Cb,Patient%3Fgender%3Dmale&_elements=Observation.status,id",
         )
         .unwrap();
-        assert_eq!(k.spec.types, ["Patient", "Observation"]);
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Patient".into(), "Observation".into()])
+        );
         assert_eq!(k.spec.since.as_deref(), Some("2024-01-01T08:00:00.000Z"));
         assert_eq!(
             k.spec.type_filters,
@@ -565,8 +649,132 @@ mod tests {
             &cap(),
         )
         .unwrap();
-        assert_eq!(k.spec.types, ["Patient"]);
+        assert_eq!(k.spec.types, TypeSelection::Only(vec!["Patient".into()]));
         assert_eq!(k.notes.len(), 2);
+    }
+
+    fn lenient(level: Level, query: &str) -> Result<Kickoff, KickoffError> {
+        parse(
+            level,
+            &headers("respond-async, handling=lenient"),
+            Some(query),
+            None,
+            &cap(),
+        )
+    }
+
+    fn lenient_post(level: Level, body: &str) -> Result<Kickoff, KickoffError> {
+        parse(
+            level,
+            &headers("respond-async, handling=lenient"),
+            None,
+            Some(body.as_bytes()),
+            &cap(),
+        )
+    }
+
+    #[test]
+    fn lenient_type_never_widens() {
+        assert_eq!(param_error(lenient(Level::System, "_type=Foo")), "_type");
+        assert_eq!(param_error(lenient(Level::System, "_type=")), "_type");
+        assert_eq!(
+            param_error(lenient(Level::System, "_type=Foo&_type=Bar")),
+            "_type"
+        );
+        // Practitioner is searchable but outside the Patient compartment.
+        assert_eq!(
+            param_error(lenient(Level::Patient, "_type=Practitioner")),
+            "_type"
+        );
+        let k = lenient(Level::Patient, "_type=Practitioner,Observation").unwrap();
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Observation".into()])
+        );
+        assert_eq!(
+            get(Level::System, "").unwrap().spec.types,
+            TypeSelection::All
+        );
+    }
+
+    #[test]
+    fn lenient_type_filter_never_widens() {
+        // Observation's only filter is unusable: Observation goes, Patient (filtered) stays.
+        let k = lenient(
+            Level::System,
+            "_type=Patient,Observation&_typeFilter=Observation%3F_count%3D5,Patient%3Fgender%3Dmale",
+        )
+        .unwrap();
+        assert_eq!(k.spec.types, TypeSelection::Only(vec!["Patient".into()]));
+        assert!(
+            k.notes
+                .iter()
+                .any(|n| n.contains("not exported: Observation")),
+            "{:?}",
+            k.notes
+        );
+        // Without _type, every other type is still exported, Observation is not.
+        let k = lenient(Level::System, "_typeFilter=Observation%3F_count%3D5").unwrap();
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Patient".into(), "Practitioner".into()])
+        );
+        let k = lenient(Level::System, "_typeFilter=Observation").unwrap();
+        assert!(!k.spec.types.includes("Observation"));
+        // One usable filter left: the type stays, narrowed to it.
+        let k = lenient(
+            Level::System,
+            "_type=Observation&_typeFilter=Observation%3F_sort%3Dx,Observation%3Fcode%3Da",
+        )
+        .unwrap();
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Observation".into()])
+        );
+        assert_eq!(
+            k.spec.type_filters,
+            [("Observation".into(), "code=a".into())]
+        );
+        // The only requested type lost its filters: nothing is left to export.
+        assert_eq!(
+            param_error(lenient(
+                Level::System,
+                "_type=Observation&_typeFilter=Observation%3F_count%3D5"
+            )),
+            "_typeFilter"
+        );
+    }
+
+    #[test]
+    fn lenient_patient_never_widens() {
+        let one = |reference: &str| {
+            format!(
+                r#"{{"resourceType":"Parameters","parameter":[{{"name":"patient","valueReference":{{"reference":"{reference}"}}}}]}}"#
+            )
+        };
+        for level in [Level::Patient, Level::Group { id: "g".into() }] {
+            assert_eq!(
+                param_error(lenient_post(
+                    level.clone(),
+                    &one("https://evil.example/Patient/x")
+                )),
+                "patient"
+            );
+            assert_eq!(
+                param_error(lenient(level.clone(), "patient=Patient/p1")),
+                "patient"
+            );
+        }
+        assert_eq!(
+            param_error(lenient_post(Level::System, &one("Patient/p1"))),
+            "patient"
+        );
+        let two = r#"{"resourceType":"Parameters","parameter":[
+            {"name":"patient","valueReference":{"reference":"Patient/p1"}},
+            {"name":"patient","valueReference":{"reference":"https://evil.example/Patient/x"}}]}"#;
+        let k = lenient_post(Level::Patient, two).unwrap();
+        assert_eq!(k.spec.patients, ["p1"]);
+        assert_eq!(k.notes.len(), 1);
     }
 
     #[test]
@@ -584,7 +792,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(k.spec.patients, ["p1"]);
-        assert_eq!(k.spec.types, ["Observation"]);
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Observation".into()])
+        );
         assert!(matches!(
             parse(
                 Level::Patient,

@@ -2,7 +2,7 @@
 
 use url::Url;
 
-use crate::store::{FilePart, Job, Slice, SliceKind, SliceState};
+use crate::store::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
 
 /// Name of a job's OperationOutcome NDJSON file.
 pub const ERROR_FILE: &str = "errors.ndjson";
@@ -19,7 +19,8 @@ pub fn file_url(public_base: &Url, job_id: &str, name: &str) -> String {
 ///
 /// Each search counts equally; a running one counts by the share of its `Bundle.total` written.
 pub fn progress(job: &Job, slices: &[Slice]) -> String {
-    if slices.is_empty() {
+    // A job being planned already has slices stored, but not all of them yet.
+    if slices.is_empty() || job.state == JobState::Accepted {
         return format!("{} (planning)", state_word(job));
     }
     let finished = slices

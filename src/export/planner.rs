@@ -5,8 +5,11 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment;
-use crate::export::ranges::{self, format_ms, parse_ms, Range};
-use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
+use crate::export::ranges::{self, format_ms, parse_ms, Range, Split};
+use crate::store::{
+    ExportSpec, Job, Level, Planning, Slice, SliceKind, SliceState, Store, StoreError,
+    TypeSelection,
+};
 use crate::upstream::bundle::read_matches;
 use crate::upstream::{Capability, Upstream, UpstreamError};
 
@@ -22,6 +25,12 @@ pub enum PlanError {
     /// The Group to export does not exist (any more).
     #[error("Group/{0} was not found on the upstream")]
     GroupNotFound(String),
+    /// Planning progress could not be stored.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The job was deleted while it was being planned.
+    #[error("the job was deleted while it was planned")]
+    JobGone,
 }
 
 /// Search settings the planner needs from config.
@@ -35,10 +44,10 @@ pub struct PlanLimits {
     pub time_slices: usize,
 }
 
-/// A job's plan: its slices, and what the manifest should tell the client about it.
+/// The end of a job's plan: the slices not yet stored, and what the manifest should tell the client.
 #[derive(Debug)]
 pub struct Plan {
-    /// Searches to run.
+    /// Searches to run besides those already stored with the planning progress.
     pub slices: Vec<Slice>,
     /// Notes for the manifest's OperationOutcome (e.g. deletions that cannot be reported).
     pub notes: Vec<String>,
@@ -46,11 +55,17 @@ pub struct Plan {
 
 /// Plans `job`: lists the searches of every type, per patient batch below the system level, and with
 /// `_since` the type histories that reveal deletions.
+///
+/// At system level each type's slices, and each probe of a type's `_lastUpdated` split, are stored in
+/// `store` with the planning progress as they are found, so a job planned again after a restart picks up
+/// where it stopped: it skips the types already planned and resumes the split under way. The slices
+/// left in the returned plan are the rest, to be stored with the job's new state.
 pub async fn plan(
     job: &Job,
     upstream: &Upstream,
     capability: &Capability,
     limits: PlanLimits,
+    store: &Store,
 ) -> Result<Plan, PlanError> {
     let spec = &job.spec;
     let types = export_types(spec, capability);
@@ -59,36 +74,41 @@ pub async fn plan(
         job,
         page_size: limits.page_size,
     };
+    let mut progress = store.planning(&job.id)?;
     let mut slices = Vec::new();
     let mut notes = Vec::new();
-    let mut push = |resource_type: &str, kind: SliceKind, searches: Vec<String>| {
-        slices.push(Slice {
-            job_id: job.id.clone(),
-            index: slices.len() as u32,
-            resource_type: resource_type.to_owned(),
-            kind,
-            searches,
-            search_index: 0,
-            next: None,
-            state: SliceState::Pending,
-            files: Vec::new(),
-            pages: 0,
-            total: None,
-            visited: Vec::new(),
-        })
-    };
     match &spec.level {
         Level::System => {
             for t in &types {
-                for range in bounds.time_ranges(t, limits.time_slices).await? {
-                    push(t, SliceKind::Resources, bounds.searches(t, &[], range));
+                if progress.done.contains(t) {
+                    continue;
                 }
+                let ranges = bounds
+                    .time_ranges(t, limits.time_slices, &mut progress, store)
+                    .await?;
+                let planned: Vec<Slice> = ranges
+                    .into_iter()
+                    .map(|range| bounds.searches(t, &[], range))
+                    .map(|searches| {
+                        new_slice(job, &mut progress, t, SliceKind::Resources, searches)
+                    })
+                    .collect();
+                progress.done.push(t.clone());
+                progress.split = None;
+                checkpoint(store, job, &progress, &planned)?;
             }
             if let Some(since) = &spec.since {
                 let (with, without): (Vec<&String>, Vec<&String>) =
                     types.iter().partition(|t| capability.history.contains(*t));
                 for t in with {
-                    push(t, SliceKind::Deleted, vec![bounds.history(t, since)]);
+                    let searches = vec![bounds.history(t, since)];
+                    slices.push(new_slice(
+                        job,
+                        &mut progress,
+                        t,
+                        SliceKind::Deleted,
+                        searches,
+                    ));
                 }
                 if !without.is_empty() {
                     let list: Vec<&str> = without.iter().map(|t| t.as_str()).collect();
@@ -112,11 +132,14 @@ pub async fn plan(
                             batch.iter().map(|id| format!("Patient/{id}")).collect();
                         (param.to_owned(), refs.join(","))
                     };
-                    push(
+                    let searches = bounds.searches(t, &[by_patient], None);
+                    slices.push(new_slice(
+                        job,
+                        &mut progress,
                         t,
                         SliceKind::Resources,
-                        bounds.searches(t, &[by_patient], None),
-                    );
+                        searches,
+                    ));
                 }
             }
             if spec.since.is_some() {
@@ -131,6 +154,46 @@ pub async fn plan(
     Ok(Plan { slices, notes })
 }
 
+/// The next slice of a job's plan, numbered after those planned so far.
+fn new_slice(
+    job: &Job,
+    progress: &mut Planning,
+    resource_type: &str,
+    kind: SliceKind,
+    searches: Vec<String>,
+) -> Slice {
+    let index = progress.slices;
+    progress.slices += 1;
+    Slice {
+        job_id: job.id.clone(),
+        index,
+        resource_type: resource_type.to_owned(),
+        kind,
+        searches,
+        search_index: 0,
+        next: None,
+        state: SliceState::Pending,
+        files: Vec::new(),
+        pages: 0,
+        total: None,
+        visited: Vec::new(),
+    }
+}
+
+/// Stores planning progress with the slices it added.
+fn checkpoint(
+    store: &Store,
+    job: &Job,
+    progress: &Planning,
+    planned: &[Slice],
+) -> Result<(), PlanError> {
+    if store.commit_planning(&job.id, progress, planned)? {
+        Ok(())
+    } else {
+        Err(PlanError::JobGone)
+    }
+}
+
 /// The types a job exports, in a stable order.
 fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
     let in_level = |t: &str| match spec.level {
@@ -143,15 +206,14 @@ fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
                     .is_some_and(|p| compartment::patient_param(t, p).is_some())
         }
     };
-    if spec.types.is_empty() {
-        capability
+    match &spec.types {
+        TypeSelection::All => capability
             .types
             .keys()
             .filter(|t| in_level(t))
             .cloned()
-            .collect()
-    } else {
-        spec.types.iter().filter(|t| in_level(t)).cloned().collect()
+            .collect(),
+        TypeSelection::Only(types) => types.iter().filter(|t| in_level(t)).cloned().collect(),
     }
 }
 
@@ -163,18 +225,39 @@ struct Bounds<'a> {
 
 impl Bounds<'_> {
     /// The `_lastUpdated` ranges of a type's search: `[None]` (one plain search) unless splitting is
-    /// configured and the type has resources to split.
+    /// configured and the type has resources to split. The split is resumed from `progress` if it
+    /// was under way, and stored there after every probe.
     async fn time_ranges(
         &self,
         resource_type: &str,
         n: usize,
+        progress: &mut Planning,
+        store: &Store,
     ) -> Result<Vec<Option<Range>>, PlanError> {
         if n <= 1 {
             return Ok(vec![None]);
         }
+        let mut split = match progress.split.take() {
+            Some((t, split)) if t == resource_type => split,
+            _ => match self.start_split(resource_type, n).await? {
+                Some(split) => split,
+                None => return Ok(vec![None]),
+            },
+        };
+        while let Some(probe) = split.probe() {
+            split.record(self.count(resource_type, probe).await?);
+            progress.split = Some((resource_type.to_owned(), split.clone()));
+            checkpoint(store, self.job, progress, &[])?;
+        }
+        Ok(split.ranges().into_iter().map(Some).collect())
+    }
+
+    /// The split of a type's resources into `n` ranges, before any probe; `None` when the type is not
+    /// worth splitting (or the upstream cannot say how many it has, or since when).
+    async fn start_split(&self, resource_type: &str, n: usize) -> Result<Option<Split>, PlanError> {
         let spec = &self.job.spec;
         let Some(hi) = parse_ms(&self.job.transaction_time) else {
-            return Ok(vec![None]);
+            return Ok(None);
         };
         let mut url = self.upstream.url(resource_type);
         url.query_pairs_mut()
@@ -203,20 +286,18 @@ impl Bounds<'_> {
             })
             .await?;
         let (Some(total), Some(oldest)) = (total, oldest) else {
-            return Ok(vec![None]);
+            return Ok(None);
         };
         let n = ranges::worth_splitting(total, self.page_size, n);
         if n <= 1 {
-            return Ok(vec![None]);
+            return Ok(None);
         }
         let lo = spec
             .since
             .as_deref()
             .and_then(parse_ms)
             .unwrap_or(oldest - 1);
-        let whole = Range { lo, hi };
-        let ranges = ranges::split(whole, total, n, |r| self.count(resource_type, r)).await?;
-        Ok(ranges.into_iter().map(Some).collect())
+        Ok(Some(Split::new(Range { lo, hi }, total, n)))
     }
 
     /// `Bundle.total` of a type's resources in a range.
@@ -406,6 +487,169 @@ async fn all_patients(job: &Job, upstream: &Upstream) -> Result<BTreeSet<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const TYPES: [&str; 3] = ["Condition", "Encounter", "Observation"];
+
+    /// Resources of every type, one a second from 2025-01-01.
+    fn times() -> Vec<i64> {
+        let start = parse_ms("2025-01-01T00:00:00Z").unwrap();
+        (0..200).map(|i| start + i * 1_000).collect()
+    }
+
+    /// An upstream answering the planner's probes from [`times`], counting requests; request number
+    /// `stall_at` (from 1) is never answered.
+    struct Fake {
+        base: String,
+        requests: Arc<AtomicUsize>,
+        stall_at: Arc<AtomicUsize>,
+        stalled: Arc<tokio::sync::Notify>,
+    }
+
+    async fn fake_upstream() -> Fake {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let fake = Fake {
+            base: format!("http://{}/fhir", listener.local_addr().unwrap()),
+            requests: Arc::default(),
+            stall_at: Arc::new(AtomicUsize::new(usize::MAX)),
+            stalled: Arc::default(),
+        };
+        let (requests, stall_at, stalled) = (
+            fake.requests.clone(),
+            fake.stall_at.clone(),
+            fake.stalled.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (requests, stall_at, stalled) =
+                    (requests.clone(), stall_at.clone(), stalled.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        let mut byte = [0u8];
+                        if stream.read(&mut byte).await.unwrap() == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+                    if n == stall_at.load(Ordering::SeqCst) {
+                        stalled.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    let head = String::from_utf8(head).unwrap();
+                    let target = head.split(' ').nth(1).unwrap();
+                    let url = Url::parse(&format!("http://x{target}")).unwrap();
+                    let body = answer(&url);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(response.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        fake
+    }
+
+    /// A searchset of the first resource (with `_count=1`) or of the count (with `_count=0`) of
+    /// [`times`] within the `_lastUpdated` bounds of `url`.
+    fn answer(url: &Url) -> String {
+        let resource_type = url.path().rsplit('/').next().unwrap();
+        let (mut lo, mut hi) = (i64::MIN, i64::MAX);
+        for (_, v) in url.query_pairs().filter(|(k, _)| k == "_lastUpdated") {
+            if let Some(t) = v.strip_prefix("gt") {
+                lo = parse_ms(t).unwrap();
+            } else if let Some(t) = v.strip_prefix("le") {
+                hi = parse_ms(t).unwrap();
+            }
+        }
+        let range = Range { lo, hi };
+        let matching: Vec<i64> = times().into_iter().filter(|t| range.contains(*t)).collect();
+        let entry = match (
+            url.query_pairs().any(|(k, v)| k == "_count" && v == "1"),
+            matching.first(),
+        ) {
+            (true, Some(first)) => format!(
+                r#","entry":[{{"resource":{{"resourceType":"{resource_type}","id":"a","meta":{{"lastUpdated":"{}"}}}}}}]"#,
+                format_ms(*first)
+            ),
+            _ => String::new(),
+        };
+        format!(
+            r#"{{"resourceType":"Bundle","type":"searchset","total":{}{entry}}}"#,
+            matching.len()
+        )
+    }
+
+    fn capability() -> Capability {
+        let mut cap = Capability::default();
+        for t in TYPES {
+            cap.types.insert(t.into(), BTreeSet::new());
+        }
+        cap
+    }
+
+    const LIMITS: PlanLimits = PlanLimits {
+        page_size: 10,
+        patient_batch_size: 100,
+        time_slices: 4,
+    };
+
+    /// A store holding job "j" and the upstream client of `fake`.
+    fn setup(dir: &std::path::Path, fake: &Fake) -> (Store, Job, Upstream) {
+        let store = Store::open(dir).unwrap();
+        let job = crate::store::tests::job("j");
+        store.put_job(&job).unwrap();
+        let cfg: crate::config::UpstreamConfig =
+            toml::from_str(&format!("base_url = \"{}\"", fake.base)).unwrap();
+        (store, job, Upstream::new(&cfg).unwrap())
+    }
+
+    /// Every slice of the finished plan: those stored while planning, then the rest.
+    fn all_slices(store: &Store, plan: Plan) -> Vec<Slice> {
+        let mut slices = store.slices("j").unwrap();
+        slices.extend(plan.slices);
+        slices
+    }
+
+    #[tokio::test]
+    async fn interrupted_planning_resumes_where_it_stopped() {
+        let cap = capability();
+        let tmp = tempfile::tempdir().unwrap();
+
+        let fake = fake_upstream().await;
+        let (store, job, upstream) = setup(&tmp.path().join("whole"), &fake);
+        let plan_once = plan(&job, &upstream, &cap, LIMITS, &store).await.unwrap();
+        let whole = all_slices(&store, plan_once);
+        let whole_requests = fake.requests.load(Ordering::SeqCst);
+        assert_eq!(whole.len(), 12, "every type split in 4: {whole:#?}");
+
+        // Planning dies (as in a kill) while waiting for a request well into the second type.
+        fake.requests.store(0, Ordering::SeqCst);
+        let (store, job, upstream) = setup(&tmp.path().join("resumed"), &fake);
+        let stall_at = whole_requests * 2 / 3;
+        fake.stall_at.store(stall_at, Ordering::SeqCst);
+        tokio::select! {
+            _ = plan(&job, &upstream, &cap, LIMITS, &store) => panic!("planning did not stall"),
+            _ = fake.stalled.notified() => {}
+        }
+        assert!(
+            !store.slices("j").unwrap().is_empty(),
+            "nothing was stored before the interruption"
+        );
+        let resumed = plan(&job, &upstream, &cap, LIMITS, &store).await.unwrap();
+        assert_eq!(
+            all_slices(&store, resumed),
+            whole,
+            "a resumed plan is the same plan"
+        );
+        // Only the request that never got its answer is made twice.
+        assert_eq!(fake.requests.load(Ordering::SeqCst), whole_requests + 1);
+    }
 
     #[test]
     fn patient_ids_from_references() {

@@ -4,12 +4,11 @@
 //! built from one sorted list of boundaries partition `(first, last]`, so every resource falls in exactly
 //! one of them: none is lost or exported twice at a boundary.
 
-use std::future::Future;
-
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
 
 /// Half-open time range `(lo, hi]`, in Unix milliseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Range {
     /// Exclusive lower bound.
     pub lo: i64,
@@ -58,35 +57,64 @@ pub fn worth_splitting(total: u64, page_size: u32, n: usize) -> usize {
     n.min((total / pages_per_slice).max(1) as usize)
 }
 
-/// Splits `whole` (holding `total` resources) into at most `n` contiguous ranges of similar size.
+/// A split of one range (holding `total` resources) into at most `n` contiguous ranges of similar size,
+/// as far as it got: a value, so that planning can store it and a restarted job resume it.
 ///
-/// Ranges holding more than `total / n` are bisected in time (each bisection costs one `count`, i.e.
-/// one upstream `_count=0` search) until small enough, unsplittable, or out of probes; the pieces are
-/// then merged back, in order, into at most `n` ranges. Resources cluster in time, so equal time spans
-/// would not give equal slices.
-pub async fn split<F, Fut, E>(
-    whole: Range,
+/// Pieces holding more than `total / n` are bisected in time (each bisection costs one count, i.e. one
+/// upstream `_count=0` search) until small enough, unsplittable, or out of probes; the pieces are then
+/// merged back, in order, into at most `n` ranges. Resources cluster in time, so equal time spans would
+/// not give equal slices.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Split {
     total: u64,
     n: usize,
-    mut count: F,
-) -> Result<Vec<Range>, E>
-where
-    F: FnMut(Range) -> Fut,
-    Fut: Future<Output = Result<u64, E>>,
-{
-    let n = n.max(1);
-    let target = total.div_ceil(n as u64).max(1);
-    let mut pieces = vec![(whole, total)];
-    let mut probes = PROBES_PER_SLICE * n;
-    while probes > 0 {
-        let Some(i) = pieces
+    /// Contiguous, in order, each with the resources it holds.
+    pieces: Vec<(Range, u64)>,
+    probes: usize,
+}
+
+impl Split {
+    /// A split of `whole`, holding `total` resources, into at most `n` ranges; nothing counted yet.
+    pub fn new(whole: Range, total: u64, n: usize) -> Self {
+        let n = n.max(1);
+        Split {
+            total,
+            n,
+            pieces: vec![(whole, total)],
+            probes: PROBES_PER_SLICE * n,
+        }
+    }
+
+    /// The piece to bisect next: the first one too large that can still be split.
+    fn next_piece(&self) -> Option<usize> {
+        if self.probes == 0 {
+            return None;
+        }
+        let target = self.total.div_ceil(self.n as u64).max(1);
+        self.pieces
             .iter()
             .position(|(r, size)| *size > target && r.midpoint().is_some())
-        else {
-            break;
+    }
+
+    /// The range to count next (the left half of the piece being bisected); `None` once the split is done.
+    pub fn probe(&self) -> Option<Range> {
+        let (range, _) = self.pieces[self.next_piece()?];
+        let mid = range.midpoint()?;
+        Some(Range {
+            lo: range.lo,
+            hi: mid,
+        })
+    }
+
+    /// Takes `count`, the resources in the range [`Split::probe`] returned.
+    pub fn record(&mut self, count: u64) {
+        let Some(i) = self.next_piece() else {
+            return;
         };
-        let (range, size) = pieces[i];
-        let mid = range.midpoint().expect("filtered on midpoint");
+        let (range, size) = self.pieces[i];
+        let Some(mid) = range.midpoint() else {
+            return;
+        };
         let left = Range {
             lo: range.lo,
             hi: mid,
@@ -95,11 +123,16 @@ where
             lo: mid,
             hi: range.hi,
         };
-        let left_size = count(left).await?.min(size);
-        pieces.splice(i..=i, [(left, left_size), (right, size - left_size)]);
-        probes -= 1;
+        let left_size = count.min(size);
+        self.pieces
+            .splice(i..=i, [(left, left_size), (right, size - left_size)]);
+        self.probes -= 1;
     }
-    Ok(merge(&pieces, total, n))
+
+    /// The ranges as split so far, merged back into at most `n`.
+    pub fn ranges(&self) -> Vec<Range> {
+        merge(&self.pieces, self.total, self.n)
+    }
 }
 
 /// Joins adjacent pieces, in order, into at most `n` ranges, cutting where the running count passes
@@ -125,6 +158,25 @@ fn merge(pieces: &[(Range, u64)], total: u64, n: usize) -> Vec<Range> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::future::Future;
+
+    /// Runs a split to its end, counting with `count`.
+    async fn split<F, Fut, E>(
+        whole: Range,
+        total: u64,
+        n: usize,
+        mut count: F,
+    ) -> Result<Vec<Range>, E>
+    where
+        F: FnMut(Range) -> Fut,
+        Fut: Future<Output = Result<u64, E>>,
+    {
+        let mut split = Split::new(whole, total, n);
+        while let Some(probe) = split.probe() {
+            split.record(count(probe).await?);
+        }
+        Ok(split.ranges())
+    }
 
     #[test]
     fn small_types_are_not_split() {
@@ -219,6 +271,32 @@ mod tests {
             sizes.iter().all(|s| *s <= 40),
             "slices {ranges:?} hold {sizes:?}"
         );
+    }
+
+    #[test]
+    fn a_stored_split_resumes_where_it_stopped() {
+        let times: Vec<i64> = (0..500).map(|i| i * 7 % 3_000).collect();
+        let whole = Range { lo: -1, hi: 3_000 };
+        let mut whole_split = Split::new(whole, 500, 4);
+        let mut probes = Vec::new();
+        while let Some(p) = whole_split.probe() {
+            probes.push(p);
+            whole_split.record(count_in(&times, p));
+        }
+        assert!(probes.len() > 2, "the split must take several probes");
+        let mut resumed = Split::new(whole, 500, 4);
+        for p in &probes[..2] {
+            resumed.record(count_in(&times, *p));
+        }
+        let stored: Split = serde_json::from_slice(&serde_json::to_vec(&resumed).unwrap()).unwrap();
+        let mut resumed = stored;
+        let mut later = Vec::new();
+        while let Some(p) = resumed.probe() {
+            later.push(p);
+            resumed.record(count_in(&times, p));
+        }
+        assert_eq!(later, probes[2..], "a resumed split repeats no probe");
+        assert_eq!(resumed.ranges(), whole_split.ranges());
     }
 
     #[test]

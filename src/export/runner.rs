@@ -283,27 +283,29 @@ impl Runner {
                 time_slices: self.cfg.time_slices,
             };
             let planned = match self.upstream.capability().await {
-                Ok(cap) => planner::plan(&job, &self.upstream, &cap, limits).await,
+                Ok(cap) => planner::plan(&job, &self.upstream, &cap, limits, &self.store).await,
                 Err(e) => Err(e.into()),
             };
             let plan = match planned {
                 Ok(plan) => plan,
+                Err(PlanError::JobGone) => return Ok(()),
+                Err(PlanError::Store(e)) => return Err(e.into()),
                 Err(e) => {
                     let status = match &e {
                         PlanError::GroupNotFound(_) => 404,
-                        PlanError::Upstream(_) => 502,
+                        PlanError::Upstream(_) | PlanError::Store(_) | PlanError::JobGone => 502,
                     };
                     let message = format!("the export could not be planned: {e}");
                     return self.finish(id, JobState::Failed { status, message }).await;
                 }
             };
-            tracing::info!(job = %id, slices = plan.slices.len(), "job planned");
             job.state = JobState::Running;
             job.notes.extend(plan.notes);
             if !self.store.commit_plan(&job, &plan.slices)? {
                 return Ok(());
             }
             self.store.flush().await?;
+            tracing::info!(job = %id, slices = self.store.slices(id)?.len(), "job planned");
         }
         let dir = self.job_dir(id);
         let snapshot = chrono::DateTime::parse_from_rfc3339(&job.transaction_time)
