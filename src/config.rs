@@ -148,6 +148,14 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     /// On SIGTERM, how long in-flight requests may take to finish, in seconds.
     pub shutdown_grace_secs: u64,
+    /// Most client connections open at once; unset: derived from the open-file limit at start.
+    pub max_connections: Option<u32>,
+    /// How long a client may take to send a complete request head, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Most concurrent HTTP/2 streams on one connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +166,10 @@ impl Default for ServerConfig {
             max_kickoff_body_bytes: 1024 * 1024,
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 25,
+            max_connections: None,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 90,
+            http2_max_concurrent_streams: 128,
         }
     }
 }
@@ -530,6 +542,18 @@ impl Config {
             }
         }
         positive("auth.token_lifetime_secs", self.auth.token_lifetime_secs)?;
+        if let Some(max) = self.server.max_connections {
+            positive("server.max_connections", max.into())?;
+        }
+        positive(
+            "server.header_read_timeout_secs",
+            self.server.header_read_timeout_secs,
+        )?;
+        positive("server.idle_timeout_secs", self.server.idle_timeout_secs)?;
+        positive(
+            "server.http2_max_concurrent_streams",
+            self.server.http2_max_concurrent_streams.into(),
+        )?;
         positive("export.page_size", self.export.page_size.into())?;
         positive("export.resources_per_file", self.export.resources_per_file)?;
         positive(
