@@ -11,7 +11,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
@@ -66,12 +65,10 @@ pub async fn run(
         source,
     })?;
     let store = Arc::new(Store::open(&data_dir.join("store"))?);
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| ServerError::Io {
-            what: format!("cannot listen on {}", config.server.listen),
-            source,
-        })?;
+    let listener = accept::bind(config.server.listen).map_err(|source| ServerError::Io {
+        what: format!("cannot listen on {}", config.server.listen),
+        source,
+    })?;
     let bound = listener.local_addr().map_err(|source| ServerError::Io {
         what: "cannot read the bound address".into(),
         source,

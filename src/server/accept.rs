@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -31,6 +31,21 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// At most one `accept failed` line per this period; the others are counted in the next one.
 const LOG_EVERY: Duration = Duration::from_secs(5);
+/// Clients past the cap wait in the listen queue; with the 128 of `TcpListener::bind` the next ones'
+/// SYNs are dropped and they retry only after 1, 3, 7... s. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` with a listen queue deep enough to hold clients waiting for a slot.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// The connection cap: `configured`, or what the open-file limit leaves for client connections.
 pub fn connection_limit(configured: Option<u32>) -> u32 {
