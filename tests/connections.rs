@@ -480,3 +480,43 @@ fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
         start.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let up = upstream(After::KeepAlive, Duration::ZERO);
+    let proxy = Proxy::start_tables(
+        &up.base,
+        "header_read_timeout_secs = 60\nidle_timeout_secs = 1",
+        "",
+        "",
+        None,
+    );
+    let stream = tokio::net::TcpStream::connect(authority(&proxy))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("{}/Basic/1", proxy.base))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let idle_since = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "an idle HTTP/2 connection is still open after {:?}",
+                idle_since.elapsed()
+            )
+        });
+    // A GOAWAY ends the client's connection cleanly; a dropped socket would be an error.
+    ended.unwrap().unwrap();
+}
