@@ -44,6 +44,8 @@ pub struct Activity {
     draining: AtomicBool,
     /// The watchdog is polling the connection, and looks at the state again when that returns.
     polling: AtomicBool,
+    /// The state changed since the watchdog last read it (it polls far more often than that).
+    changed: AtomicBool,
     watchdog: AtomicWaker,
 }
 
@@ -68,6 +70,7 @@ impl Activity {
             awaiting_head: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             polling: AtomicBool::new(false),
+            changed: AtomicBool::new(true),
             watchdog: AtomicWaker::new(),
         })
     }
@@ -79,7 +82,7 @@ impl Activity {
         let mut state = self.lock();
         state.in_flight += 1;
         state.http2 = version == hyper::Version::HTTP_2;
-        state.deadline = None;
+        self.set_deadline(&mut state, None);
         InFlight(self.clone())
     }
 
@@ -89,7 +92,7 @@ impl Activity {
         if state.in_flight > 0 {
             return;
         }
-        state.deadline = Some(Instant::now() + self.timeouts.idle);
+        self.set_deadline(&mut state, Some(Instant::now() + self.timeouts.idle));
         let http1 = !state.http2;
         drop(state);
         self.awaiting_head.store(http1, Ordering::Relaxed);
@@ -104,7 +107,7 @@ impl Activity {
         if self.awaiting_head.swap(false, Ordering::Relaxed) {
             let mut state = self.lock();
             if state.in_flight == 0 {
-                state.deadline = Some(Instant::now() + self.timeouts.header);
+                self.set_deadline(&mut state, Some(Instant::now() + self.timeouts.header));
             }
         }
     }
@@ -112,8 +115,14 @@ impl Activity {
     fn wrote(&self) {
         let mut state = self.lock();
         if let (0, Some(deadline)) = (state.in_flight, state.deadline) {
-            state.deadline = Some(deadline.max(Instant::now() + self.timeouts.idle));
+            let later = deadline.max(Instant::now() + self.timeouts.idle);
+            self.set_deadline(&mut state, Some(later));
         }
+    }
+
+    fn set_deadline(&self, state: &mut State, deadline: Option<Instant>) {
+        state.deadline = deadline;
+        self.changed.store(true, Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -255,6 +264,8 @@ pub struct Watchdog<C> {
     going_away: bool,
     timer: Pin<Box<Sleep>>,
     armed: Option<Instant>,
+    deadline: Option<Instant>,
+    http2: bool,
 }
 
 impl<C> Watchdog<C> {
@@ -277,6 +288,8 @@ impl<C> Watchdog<C> {
             going_away: false,
             timer: Box::pin(tokio::time::sleep_until(Instant::now())),
             armed: None,
+            deadline: None,
+            http2: false,
         }
     }
 }
@@ -298,11 +311,11 @@ impl<C: Future<Output = Result<(), E>>, E> Future for Watchdog<C> {
             if polled.is_ready() {
                 return polled;
             }
-            let (deadline, http2) = {
+            if this.activity.changed.swap(false, Ordering::AcqRel) {
                 let state = this.activity.lock();
-                (state.deadline, state.http2)
-            };
-            let Some(deadline) = deadline else {
+                (this.deadline, this.http2) = (state.deadline, state.http2);
+            }
+            let Some(deadline) = this.deadline else {
                 return Poll::Pending;
             };
             if this.armed != Some(deadline) {
@@ -312,13 +325,15 @@ impl<C: Future<Output = Result<(), E>>, E> Future for Watchdog<C> {
             if this.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if !http2 || this.going_away {
+            if !this.http2 || this.going_away {
                 tracing::debug!(peer = %this.peer, "closing a connection that sent no request in time");
                 return Poll::Ready(Ok(()));
             }
             this.going_away = true;
             (this.graceful_shutdown)(this.connection.as_mut());
-            this.activity.lock().deadline = Some(Instant::now() + this.activity.timeouts.header);
+            let last_call = Instant::now() + this.activity.timeouts.header;
+            this.activity
+                .set_deadline(&mut this.activity.lock(), Some(last_call));
         }
     }
 }
