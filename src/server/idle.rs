@@ -58,7 +58,7 @@ struct State {
 }
 
 impl Activity {
-    /// A fresh connection's, whose first request head is due within the header timeout.
+    /// The activity of a fresh connection, whose first request head is due within the header timeout.
     pub fn new(timeouts: Timeouts) -> Arc<Self> {
         Arc::new(Self {
             timeouts,
