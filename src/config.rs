@@ -151,6 +151,14 @@ pub struct ServerConfig {
     /// Forward requests whose path is outside the public FHIR base (404 when off); export operations
     /// are refused wherever they appear.
     pub forward_outside_base: bool,
+    /// Most client connections open at once; unset: derived from the open-file limit at start.
+    pub max_connections: Option<u32>,
+    /// How long a client may take to send a complete request head, in seconds.
+    pub header_read_timeout_secs: u64,
+    /// A connection with no request in flight for this long is closed, in seconds.
+    pub idle_timeout_secs: u64,
+    /// Most concurrent HTTP/2 streams on one connection.
+    pub http2_max_concurrent_streams: u32,
 }
 
 impl Default for ServerConfig {
@@ -162,6 +170,10 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             shutdown_grace_secs: 25,
             forward_outside_base: false,
+            max_connections: None,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 90,
+            http2_max_concurrent_streams: 128,
         }
     }
 }
@@ -565,6 +577,18 @@ impl Config {
             }
         }
         positive("auth.token_lifetime_secs", self.auth.token_lifetime_secs)?;
+        if let Some(max) = self.server.max_connections {
+            positive("server.max_connections", max.into())?;
+        }
+        positive(
+            "server.header_read_timeout_secs",
+            self.server.header_read_timeout_secs,
+        )?;
+        positive("server.idle_timeout_secs", self.server.idle_timeout_secs)?;
+        positive(
+            "server.http2_max_concurrent_streams",
+            self.server.http2_max_concurrent_streams.into(),
+        )?;
         positive("export.page_size", self.export.page_size.into())?;
         positive("export.resources_per_file", self.export.resources_per_file)?;
         positive(

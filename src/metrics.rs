@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use prometheus::{
     exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
-    IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the proxy keeps.
@@ -25,6 +25,8 @@ pub struct Metrics {
     pub rate_limiter_waits: IntCounter,
     /// Jobs by state, set at each scrape.
     pub jobs: IntGaugeVec,
+    /// Client connections open on the main listener.
+    pub connections: IntGauge,
     /// Resources written to export files.
     pub exported_resources: IntCounter,
     /// Bytes written to export files.
@@ -70,6 +72,14 @@ impl Metrics {
         registry
             .register(Box::new(jobs.clone()))
             .expect("unique metric");
+        let connections = IntGauge::new(
+            "fbp_connections",
+            "Client connections open on the main listener.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(connections.clone()))
+            .expect("unique metric");
         Self {
             passthrough_requests: counter_vec(
                 "fbp_passthrough_requests_total",
@@ -102,6 +112,7 @@ impl Metrics {
                 "Upstream requests that waited for the rate limiter.",
             ),
             jobs,
+            connections,
             exported_resources: counter(
                 "fbp_exported_resources_total",
                 "Resources written to export files.",

@@ -1,5 +1,7 @@
 //! Process start-up: opens the store, resumes jobs, and serves HTTP until told to stop.
 
+mod accept;
+mod idle;
 mod threads;
 
 use std::path::PathBuf;
@@ -7,11 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::api::App;
 use crate::auth::{Auth, AuthError};
@@ -21,7 +22,13 @@ use crate::proxy::affinity;
 use crate::storage::{Storage, StorageError};
 use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
+use accept::{Acceptor, Slot};
+use idle::{Activity, Io, Timeouts, Tracked, Watchdog};
 use threads::Threads;
+
+/// HTTP/2 pings while streams are open, so that a peer gone silent does not keep its streams (and
+/// their upstream connections) open; hyper's default ack timeout of 20 s applies.
+const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +65,10 @@ pub async fn run(
         source,
     })?;
     let store = Arc::new(Store::open(&data_dir.join("store"))?);
-    let listener = TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|source| ServerError::Io {
-            what: format!("cannot listen on {}", config.server.listen),
-            source,
-        })?;
+    let listener = accept::bind(config.server.listen).map_err(|source| ServerError::Io {
+        what: format!("cannot listen on {}", config.server.listen),
+        source,
+    })?;
     let bound = listener.local_addr().map_err(|source| ServerError::Io {
         what: "cannot read the bound address".into(),
         source,
@@ -119,52 +124,59 @@ pub async fn run(
     // Tests and scripts read this one stdout line to learn the port.
     println!("listening on {bound}, public base {public_base}");
 
+    let server = &app.config.server;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The proxy answers heads over max_header_bytes itself, with an OperationOutcome; hyper's own
     // buffer (at least 8 KiB) is kept well above that so only absurd heads get hyper's bare 431.
+    // hyper's header timeout stays off: the watchdog (idle.rs) times heads and idle connections.
     builder
         .http1()
-        .max_buf_size((app.config.server.max_header_bytes * 4).max(8192));
-    let grace = Duration::from_secs(app.config.server.shutdown_grace_secs);
-    let graceful = GracefulShutdown::new();
+        .max_buf_size((server.max_header_bytes * 4).max(8192))
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(HTTP2_KEEP_ALIVE)
+        .max_concurrent_streams(server.http2_max_concurrent_streams);
+    let timeouts = Timeouts {
+        header: Duration::from_secs(server.header_read_timeout_secs),
+        idle: Duration::from_secs(server.idle_timeout_secs),
+    };
+    let max_connections = accept::connection_limit(server.max_connections);
+    tracing::info!(max_connections, "accepting connections");
+    let grace = Duration::from_secs(server.shutdown_grace_secs);
+    let graceful = CancellationToken::new();
     let serving_app = app.clone();
-    let mut serving = Threads::start(serving_threads(), move |stream, peer, watcher| {
-        serve_connection(serving_app.clone(), &builder, watcher, stream, peer)
+    let mut serving = Threads::start(serving_threads(), move |stream, peer, held| {
+        serve_connection(serving_app.clone(), &builder, timeouts, stream, peer, held)
     })
     .map_err(|source| ServerError::Io {
         what: "cannot start the serving threads".into(),
         source,
     })?;
+    let mut acceptor = Acceptor::new(listener, max_connections);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
+        let (stream, peer, slot) = tokio::select! {
+            accepted = acceptor.accept() => accepted,
             _ = &mut shutdown => break,
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
-        serving.serve(stream, peer, graceful.watcher());
+        serving.serve(stream, peer, (slot, graceful.clone().cancelled_owned()));
     }
-    drop(listener);
+    let all_closed = acceptor.stop();
     tracing::info!(
         grace_s = grace.as_secs(),
         "shutting down: no new connections, finishing requests in flight"
     );
+    graceful.cancel();
     // Jobs stop at a page boundary; their committed cursors resume them at the next start.
     let jobs = app.runner.shutdown();
     let requests = async {
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, all_closed).await.is_err() {
             tracing::warn!("grace period over; closing the connections still open");
         }
     };
@@ -182,29 +194,43 @@ fn serving_threads() -> usize {
 }
 
 /// Serves one connection, on a serving thread: hyper's HTTP/1 or HTTP/2, with pass-through on the
-/// connection's own upstream connection, until it closes or the graceful shutdown ends it.
+/// connection's own upstream connection, until it closes, outstays its timeouts or the graceful
+/// shutdown ends it; `slot` is given back then.
 fn serve_connection(
     app: Arc<App>,
     builder: &auto::Builder<TokioExecutor>,
-    graceful: Watcher,
+    timeouts: Timeouts,
     stream: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
+    (slot, shutdown): (Slot, WaitForCancellationFutureOwned),
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let (affinity, driver) = affinity::pair();
     let affinity = Arc::new(affinity);
-    let service = service_fn(move |req| {
+    let activity = Activity::new(timeouts);
+    let requests = activity.clone();
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let in_flight = requests.begin(req.version());
         let (app, affinity) = (app.clone(), affinity.clone());
-        async move { Ok::<_, std::convert::Infallible>(app.handle(req, peer, &affinity).await) }
+        async move {
+            let response = app.handle(req, peer, &affinity).await;
+            Ok::<_, std::convert::Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
     });
-    let connection = graceful.watch(
-        builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned(),
+    let connection = builder
+        .serve_connection(TokioIo::new(Io::new(stream, activity.clone())), service)
+        .into_owned();
+    let connection = Watchdog::new(
+        connection,
+        |connection| connection.graceful_shutdown(),
+        activity,
+        peer,
+        shutdown,
     );
     async move {
         if let Err(e) = affinity::drive(connection, driver).await {
             tracing::debug!(error = %e, %peer, "connection ended with an error");
         }
+        drop(slot);
     }
 }
 

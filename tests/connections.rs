@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -262,4 +262,261 @@ fn upstream_gone_between_requests_is_a_bad_gateway_then_recovers() {
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().unwrap();
     assert_eq!(answer["request"], "GET /fhir/Basic/2 HTTP/1.1");
+}
+
+/// `host:port` of the proxy.
+fn authority(proxy: &Proxy) -> String {
+    proxy
+        .base
+        .strip_prefix("http://")
+        .and_then(|r| r.split('/').next())
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits until `deadline` for the proxy to close `stream`; `false` if it is still open then.
+fn closed_by(stream: &mut TcpStream, deadline: std::time::Instant) -> bool {
+    let mut buf = [0; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Reads one response with a `Content-Length` off `reader`; returns its body.
+fn read_response(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if header == "\r\n" {
+            break;
+        }
+        let (name, value) = header.split_once(':').unwrap();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn connections_that_never_finish_a_request_head_are_closed_after_the_header_timeout() {
+    let up = upstream(After::KeepAlive, Duration::ZERO);
+    let proxy = Proxy::start_tables(&up.base, "header_read_timeout_secs = 1", "", "", None);
+    let authority = authority(&proxy);
+    let start = std::time::Instant::now();
+    // A partial head; a few bytes too few to tell HTTP/1 from HTTP/2; nothing at all.
+    let sent: Vec<&[u8]> = [&b"GET /fhir/metadata HTTP/1.1\r\nHost: x\r\n"[..]; 50]
+        .into_iter()
+        .chain([&b"GET /fhir"[..]; 5])
+        .chain([&b""[..]; 5])
+        .collect();
+    let mut slow: Vec<TcpStream> = sent
+        .iter()
+        .map(|bytes| {
+            let mut s = TcpStream::connect(&authority).unwrap();
+            s.write_all(bytes).unwrap();
+            s
+        })
+        .collect();
+    let answer: Value = common::client()
+        .get(format!("{}/Basic/1", proxy.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(answer["request"], "GET /fhir/Basic/1 HTTP/1.1");
+    let deadline = start + Duration::from_secs(8);
+    for (i, stream) in slow.iter_mut().enumerate() {
+        assert!(
+            closed_by(stream, deadline),
+            "connection {i} (sent {:?}) still open after {:?}",
+            String::from_utf8_lossy(sent[i]),
+            start.elapsed()
+        );
+    }
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let up = upstream(After::KeepAlive, Duration::ZERO);
+    let proxy = Proxy::start_tables(
+        &up.base,
+        "header_read_timeout_secs = 60\nidle_timeout_secs = 1",
+        "",
+        "",
+        None,
+    );
+    let authority = authority(&proxy);
+    let stream = TcpStream::connect(&authority).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    for i in 0..2 {
+        write!(
+            writer,
+            "GET /fhir/Basic/{i} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+        )
+        .unwrap();
+        let answer: Value = serde_json::from_slice(&read_response(&mut reader)).unwrap();
+        assert_eq!(answer["request"], format!("GET /fhir/Basic/{i} HTTP/1.1"));
+    }
+    let idle_since = std::time::Instant::now();
+    assert!(
+        closed_by(reader.get_mut(), idle_since + Duration::from_secs(8)),
+        "an idle connection is still open after {:?} (idle timeout 1 s, header timeout 60 s)",
+        idle_since.elapsed()
+    );
+}
+
+/// An upstream whose one answer is `chunks` chunks of `chunk` bytes, `pause` apart.
+fn trickling_upstream(chunks: usize, chunk: usize, pause: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let mut stream = stream;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+                    chunks * chunk
+                );
+                stream.write_all(head.as_bytes()).unwrap();
+                for _ in 0..chunks {
+                    std::thread::sleep(pause);
+                    if stream.write_all(&vec![b'x'; chunk]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    base
+}
+
+#[test]
+fn a_slow_answer_in_flight_outlasts_the_header_and_idle_timeouts() {
+    // 3.2 s of an answer trickling in from the upstream, with both timeouts at 1 s.
+    let base = trickling_upstream(8, 1000, Duration::from_millis(400));
+    let proxy = Proxy::start_tables(
+        &base,
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 1",
+        "",
+        "",
+        None,
+    );
+    let body = common::client()
+        .get(format!("{}/Binary/slow", proxy.base))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(body.len(), 8000);
+}
+
+#[test]
+fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
+    // Far more than the socket buffers hold, read at about 12 MB/s: the proxy writes for seconds.
+    let size = 48 << 20;
+    let base = trickling_upstream(48, 1 << 20, Duration::ZERO);
+    let proxy = Proxy::start_tables(
+        &base,
+        "header_read_timeout_secs = 1\nidle_timeout_secs = 1",
+        "",
+        "",
+        None,
+    );
+    let authority = authority(&proxy);
+    let mut stream = TcpStream::connect(&authority).unwrap();
+    write!(
+        stream,
+        "GET /fhir/Binary/big HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut received = 0;
+    let mut buf = vec![0; 256 << 10];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        let before = received;
+        received += n;
+        if received >= size {
+            break;
+        }
+        if received >> 20 > before >> 20 {
+            std::thread::sleep(Duration::from_millis(80));
+        }
+    }
+    assert!(
+        received >= size,
+        "the download was cut after {received} of {size} bytes and {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    let up = upstream(After::KeepAlive, Duration::ZERO);
+    let proxy = Proxy::start_tables(
+        &up.base,
+        "header_read_timeout_secs = 60\nidle_timeout_secs = 1",
+        "",
+        "",
+        None,
+    );
+    let stream = tokio::net::TcpStream::connect(authority(&proxy))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = hyper::Request::get(format!("{}/Basic/1", proxy.base))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
+    let idle_since = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "an idle HTTP/2 connection is still open after {:?}",
+                idle_since.elapsed()
+            )
+        });
+    // A GOAWAY ends the client's connection cleanly; a dropped socket would be an error.
+    ended.unwrap().unwrap();
 }

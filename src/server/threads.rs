@@ -10,26 +10,25 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// A connection accepted on the main runtime, on its way to a serving thread with what lets the
-/// graceful shutdown end it.
-type Accepted = (std::net::TcpStream, SocketAddr, Watcher);
+/// A connection accepted on the main runtime, on its way to a serving thread with what it holds
+/// while open (`T`).
+type Accepted<T> = (std::net::TcpStream, SocketAddr, T);
 
 /// The running serving threads.
-pub struct Threads {
-    queues: Vec<mpsc::UnboundedSender<Accepted>>,
+pub struct Threads<T> {
+    queues: Vec<mpsc::UnboundedSender<Accepted<T>>>,
     handles: Vec<JoinHandle<()>>,
     next: usize,
 }
 
-impl Threads {
+impl<T: Send + 'static> Threads<T> {
     /// Starts `count` threads (at least one) that run `serve` for each connection handed to them.
     pub fn start<S, F>(count: usize, serve: S) -> std::io::Result<Self>
     where
-        S: Fn(TcpStream, SocketAddr, Watcher) -> F + Send + Sync + 'static,
+        S: Fn(TcpStream, SocketAddr, T) -> F + Send + Sync + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
         let serve = Arc::new(serve);
@@ -42,15 +41,15 @@ impl Threads {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let (queue, mut accepted) = mpsc::unbounded_channel::<Accepted>();
+            let (queue, mut accepted) = mpsc::unbounded_channel::<Accepted<T>>();
             let serve = serve.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("serve-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        while let Some((stream, peer, watcher)) = accepted.recv().await {
+                        while let Some((stream, peer, held)) = accepted.recv().await {
                             match TcpStream::from_std(stream) {
-                                Ok(stream) => drop(tokio::spawn(serve(stream, peer, watcher))),
+                                Ok(stream) => drop(tokio::spawn(serve(stream, peer, held))),
                                 Err(e) => {
                                     tracing::warn!(error = %e, %peer, "cannot serve an accepted connection")
                                 }
@@ -66,7 +65,7 @@ impl Threads {
     }
 
     /// Hands a connection accepted on another runtime to the next thread in turn.
-    pub fn serve(&mut self, stream: TcpStream, peer: SocketAddr, watcher: Watcher) {
+    pub fn serve(&mut self, stream: TcpStream, peer: SocketAddr, held: T) {
         // The stream is registered with the accepting runtime's reactor; it moves to the serving thread's.
         let stream = match stream.into_std() {
             Ok(s) => s,
@@ -75,7 +74,7 @@ impl Threads {
         let queue = &self.queues[self.next % self.queues.len()];
         self.next = self.next.wrapping_add(1);
         // A send fails only while the threads stop, when the connection is dropped anyway.
-        let _ = queue.send((stream, peer, watcher));
+        let _ = queue.send((stream, peer, held));
     }
 
     /// Stops the threads, ending the connections they still serve.
@@ -100,8 +99,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(HashSet::new()));
         let recorded = seen.clone();
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut threads = Threads::start(2, move |mut stream: TcpStream, _, _| {
+        let mut threads = Threads::start(2, move |mut stream: TcpStream, _, ()| {
             let seen = recorded.clone();
             async move {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
@@ -119,7 +117,7 @@ mod tests {
                 name
             });
             let (stream, peer) = listener.accept().await.unwrap();
-            threads.serve(stream, peer, graceful.watcher());
+            threads.serve(stream, peer, ());
             names.push(client.await.unwrap());
         }
         tokio::task::spawn_blocking(move || threads.stop())

@@ -942,6 +942,10 @@ pub struct Launch<'a> {
     pub stderr_file: Option<&'a Path>,
     /// `RUST_LOG`; `fhir_bulk_proxy=debug` when `None`.
     pub rust_log: Option<&'a str>,
+    /// Appended to `[server]`.
+    pub server_toml: &'a str,
+    /// RLIMIT_NOFILE (soft and hard) of the process; inherited when `None`.
+    pub open_files: Option<u64>,
 }
 
 /// The admin listener table on a free port.
@@ -977,8 +981,9 @@ impl Proxy {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{upstream}\"\n{}\n\n\
+                "[server]\nlisten = \"127.0.0.1:0\"\n{}\n\n[upstream]\nbase_url = \"{upstream}\"\n{}\n\n\
                  [export]\ndata_dir = \"{}\"\n{defaults}{}\n\n{}\n",
+                launch.server_toml,
                 launch.upstream_toml,
                 data_dir.display(),
                 launch.export_toml,
@@ -1001,6 +1006,23 @@ impl Proxy {
             Some(file) => command.stderr(std::fs::File::create(file).unwrap()),
             None => command.stderr(Stdio::inherit()),
         };
+        if let Some(n) = launch.open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let mut child = command.spawn().expect("spawn fhir-bulk-proxy");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
