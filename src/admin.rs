@@ -16,8 +16,12 @@ use crate::export::manifest;
 use crate::export::runner::Runner;
 use crate::http::{full, json, ApiError, Body};
 use crate::metrics::METRICS;
+use crate::server::accept::Acceptor;
 use crate::store::{JobState, Store};
 use crate::upstream::Upstream;
+
+/// Most admin connections open at once (probes and scrapes need few).
+const MAX_CONNECTIONS: u32 = 64;
 
 /// How long a readiness answer is reused, so probes do not hammer the upstream.
 const READY_CACHE: Duration = Duration::from_secs(5);
@@ -55,10 +59,10 @@ impl Admin {
     /// Serves the admin endpoints on `listener` until the process ends.
     pub fn spawn(self: Arc<Self>, listener: TcpListener) {
         tokio::spawn(async move {
+            // The same accept loop as the main listener's: no spinning when file descriptors run out.
+            let mut acceptor = Acceptor::with_gauge(listener, MAX_CONNECTIONS, None);
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
+                let (stream, _, slot) = acceptor.accept().await;
                 let admin = self.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -68,6 +72,7 @@ impl Admin {
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    drop(slot);
                 });
             }
         });

@@ -1,6 +1,6 @@
 //! Process start-up: opens the store, resumes jobs, and serves HTTP until told to stop.
 
-mod accept;
+pub(crate) mod accept;
 mod idle;
 mod threads;
 

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::metrics::METRICS;
+use prometheus::IntGauge;
 
 /// File descriptors kept out of the connection budget for everything else the process opens: the
 /// runtimes, the job store, export files being written or served, the proxy's own upstream
@@ -94,18 +95,26 @@ pub fn open_file_limit() -> Option<u64> {
 /// One of the `max_connections` slots, held by a connection until it closes.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
+    gauge: Option<IntGauge>,
 }
 
 impl Slot {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
-        METRICS.connections.inc();
-        Self { _permit: permit }
+    fn new(permit: OwnedSemaphorePermit, gauge: Option<IntGauge>) -> Self {
+        if let Some(gauge) = &gauge {
+            gauge.inc();
+        }
+        Self {
+            _permit: permit,
+            gauge,
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        METRICS.connections.dec();
+        if let Some(gauge) = &self.gauge {
+            gauge.dec();
+        }
     }
 }
 
@@ -116,17 +125,25 @@ pub struct Acceptor {
     max: u32,
     backoff: Backoff,
     log: Throttle,
+    gauge: Option<IntGauge>,
 }
 
 impl Acceptor {
-    /// Accepts from `listener`, at most `max` connections open at once.
+    /// Accepts from the main `listener`, at most `max` connections open at once, counted in
+    /// `fbp_connections`.
     pub fn new(listener: TcpListener, max: u32) -> Self {
+        Self::with_gauge(listener, max, Some(METRICS.connections.clone()))
+    }
+
+    /// Accepts from `listener` (the admin listener, say), at most `max` at once, counted in `gauge` if any.
+    pub fn with_gauge(listener: TcpListener, max: u32, gauge: Option<IntGauge>) -> Self {
         Self {
             listener,
             slots: Arc::new(Semaphore::new(max as usize)),
             max,
             backoff: Backoff::default(),
             log: Throttle::default(),
+            gauge,
         }
     }
 
@@ -142,7 +159,7 @@ impl Acceptor {
             match self.listener.accept().await {
                 Ok((stream, peer)) => {
                     self.backoff.reset();
-                    return (stream, peer, Slot::new(permit));
+                    return (stream, peer, Slot::new(permit, self.gauge.clone()));
                 }
                 Err(e) => {
                     if let Some(suppressed) = self.log.allow(Instant::now()) {
