@@ -353,12 +353,41 @@ impl App {
         }
     }
 
+    /// Status, cancel and manifest need a token with a scope on at least one type the job exports: an
+    /// owner's token for other types learns nothing of it (403).
+    fn check_job_scope(&self, job: &Job, principal: Option<&Principal>) -> Result<(), ApiError> {
+        let Some(grant) = principal.map(|p| &p.grant) else {
+            return Ok(());
+        };
+        // No `_type`: the job exports what planning found, or, before that, every type there is.
+        let types: Vec<String> = if job.spec.types.is_empty() {
+            let slices = self.store.slices(&job.id)?;
+            slices.into_iter().map(|s| s.resource_type).collect()
+        } else {
+            job.spec.types.clone()
+        };
+        let covered = if types.is_empty() {
+            grant.exports_anything()
+        } else {
+            types.iter().any(|t| grant.allows(t))
+        };
+        if !covered {
+            return Err(AuthError::Forbidden(format!(
+                "the access token's scopes cover none of the types export job {} exports",
+                job.id
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     async fn status(&self, id: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
         let principal = self.principal(req.headers()).await?;
         match *req.method() {
             Method::GET => {}
             Method::DELETE => {
-                self.job(id, principal.as_ref())?;
+                let job = self.job(id, principal.as_ref())?;
+                self.check_job_scope(&job, principal.as_ref())?;
                 if !self.runner.remove(id).await? {
                     return Err(ApiError::NotFound(format!("no export job {id}")));
                 }
@@ -376,6 +405,7 @@ impl App {
             ref other => return Err(ApiError::MethodNotAllowed(other.clone())),
         }
         let job = self.job(id, principal.as_ref())?;
+        self.check_job_scope(&job, principal.as_ref())?;
         let retry_after = self.config.export.retry_after_secs;
         if self.config.export.min_poll_interval_ms > 0 {
             if self.recent_polls.contains_key(id) {

@@ -270,6 +270,17 @@ pub enum PassThroughAuth {
     RequireToken,
 }
 
+/// What a reload that removes a client does with that client's export jobs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnClientRemoved {
+    /// Cancel them and remove their files: nobody may fetch them any more.
+    #[default]
+    Cancel,
+    /// Keep them (until they expire), for a client that is registered again.
+    Keep,
+}
+
 /// SMART Backend Services settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -286,6 +297,8 @@ pub struct AuthConfig {
     pub pass_through: PassThroughAuth,
     /// Registered clients.
     pub clients: Vec<ClientConfig>,
+    /// Jobs of a client a reload removed: cancelled or kept.
+    pub on_client_removed: OnClientRemoved,
     /// Trust an existing authorization server instead of the built-in token endpoint.
     pub external: Option<ExternalAuthConfig>,
 }
@@ -299,6 +312,7 @@ impl Default for AuthConfig {
             jwks_min_refetch_secs: 60,
             pass_through: PassThroughAuth::Forward,
             clients: Vec::new(),
+            on_client_removed: OnClientRemoved::Cancel,
             external: None,
         }
     }
@@ -575,6 +589,21 @@ impl Config {
                     ),
                 });
             }
+            // A typo in a grant would otherwise grant nothing, silently.
+            let unknown = client
+                .scopes
+                .iter()
+                .filter_map(|s| crate::auth::scopes::Scope::parse(s))
+                .find(|s| !s.names_real_type());
+            if let Some(scope) = unknown {
+                return Err(ConfigError::Invalid {
+                    key: "auth.clients",
+                    reason: format!(
+                        "client {:?} has a scope on {}, which is not an R4 resource type",
+                        client.client_id, scope.resource
+                    ),
+                });
+            }
         }
         positive("auth.token_lifetime_secs", self.auth.token_lifetime_secs)?;
         if let Some(max) = self.server.max_connections {
@@ -702,6 +731,32 @@ mod tests {
         let c = Config::load(Some(&path), Overrides::default()).unwrap();
         assert!(c.auth.enabled);
         assert_eq!(c.auth.clients.len(), 1);
+    }
+
+    #[test]
+    fn client_scopes_on_unknown_types_are_refused() {
+        let client = |scopes: &str| {
+            format!(
+                "[upstream]\nbase_url = \"http://a/\"\n[auth]\n[[auth.clients]]\nclient_id = \"c\"\n\
+                 scopes = {scopes}\njwks = {{ keys = [] }}\n"
+            )
+        };
+        let err = parse(&client(
+            r#"["system/Patient.rs", "system/Obervation.read"]"#,
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid { key: "auth.clients", reason } if reason.contains("Obervation")),
+            "{err}"
+        );
+        let c = parse(&client(r#"["system/*.rs", "system/Observation.read"]"#)).unwrap();
+        assert_eq!(c.auth.clients[0].scopes.len(), 2);
+        assert_eq!(c.auth.on_client_removed, OnClientRemoved::Cancel);
+        let keep = "[upstream]\nbase_url = \"http://a/\"\n[auth]\non_client_removed = \"keep\"\n";
+        assert_eq!(
+            parse(keep).unwrap().auth.on_client_removed,
+            OnClientRemoved::Keep
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::api::App;
 use crate::auth::{Auth, AuthError};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, OnClientRemoved, Overrides};
 use crate::export::runner::Runner;
 use crate::proxy::affinity;
 use crate::storage::{Storage, StorageError};
@@ -77,7 +77,6 @@ pub async fn run(
     let upstream = Arc::new(Upstream::new(&config.upstream)?);
     let storage = Arc::new(Storage::from_config(&config.storage)?);
     let auth = Arc::new(Auth::new(&config.auth, &public_base, &data_dir)?);
-    spawn_reloader(auth.clone(), config_path, overrides);
     let runner = Runner::new(
         store.clone(),
         upstream.clone(),
@@ -88,6 +87,13 @@ pub async fn run(
     );
     runner.start().await?;
     runner.spawn_reaper();
+    spawn_reloader(
+        auth.clone(),
+        store.clone(),
+        runner.clone(),
+        config_path,
+        overrides,
+    );
     let admin_listener = crate::admin::bind(config.admin.listen)
         .await
         .map_err(|source| ServerError::Io {
@@ -234,8 +240,15 @@ fn serve_connection(
     }
 }
 
-/// Reloads registered clients on SIGHUP; a bad file keeps the current registry.
-fn spawn_reloader(auth: Arc<Auth>, config_path: Option<PathBuf>, overrides: Overrides) {
+/// Reloads registered clients on SIGHUP; a bad file keeps the current registry. The jobs of removed
+/// clients are cancelled unless `auth.on_client_removed = "keep"`.
+fn spawn_reloader(
+    auth: Arc<Auth>,
+    store: Arc<Store>,
+    runner: Arc<Runner>,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+) {
     tokio::spawn(async move {
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
@@ -246,15 +259,44 @@ fn spawn_reloader(auth: Arc<Auth>, config_path: Option<PathBuf>, overrides: Over
         while hup.recv().await.is_some() {
             let reloaded = Config::load(config_path.as_deref(), overrides.clone())
                 .map_err(|e| e.to_string())
-                .and_then(|c| auth.reload(&c.auth.clients).map_err(|e| e.to_string()));
+                .and_then(|c| {
+                    let r = auth.reload(&c.auth.clients).map_err(|e| e.to_string())?;
+                    Ok((r, c.auth.on_client_removed))
+                });
             match reloaded {
-                Ok(n) => tracing::info!(clients = n, "client registry reloaded"),
+                Ok((r, on_removed)) => {
+                    tracing::info!(clients = r.clients, removed = ?r.removed, "client registry reloaded");
+                    if on_removed == OnClientRemoved::Cancel && !r.removed.is_empty() {
+                        cancel_jobs_of(&store, &runner, &r.removed).await;
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "client registry reload failed; keeping the previous one")
                 }
             }
         }
     });
+}
+
+/// Cancels every job `owners` started and removes its files.
+async fn cancel_jobs_of(store: &Store, runner: &Runner, owners: &[String]) {
+    let jobs = match store.jobs() {
+        Ok(jobs) => jobs,
+        Err(e) => return tracing::error!(error = %e, "cannot list the jobs of removed clients"),
+    };
+    for job in jobs {
+        let Some(owner) = job.owner.as_ref().filter(|o| owners.contains(o)) else {
+            continue;
+        };
+        match runner.remove(&job.id).await {
+            Ok(_) => {
+                tracing::info!(job = %job.id, client = %owner, "job of a removed client cancelled")
+            }
+            Err(e) => {
+                tracing::error!(job = %job.id, error = %e, "cancelling a removed client's job failed")
+            }
+        }
+    }
 }
 
 async fn shutdown_signal() {

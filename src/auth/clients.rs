@@ -36,6 +36,15 @@ pub enum KeyError {
     Fetch(String, String),
 }
 
+/// What a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Clients registered now.
+    pub clients: usize,
+    /// Ids registered before and not any more, sorted.
+    pub removed: Vec<String>,
+}
+
 /// The client registry; replaced as a whole on reload.
 pub struct Registry {
     clients: RwLock<HashMap<String, Client>>,
@@ -106,13 +115,22 @@ impl Registry {
     }
 
     /// Replaces every client (configuration reload); keeps nothing of removed clients.
-    pub fn reload(&self, configs: &[ClientConfig]) -> Result<usize, KeyError> {
+    pub fn reload(&self, configs: &[ClientConfig]) -> Result<Reloaded, KeyError> {
         let clients = build(configs)?;
         let n = clients.len();
-        *self.clients.write().expect("registry lock") = clients;
+        let previous =
+            std::mem::replace(&mut *self.clients.write().expect("registry lock"), clients);
         self.fetched.invalidate_all();
         self.last_fetch.invalidate_all();
-        Ok(n)
+        let mut removed: Vec<String> = previous
+            .into_keys()
+            .filter(|id| self.client(id).is_none())
+            .collect();
+        removed.sort();
+        Ok(Reloaded {
+            clients: n,
+            removed,
+        })
     }
 
     /// The client registered as `id`.
@@ -195,7 +213,13 @@ mod tests {
         };
         let r = Registry::new(&[good], Duration::from_secs(1)).unwrap();
         assert!(r.client("c").is_some());
-        assert_eq!(r.reload(&[]).unwrap(), 0);
+        assert_eq!(
+            r.reload(&[]).unwrap(),
+            Reloaded {
+                clients: 0,
+                removed: vec!["c".into()]
+            }
+        );
         assert!(r.client("c").is_none());
     }
 }

@@ -14,9 +14,9 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use crate::auth::clients::{Client, Registry};
+use crate::auth::clients::{Client, Registry, Reloaded};
 use crate::auth::replay::SeenJtis;
-use crate::auth::scopes::{grantable, Grant};
+use crate::auth::scopes::{grantable, Grant, Scope};
 use crate::config::{AuthConfig, ClientConfig, ExternalAuthConfig};
 
 /// `client_assertion_type` of a JWT client assertion (RFC 7523).
@@ -244,8 +244,9 @@ impl Auth {
         &self.cfg
     }
 
-    /// Replaces the client registry (SIGHUP).
-    pub fn reload(&self, clients: &[ClientConfig]) -> Result<usize, AuthError> {
+    /// Replaces the client registry (SIGHUP); from then on tokens of a removed client are refused and
+    /// tokens of the others carry no more than the client's new scopes.
+    pub fn reload(&self, clients: &[ClientConfig]) -> Result<Reloaded, AuthError> {
         self.registry
             .reload(clients)
             .map_err(|e| AuthError::Setup(e.to_string()))
@@ -326,7 +327,11 @@ impl Auth {
         let scope = field("scope")
             .ok_or_else(|| TokenError::new("invalid_request", "scope is required"))?;
         let client = self.verify_assertion(assertion).await?;
-        let granted = grantable(scope, &client.allowed);
+        // A registration of `system/*` covers `system/Foo.rs` too, but no type Foo exists to grant.
+        let granted: Vec<&str> = grantable(scope, &client.allowed)
+            .into_iter()
+            .filter(|s| Scope::parse(s).is_some_and(|s| s.names_real_type()))
+            .collect();
         if granted.is_empty() {
             return Err(TokenError::new(
                 "invalid_scope",
@@ -479,14 +484,23 @@ impl Auth {
                 validation.set_audience(&[&self.issuer]);
                 let data = jsonwebtoken::decode::<AccessClaims>(token, &self.decoding, &validation)
                     .map_err(|e| AuthError::Unauthorized(format!("invalid access token: {e}")))?;
+                // Checked against the live registry so that a reload revokes at once, not when the
+                // token expires.
+                let client = self.registry.client(&data.claims.sub).ok_or_else(|| {
+                    AuthError::Unauthorized(
+                        "invalid access token: its client is no longer registered".into(),
+                    )
+                })?;
                 Ok(Principal {
                     client_id: data.claims.sub,
-                    grant: Grant::from_scope_string(&data.claims.scope),
+                    grant: Grant::from_scope_string(&data.claims.scope).within(&client.allowed),
                 })
             }
         }
     }
 
+    /// An external issuer's token is trusted for as long as it is valid: the proxy has no registry of
+    /// its clients, so revoking one is the issuer's business (short token lifetimes there).
     async fn verify_external(
         &self,
         token: &str,
@@ -690,6 +704,61 @@ mod tests {
         ));
         assert!(matches!(
             a.authenticate(&HeaderMap::new()).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+    }
+
+    fn issue(a: &Auth, sub: &str, scope: &str) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = AccessClaims {
+            iss: a.issuer.clone(),
+            aud: a.issuer.clone(),
+            sub: sub.into(),
+            scope: scope.into(),
+            iat: now,
+            exp: now + 60,
+            jti: "j".into(),
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &a.encoding).unwrap()
+    }
+
+    fn client(id: &str, scopes: &[&str]) -> ClientConfig {
+        ClientConfig {
+            client_id: id.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            jwks: Some(serde_json::json!({"keys": []})),
+            jwks_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_revokes_removed_clients_and_narrows_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = auth(dir.path());
+        let token = issue(&a, "c1", "system/*.rs");
+        assert!(a
+            .authenticate(&bearer(&token))
+            .await
+            .unwrap()
+            .grant
+            .all_types());
+
+        let r = a
+            .reload(&[client("c1", &["system/Observation.rs"]), client("c2", &[])])
+            .unwrap();
+        assert_eq!((r.clients, r.removed.is_empty()), (2, true));
+        let grant = a.authenticate(&bearer(&token)).await.unwrap().grant;
+        assert!(grant.allows("Observation") && !grant.allows("Patient") && !grant.all_types());
+
+        assert_eq!(a.reload(&[client("c2", &[])]).unwrap().removed, ["c1"]);
+        assert!(matches!(
+            a.authenticate(&bearer(&token)).await,
+            Err(AuthError::Unauthorized(_))
+        ));
+        // A token naming a client that was never registered is refused the same way.
+        let ghost = issue(&a, "ghost", "system/*.rs");
+        assert!(matches!(
+            a.authenticate(&bearer(&ghost)).await,
             Err(AuthError::Unauthorized(_))
         ));
     }

@@ -74,6 +74,25 @@ impl Scope {
     pub fn allows_export(&self) -> bool {
         self.permissions & (READ | SEARCH) == READ | SEARCH
     }
+
+    /// Whether the scope names `*` or an R4 resource type: `system/Foo.read` parses but grants nothing.
+    pub fn names_real_type(&self) -> bool {
+        self.resource == "*" || crate::fhir_types::is_resource_type(&self.resource)
+    }
+
+    /// What holding both `self` and `other` allows: the narrower type, the common permissions.
+    fn intersect(&self, other: &Scope) -> Option<Scope> {
+        let resource = match (self.resource.as_str(), other.resource.as_str()) {
+            ("*", r) | (r, "*") => r,
+            (a, b) if a == b => a,
+            _ => return None,
+        };
+        let permissions = self.permissions & other.permissions;
+        (permissions != 0).then(|| Scope {
+            resource: resource.to_owned(),
+            permissions,
+        })
+    }
 }
 
 /// The scopes of an access token, as far as export is concerned.
@@ -106,6 +125,22 @@ impl Grant {
 }
 
 impl Grant {
+    /// The part of the grant that `allowed` (a client's current registration) still covers.
+    pub fn within(&self, allowed: &[Scope]) -> Grant {
+        Grant {
+            scopes: self
+                .scopes
+                .iter()
+                .flat_map(|s| allowed.iter().filter_map(|a| s.intersect(a)))
+                .collect(),
+        }
+    }
+
+    /// Whether any scope allows exporting some type.
+    pub fn exports_anything(&self) -> bool {
+        self.scopes.iter().any(Scope::allows_export)
+    }
+
     /// Whether the scopes together give `permissions` on `resource_type`, or on every type when it is
     /// `None` (only `system/*` scopes count then).
     pub fn permits(&self, resource_type: Option<&str>, permissions: u8) -> bool {
@@ -176,6 +211,36 @@ mod tests {
         assert!(!g.allows("Observation"));
         assert!(!g.all_types());
         assert!(Grant::from_scope_string("system/*.read").all_types());
+    }
+
+    #[test]
+    fn a_grant_within_a_narrower_registration_keeps_only_the_overlap() {
+        let token = Grant::from_scope_string("system/*.rs system/Patient.cruds");
+        let g = token.within(&scopes(&["system/Observation.rs", "system/Patient.r"]));
+        assert!(g.allows("Observation"));
+        assert!(!g.allows("Patient") && g.permits(Some("Patient"), READ));
+        assert!(!g.permits(Some("Patient"), SEARCH | UPDATE));
+        assert!(!g.allows("Encounter") && !g.all_types());
+        let g = Grant::from_scope_string("system/Observation.rs").within(&scopes(&["system/*.r"]));
+        assert!(g.permits(Some("Observation"), READ) && !g.exports_anything());
+        assert!(token.within(&[]).scopes.is_empty());
+        assert_eq!(token.within(&scopes(&["system/*.cruds"])), token);
+    }
+
+    #[test]
+    fn only_real_types_and_wildcards_are_named() {
+        for (scope, real) in [
+            ("system/*.rs", true),
+            ("system/Observation.read", true),
+            ("system/Foo.read", false),
+            ("system/Resource.rs", false),
+        ] {
+            assert_eq!(
+                Scope::parse(scope).unwrap().names_real_type(),
+                real,
+                "{scope}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Shared harness of the integration tests: runs the real binary against the real upstream.
 #![allow(dead_code)]
 
+pub mod auth;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
