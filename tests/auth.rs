@@ -49,12 +49,6 @@ struct RsaKey {
     n: String,
 }
 
-struct EcKey {
-    private_pem: String,
-    x: String,
-    y: String,
-}
-
 struct Keys {
     rs: RsaKey,
     ec: EcKey,
@@ -115,34 +109,8 @@ fn rsa_key(dir: &Path, name: &str) -> RsaKey {
     }
 }
 
-fn ec_key(dir: &Path, name: &str) -> EcKey {
-    let path = dir.join(format!("{name}.pem"));
-    let p = path.to_str().unwrap();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-out",
-        p,
-    ]);
-    let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
-    let point = &der[der.len() - 97..];
-    assert_eq!(point[0], 4, "EC public key is not an uncompressed point");
-    EcKey {
-        private_pem: std::fs::read_to_string(&path).unwrap(),
-        x: B64.encode(&point[1..49]),
-        y: B64.encode(&point[49..97]),
-    }
-}
-
 fn rsa_jwk(key: &RsaKey, kid: &str) -> Value {
     json!({"kty": "RSA", "kid": kid, "alg": "RS384", "use": "sig", "n": key.n, "e": "AQAB"})
-}
-
-fn ec_jwk(key: &EcKey, kid: &str) -> Value {
-    json!({"kty": "EC", "kid": kid, "alg": "ES384", "use": "sig", "crv": "P-384", "x": key.x, "y": key.y})
 }
 
 /// A client's signing identity: who it claims to be, which `kid` and key it signs with.

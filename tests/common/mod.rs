@@ -1132,3 +1132,105 @@ pub fn openssl(args: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+// ---- Additions for tests/smart_fetch.rs: P-384 keys (moved from tests/auth.rs, with the private scalar
+// for clients that take a JWKS) and the expected content of a filtered Patient- or Group-level type. ----
+
+/// A P-384 key made with the `openssl` CLI: its PEM and its JWK members (base64url).
+pub struct EcKey {
+    pub private_pem: String,
+    pub x: String,
+    pub y: String,
+    /// The private scalar.
+    pub d: String,
+}
+
+/// Generates a P-384 key into `dir/name.pem`.
+pub fn ec_key(dir: &Path, name: &str) -> EcKey {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+
+    let path = dir.join(format!("{name}.pem"));
+    let p = path.to_str().unwrap();
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-out",
+        p,
+    ]);
+    let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
+    let point = &der[der.len() - 97..];
+    assert_eq!(point[0], 4, "EC public key is not an uncompressed point");
+    // ECPrivateKey (RFC 5915) starts `version 1, privateKey OCTET STRING (48 bytes)` whether OpenSSL
+    // writes it bare or inside PKCS#8.
+    let private = openssl(&["pkey", "-in", p, "-outform", "DER"]);
+    let marker = [0x02, 0x01, 0x01, 0x04, 0x30];
+    let at = private
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("no ECPrivateKey privateKey in openssl's DER")
+        + marker.len();
+    EcKey {
+        private_pem: std::fs::read_to_string(&path).unwrap(),
+        x: B64.encode(&point[1..49]),
+        y: B64.encode(&point[49..97]),
+        d: B64.encode(&private[at..at + 48]),
+    }
+}
+
+/// The public JWK (ES384, `use: sig`) of `key` under `kid`.
+pub fn ec_jwk(key: &EcKey, kid: &str) -> Value {
+    serde_json::json!({"kty": "EC", "kid": kid, "alg": "ES384", "use": "sig", "crv": "P-384", "x": key.x, "y": key.y})
+}
+
+/// The parameters tying `ty` to a patient that the upstream can search: those of the Patient compartment,
+/// `patient` for a type outside it (Device); none when the upstream cannot search `ty` by patient.
+pub fn patient_params(
+    searchable: &BTreeMap<String, BTreeSet<String>>,
+    ty: &str,
+) -> Vec<&'static str> {
+    let params = PATIENT_COMPARTMENT
+        .iter()
+        .find(|(t, _)| *t == ty)
+        .map_or(&["patient"][..], |(_, params)| *params);
+    let supported = searchable.get(ty);
+    params
+        .iter()
+        .copied()
+        .filter(|p| supported.is_some_and(|s| s.contains(*p)))
+        .collect()
+}
+
+/// What a Patient- or Group-level export over `patient_ids` must hold of `ty` (not `Patient`) with
+/// `_typeFilter=ty?filter` (no filter when `filter` is empty): one direct search per patient parameter,
+/// the filter added to each; empty when the upstream cannot search `ty` by patient.
+pub fn direct_patient_linked(
+    upstream: &str,
+    patient_ids: &[String],
+    ty: &str,
+    filter: &str,
+) -> Expected {
+    let params = patient_params(&searchable_types(upstream), ty);
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("&{filter}")
+    };
+    let mut expected = Expected::new();
+    for chunk in patient_ids.chunks(20) {
+        let refs: Vec<String> = chunk.iter().map(|id| format!("Patient/{id}")).collect();
+        let refs = enc(&refs.join(","));
+        for param in &params {
+            add_search(
+                &mut expected,
+                upstream,
+                ty,
+                &format!("{param}={refs}{filter}"),
+            );
+        }
+    }
+    expected
+}
