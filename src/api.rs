@@ -360,11 +360,12 @@ impl App {
             return Ok(());
         };
         // No `_type`: the job exports what planning found, or, before that, every type there is.
-        let types: Vec<String> = if job.spec.types.is_empty() {
-            let slices = self.store.slices(&job.id)?;
-            slices.into_iter().map(|s| s.resource_type).collect()
-        } else {
-            job.spec.types.clone()
+        let types: Vec<String> = match &job.spec.types {
+            TypeSelection::All => {
+                let slices = self.store.slices(&job.id)?;
+                slices.into_iter().map(|s| s.resource_type).collect()
+            }
+            TypeSelection::Only(types) => types.clone(),
         };
         let covered = if types.is_empty() {
             grant.exports_anything()

@@ -40,10 +40,13 @@ pub struct RsaKey {
     pub n: String,
 }
 
+/// A P-384 key made with the `openssl` CLI: its PEM and its JWK members (base64url).
 pub struct EcKey {
     pub private_pem: String,
     pub x: String,
     pub y: String,
+    /// The private scalar, for clients that take a private JWKS (smart-fetch).
+    pub d: String,
 }
 
 pub struct Keys {
@@ -121,10 +124,20 @@ pub fn ec_key(dir: &Path, name: &str) -> EcKey {
     let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
     let point = &der[der.len() - 97..];
     assert_eq!(point[0], 4, "EC public key is not an uncompressed point");
+    // ECPrivateKey (RFC 5915) starts `version 1, privateKey OCTET STRING (48 bytes)` whether OpenSSL
+    // writes it bare or inside PKCS#8.
+    let private = openssl(&["pkey", "-in", p, "-outform", "DER"]);
+    let marker = [0x02, 0x01, 0x01, 0x04, 0x30];
+    let at = private
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("no ECPrivateKey privateKey in openssl's DER")
+        + marker.len();
     EcKey {
         private_pem: std::fs::read_to_string(&path).unwrap(),
         x: B64.encode(&point[1..49]),
         y: B64.encode(&point[49..97]),
+        d: B64.encode(&private[at..at + 48]),
     }
 }
 

@@ -1156,3 +1156,54 @@ pub fn openssl(args: &[&str]) -> Vec<u8> {
     );
     out.stdout
 }
+
+// ---- Additions for tests/smart_fetch.rs: the expected content of a filtered Patient- or Group-level type. ----
+
+/// The parameters tying `ty` to a patient that the upstream can search: those of the Patient compartment,
+/// `patient` for a type outside it (Device); none when the upstream cannot search `ty` by patient.
+pub fn patient_params(
+    searchable: &BTreeMap<String, BTreeSet<String>>,
+    ty: &str,
+) -> Vec<&'static str> {
+    let params = PATIENT_COMPARTMENT
+        .iter()
+        .find(|(t, _)| *t == ty)
+        .map_or(&["patient"][..], |(_, params)| *params);
+    let supported = searchable.get(ty);
+    params
+        .iter()
+        .copied()
+        .filter(|p| supported.is_some_and(|s| s.contains(*p)))
+        .collect()
+}
+
+/// What a Patient- or Group-level export over `patient_ids` must hold of `ty` (not `Patient`) with
+/// `_typeFilter=ty?filter` (no filter when `filter` is empty): one direct search per patient parameter,
+/// the filter added to each; empty when the upstream cannot search `ty` by patient.
+pub fn direct_patient_linked(
+    upstream: &str,
+    patient_ids: &[String],
+    ty: &str,
+    filter: &str,
+) -> Expected {
+    let params = patient_params(&searchable_types(upstream), ty);
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!("&{filter}")
+    };
+    let mut expected = Expected::new();
+    for chunk in patient_ids.chunks(20) {
+        let refs: Vec<String> = chunk.iter().map(|id| format!("Patient/{id}")).collect();
+        let refs = enc(&refs.join(","));
+        for param in &params {
+            add_search(
+                &mut expected,
+                upstream,
+                ty,
+                &format!("{param}={refs}{filter}"),
+            );
+        }
+    }
+    expected
+}
