@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Proxy;
+use common::{read_request_head, Proxy};
 use serde_json::Value;
 
 /// What the test upstream does with a connection after each answer.
@@ -56,25 +56,9 @@ fn serve(stream: TcpStream, connection: usize, after: After, delay: Duration) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut stream = stream;
     for request in 1.. {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        let Some((line, length)) = read_request_head(&mut reader) else {
             return;
-        }
-        let mut length = 0;
-        loop {
-            let mut header = String::new();
-            if reader.read_line(&mut header).unwrap_or(0) == 0 {
-                return;
-            }
-            if header == "\r\n" {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':') {
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = value.trim().parse().unwrap();
-                }
-            }
-        }
+        };
         let mut body = vec![0; length];
         reader.read_exact(&mut body).unwrap();
         std::thread::sleep(delay);

@@ -143,6 +143,30 @@ fn spawn(config: &Path) -> (Child, String) {
     }
 }
 
+/// Reads one HTTP/1.1 request head from `reader`, for the tests' own small servers: its request line
+/// and its `Content-Length` (0 when absent); `None` once the peer has closed.
+pub fn read_request_head(reader: &mut impl BufRead) -> Option<(String, usize)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 {
+            return None;
+        }
+        if header == "\r\n" {
+            return Some((line, length));
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().expect("a numeric Content-Length");
+            }
+        }
+    }
+}
+
 /// A blocking HTTP client with no redirects and a generous timeout.
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
