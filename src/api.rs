@@ -597,5 +597,46 @@ fn restrict_to_grant(
         .into());
     }
     spec.type_filters.retain(|(t, _)| grant.allows(t));
+    for (t, query) in &spec.type_filters {
+        if let Some(message) = filter_reads_beyond_grant(t, query, grant, capability) {
+            return Err(AuthError::Forbidden(message).into());
+        }
+    }
     Ok(())
+}
+
+/// Why a `_typeFilter` query of `t` reads what `grant` does not allow, if it does. Its result would
+/// reveal the resources its chains and `_has` select by, so even lenient handling refuses it.
+fn filter_reads_beyond_grant(
+    t: &str,
+    query: &str,
+    grant: &crate::auth::scopes::Grant,
+    capability: &crate::upstream::Capability,
+) -> Option<String> {
+    use crate::export::filters::{self, Reads};
+    let params = match filters::parse_query(query) {
+        Ok(params) => params,
+        Err(name) => {
+            return Some(format!(
+                "_typeFilter parameter {name:?} of {t} cannot be judged against the access token"
+            ))
+        }
+    };
+    params.iter().find_map(|p| {
+        let denied = match filters::reads(&p.key, t, capability) {
+            Reads::Any if !grant.all_types() => "every resource type".to_owned(),
+            Reads::Any => return None,
+            Reads::Types(types) => {
+                let denied: Vec<String> = types.into_iter().filter(|r| !grant.allows(r)).collect();
+                if denied.is_empty() {
+                    return None;
+                }
+                denied.join(", ")
+            }
+        };
+        Some(format!(
+            "_typeFilter parameter {:?} of {t} searches {denied}, which the access token does not allow reading",
+            p.raw
+        ))
+    })
 }
