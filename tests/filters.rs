@@ -57,11 +57,14 @@ fn filters_that_read_types_outside_the_grant_are_forbidden_also_when_lenient() {
     let client = BackendClient::new("oracle");
     let proxy = Proxy::start_with_config(
         &upstream,
-        &client.auth_toml(&[
-            "system/Observation.read",
-            "system/Patient.read",
-            "system/DiagnosticReport.read",
-        ]),
+        &client.auth_toml(
+            "",
+            &[
+                "system/Observation.read",
+                "system/Patient.read",
+                "system/DiagnosticReport.read",
+            ],
+        ),
         "",
     );
     let token = client.token(&proxy.base, "system/Observation.read");
@@ -98,7 +101,7 @@ fn filters_within_the_grant_export_exactly_what_they_select() {
     let scope = "system/Observation.read system/Patient.read system/DiagnosticReport.read";
     let proxy = Proxy::start_with_config(
         &upstream,
-        &client.auth_toml(&scope.split(' ').collect::<Vec<_>>()),
+        &client.auth_toml("", &scope.split(' ').collect::<Vec<_>>()),
         "",
     );
     let token = client.token(&proxy.base, scope);
@@ -191,4 +194,72 @@ fn since_in_the_future_is_refused() {
         assert_eq!(status, 400, "{prefer}: {body}");
         assert!(diagnostics(&body).contains("_since"), "{body}");
     }
+}
+
+#[test]
+fn pass_through_searches_may_read_only_granted_types() {
+    let upstream = upstream();
+    let client = BackendClient::new("searcher");
+    let proxy = Proxy::start_with_config(
+        &upstream,
+        &client.auth_toml(
+            "pass_through = \"require-token\"",
+            &["system/Observation.read", "system/Patient.read"],
+        ),
+        "",
+    );
+    let observations = client.token(&proxy.base, "system/Observation.read");
+    let both = client.token(&proxy.base, "system/Observation.read system/Patient.read");
+    let search = |query: &str, token: &str| {
+        let resp = get_with_token(&format!("{}/Observation?{query}", proxy.base), Some(token))
+            .header("Accept", "application/fhir+json")
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), resp.text().unwrap())
+    };
+    let (status, body) = search("status=final&_count=1", &observations);
+    assert_eq!(status, 200, "{body}");
+    for (query, name) in [
+        (
+            format!("{}=female", enc("subject:Patient.gender")),
+            "subject:Patient.gender",
+        ),
+        (
+            "patient.birthdate=lt1980-01-01".to_owned(),
+            "patient.birthdate",
+        ),
+        (
+            format!("{}=final", enc("_has:DiagnosticReport:result:status")),
+            "_has:DiagnosticReport:result:status",
+        ),
+        (
+            format!("_include={}", enc("Observation:patient")),
+            "_include",
+        ),
+    ] {
+        let (status, body) = search(&query, &observations);
+        assert_eq!(status, 403, "{query}: {body}");
+        assert!(
+            diagnostics(&body).contains(&format!("{name:?}")),
+            "{query}: the refusal does not name {name}: {body}"
+        );
+    }
+    // With Patient granted too, the chained search is the upstream's own answer.
+    let query = format!("{}=female&_count=500", enc("subject:Patient.gender"));
+    let (status, body) = search(&query, &both);
+    assert_eq!(status, 200, "{body}");
+    let ids = |bundle: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["resource"]["id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let via_proxy: Value = serde_json::from_str(&body).unwrap();
+    let direct = get_json(&format!("{upstream}/Observation?{query}"));
+    assert!(!ids(&direct).is_empty());
+    assert_eq!(ids(&via_proxy), ids(&direct));
 }

@@ -147,6 +147,47 @@ fn key_at(name: &str, depth: usize) -> Option<Key> {
     })
 }
 
+/// Each parameter of `query`, a search of `base`, with the types other than `base` it reads: its chains
+/// and `_has`, and what `_include`, `_revinclude` and `_list` bring in. A name that cannot be taken
+/// apart, `_filter` and `_query` read what cannot be known beforehand.
+pub fn query_reads(query: &str, base: &str, capability: &Capability) -> Vec<(String, Reads)> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .map(|(name, value)| {
+            let reads = match name.split_once(':').map_or(name.as_ref(), |(n, _)| n) {
+                "_include" => include_reads(&name, &value, capability, false),
+                "_revinclude" => include_reads(&name, &value, capability, true),
+                "_list" => Reads::Types(BTreeSet::from(["List".to_owned()])),
+                "_filter" | "_query" => Reads::Any,
+                _ => match parse_key(&name) {
+                    Some(key) => reads(&key, base, capability),
+                    None => Reads::Any,
+                },
+            };
+            (name.into_owned(), reads)
+        })
+        .collect()
+}
+
+/// What `_include=Type:param[:target]` (or `_revinclude`, which brings in `Type` itself) reads;
+/// `:iterate` follows references of the included too, so it may reach any type.
+fn include_reads(name: &str, value: &str, capability: &Capability, reverse: bool) -> Reads {
+    let mut parts = value.split(':');
+    let (Some(t), Some(param), target) = (parts.next(), parts.next(), parts.next()) else {
+        return Reads::Any;
+    };
+    let iterate = name.ends_with(":iterate") || name.ends_with(":recurse");
+    if iterate || !is_type(t) || param == "*" {
+        return Reads::Any;
+    }
+    if reverse {
+        return Reads::Types(BTreeSet::from([t.to_owned()]));
+    }
+    match chain_targets(capability, t, param, target) {
+        Some(types) => Reads::Types(types),
+        None => Reads::Any,
+    }
+}
+
 /// The types other than `base` that `key` on `base` reads.
 pub fn reads(key: &Key, base: &str, capability: &Capability) -> Reads {
     let mut out = Reads::Types(BTreeSet::new());
@@ -421,6 +462,39 @@ mod tests {
             ),
             types(&["Observation", "Organization"])
         );
+    }
+
+    #[test]
+    fn includes_and_lists_read_what_they_bring_in() {
+        let of = |query: &str| -> Vec<Reads> {
+            query_reads(query, "Observation", &cap())
+                .into_iter()
+                .map(|(_, r)| r)
+                .collect()
+        };
+        assert_eq!(
+            of("code=x&subject:Patient.gender=female"),
+            [types(&[]), types(&["Patient"])]
+        );
+        assert_eq!(of("_include=Observation:patient"), [types(&["Patient"])]);
+        assert_eq!(
+            of("_include=Observation:subject:Group"),
+            [types(&["Group"])]
+        );
+        assert_eq!(
+            of("_revinclude=DiagnosticReport:result"),
+            [types(&["DiagnosticReport"])]
+        );
+        for any in [
+            "_include=*",
+            "_include=Observation:performer",
+            "_include:iterate=Observation:patient",
+            "_filter=subject.gender eq female",
+            "a..b=1",
+        ] {
+            assert_eq!(of(any), [Reads::Any], "{any}");
+        }
+        assert_eq!(of("_list=l1"), [types(&["List"])]);
     }
 
     #[test]

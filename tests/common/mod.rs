@@ -1172,11 +1172,12 @@ impl BackendClient {
         }
     }
 
-    /// `[auth]` on, with this client allowed `scopes` (to follow the `[export]` table).
-    pub fn auth_toml(&self, scopes: &[&str]) -> String {
+    /// `[auth]` on, `auth_extra` added to it, with this client allowed `scopes` (to follow the
+    /// `[export]` table).
+    pub fn auth_toml(&self, auth_extra: &str, scopes: &[&str]) -> String {
         let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
         format!(
-            "\n[auth]\nenabled = true\n\n[[auth.clients]]\nclient_id = {:?}\nscopes = [{}]\n\
+            "\n[auth]\nenabled = true\n{auth_extra}\n\n[[auth.clients]]\nclient_id = {:?}\nscopes = [{}]\n\
              jwks = {{ keys = [{{ kty = \"EC\", kid = \"k1\", alg = \"ES384\", use = \"sig\", crv = \"P-384\", x = {:?}, y = {:?} }}] }}\n",
             self.client_id,
             scopes.join(", "),
