@@ -540,9 +540,10 @@ fn url_hash(url: &str) -> u64 {
 /// Why a finished search must not count as complete: it returned fewer resources than its
 /// `Bundle.total` promised (paging that stopped early must not lose resources silently).
 /// Why the first page of a search cannot be trusted, if its self link shows that the upstream ignored
-/// parameters the search sent: its results would hold more than the search asked for.
+/// parameters the search sent: its results would hold more than the search asked for. History pages
+/// are not judged: a server may give their self link without any parameters (sekmet-fhir does).
 fn ignored_parameters(slice: &Slice, url: &str, page: &Page) -> Option<String> {
-    if slice.next.is_some() {
+    if slice.next.is_some() || slice.kind == SliceKind::Deleted {
         return None;
     }
     let dropped = crate::export::filters::dropped(url, page.self_link.as_deref());
