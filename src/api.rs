@@ -177,6 +177,8 @@ impl App {
                 ))
                 .into());
             }
+            self.check_search_reads(&principal, &forward.needs, req.uri().query())
+                .await?;
             // The proxy's token means nothing upstream and must not leak there; the proxy's own
             // upstream credentials (if any) stand in for it.
             req.headers_mut().remove(hyper::header::AUTHORIZATION);
@@ -203,6 +205,46 @@ impl App {
             .map_or(StatusCode::BAD_GATEWAY, |r| r.status());
         METRICS.passthrough(status, started.elapsed());
         result
+    }
+
+    /// A pass-through search's parameters may read only types the token allows: a chain or `_include`
+    /// reveals the resources it reaches.
+    async fn check_search_reads(
+        &self,
+        principal: &Principal,
+        needs: &[access::Need],
+        query: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let Some(query) = query.filter(|q| !q.is_empty()) else {
+            return Ok(());
+        };
+        // Without chains, `_has` or includes a search reads nothing else, and the upstream's
+        // CapabilityStatement (reference targets) is not needed.
+        let plain = crate::export::filters::query_reads(query, "", &Default::default())
+            .iter()
+            .all(|(_, r)| *r == crate::export::filters::Reads::Types(Default::default()));
+        if plain {
+            return Ok(());
+        }
+        let searched = needs.iter().filter_map(|n| {
+            let searches = n.permissions & crate::auth::scopes::SEARCH != 0;
+            n.resource_type.as_deref().filter(|_| searches)
+        });
+        let mut capability = None;
+        for t in searched {
+            let capability = match &capability {
+                Some(c) => c,
+                None => capability.insert(self.upstream.capability().await?),
+            };
+            if let Some((name, denied)) = reads_beyond_grant(t, query, &principal.grant, capability)
+            {
+                return Err(AuthError::Forbidden(format!(
+                    "search parameter {name:?} of {t} reads {denied}, which the access token does not allow reading"
+                ))
+                .into());
+            }
+        }
+        Ok(())
     }
 
     async fn token(&self, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -628,5 +670,52 @@ fn restrict_to_grant(
         .into());
     }
     spec.type_filters.retain(|(t, _)| grant.allows(t));
+    for (t, query) in &spec.type_filters {
+        if let Some(message) = filter_reads_beyond_grant(t, query, grant, capability) {
+            return Err(AuthError::Forbidden(message).into());
+        }
+    }
     Ok(())
+}
+
+/// Why a `_typeFilter` query of `t` reads what `grant` does not allow, if it does. Its result would
+/// reveal the resources its chains and `_has` select by, so even lenient handling refuses it.
+fn filter_reads_beyond_grant(
+    t: &str,
+    query: &str,
+    grant: &crate::auth::scopes::Grant,
+    capability: &crate::upstream::Capability,
+) -> Option<String> {
+    let (name, denied) = reads_beyond_grant(t, query, grant, capability)?;
+    Some(format!(
+        "_typeFilter parameter {name:?} of {t} searches {denied}, which the access token does not allow reading"
+    ))
+}
+
+/// The first parameter of `query`, a search of `t`, that reads a type `grant` does not allow, and
+/// those types in words.
+fn reads_beyond_grant(
+    t: &str,
+    query: &str,
+    grant: &crate::auth::scopes::Grant,
+    capability: &crate::upstream::Capability,
+) -> Option<(String, String)> {
+    use crate::export::filters::{query_reads, Reads};
+    query_reads(query, t, capability)
+        .into_iter()
+        .find_map(|(name, reads)| {
+            let denied = match reads {
+                Reads::Any if grant.all_types() => return None,
+                Reads::Any => "every resource type".to_owned(),
+                Reads::Types(types) => {
+                    let denied: Vec<String> =
+                        types.into_iter().filter(|r| !grant.allows(r)).collect();
+                    if denied.is_empty() {
+                        return None;
+                    }
+                    denied.join(", ")
+                }
+            };
+            Some((name, denied))
+        })
 }

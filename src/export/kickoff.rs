@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::export::compartment;
+use crate::export::{compartment, filters};
 use crate::store::{ExportSpec, Level, TypeSelection};
 use crate::upstream::Capability;
 
@@ -91,6 +91,7 @@ pub fn parse(
         params.extend(parameters_body(body)?);
     }
     let mut b = Builder {
+        capability,
         lenient,
         notes: Vec::new(),
         allowed: level_types(&level, capability),
@@ -215,7 +216,8 @@ pub fn level_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
         .collect()
 }
 
-struct Builder {
+struct Builder<'c> {
+    capability: &'c Capability,
     lenient: bool,
     notes: Vec<String>,
     allowed: BTreeSet<String>,
@@ -226,7 +228,7 @@ struct Builder {
     patient_given: bool,
 }
 
-impl Builder {
+impl Builder<'_> {
     /// Refuses, or with lenient handling records the parameter as ignored.
     fn reject(&mut self, name: &str, reason: &str) -> Result<(), KickoffError> {
         if self.lenient {
@@ -255,6 +257,11 @@ impl Builder {
 
     fn since(&mut self, value: &str) -> Result<(), KickoffError> {
         match chrono::DateTime::parse_from_rfc3339(value.trim()) {
+            // Ignoring it would export everything, so even lenient handling refuses it.
+            Ok(t) if t > chrono::Utc::now() => Err(KickoffError::Param {
+                name: "_since".into(),
+                reason: format!("{value:?} is in the future"),
+            }),
             Ok(t) => {
                 self.spec.since = Some(
                     t.with_timezone(&chrono::Utc)
@@ -380,11 +387,8 @@ impl Builder {
             let mut bad = None;
             let mut count = 0;
             for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
-                let name_ok = !k.is_empty()
-                    && k.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_-.:".contains(c));
-                if !name_ok || RESERVED_FILTER_PARAMS.contains(&k.as_ref()) {
-                    bad = Some(k.into_owned());
+                if let Some(reason) = self.unusable_param(t, &k) {
+                    bad = Some(reason);
                     break;
                 }
                 serializer.append_pair(&k, &v);
@@ -394,10 +398,7 @@ impl Builder {
                 self.note_unusable_filter(t);
             }
             match (bad, count) {
-                (Some(k), _) => self.reject(
-                    "_typeFilter",
-                    &format!("search parameter {k:?} cannot be used in a type filter"),
-                )?,
+                (Some(reason), _) => self.reject("_typeFilter", &reason)?,
                 (None, 0) => self.reject(
                     "_typeFilter",
                     &format!("{query:?} has no search parameters"),
@@ -409,6 +410,21 @@ impl Builder {
             }
         }
         Ok(())
+    }
+
+    /// Why search parameter `name` cannot filter `t`, if it cannot. One the upstream does not list
+    /// might be ignored there and the export silently widened.
+    fn unusable_param(&self, t: &str, name: &str) -> Option<String> {
+        if RESERVED_FILTER_PARAMS.contains(&name) {
+            return Some(format!(
+                "search parameter {name:?} cannot be used in a type filter"
+            ));
+        }
+        let Some(key) = filters::parse_key(name) else {
+            return Some(format!("{name:?} is not a search parameter name"));
+        };
+        filters::unsupported(&key, t, self.capability)
+            .map(|why| format!("search parameter {name:?} of {t}: {why}"))
     }
 
     /// Remembers that an exported type had a filter ignored, so that [`Builder::finish`] can keep
@@ -512,7 +528,7 @@ mod tests {
     fn cap() -> Capability {
         let mut c = Capability::default();
         for (t, params) in [
-            ("Patient", vec!["_id"]),
+            ("Patient", vec!["_id", "gender"]),
             ("Observation", vec!["patient", "subject", "code"]),
             ("Practitioner", vec!["name"]),
         ] {
@@ -743,6 +759,73 @@ mod tests {
             )),
             "_typeFilter"
         );
+    }
+
+    #[test]
+    fn filters_the_upstream_does_not_list_are_refused() {
+        let error = get(
+            Level::System,
+            "_type=Patient&_typeFilter=Patient%3Fstatus%3Dactive",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, KickoffError::Param { name, reason } if name == "_typeFilter" && reason.contains("\"status\"")),
+            "{error:?}"
+        );
+        for query in [
+            "Observation%3Fpatient.status%3Dx",
+            "Observation%3Fcode%3Abogus%3Dx",
+            "Observation%3F_has%3AEncounter%3Asubject%3Astatus%3Dx",
+        ] {
+            assert_eq!(
+                param_error(get(Level::System, &format!("_typeFilter={query}"))),
+                "_typeFilter",
+                "{query}"
+            );
+        }
+        let k = get(
+            Level::System,
+            "_typeFilter=Observation%3Fpatient.gender%3Dfemale%26code%3Amissing%3Dfalse%26_lastUpdated%3Dgt2020",
+        )
+        .unwrap();
+        assert_eq!(k.spec.type_filters.len(), 1);
+    }
+
+    #[test]
+    fn lenient_drops_an_unlisted_filter_without_widening() {
+        let k = lenient(
+            Level::System,
+            "_type=Patient&_typeFilter=Patient%3Fstatus%3Dactive,Patient%3Fgender%3Dfemale",
+        )
+        .unwrap();
+        assert_eq!(
+            k.spec.type_filters,
+            [("Patient".into(), "gender=female".into())]
+        );
+        assert!(
+            k.notes.iter().any(|n| n.contains("\"status\"")),
+            "{:?}",
+            k.notes
+        );
+        // The only filter dropped: nothing is left, rather than every patient.
+        assert_eq!(
+            param_error(lenient(
+                Level::System,
+                "_type=Patient&_typeFilter=Patient%3Fstatus%3Dactive"
+            )),
+            "_typeFilter"
+        );
+    }
+
+    #[test]
+    fn since_in_the_future_is_refused_also_when_lenient() {
+        for k in [
+            get(Level::System, "_since=2099-01-01T00:00:00Z"),
+            lenient(Level::System, "_since=2099-01-01T00:00:00Z"),
+        ] {
+            assert_eq!(param_error(k), "_since");
+        }
+        assert!(get(Level::System, "_since=2020-01-01T00:00:00Z").is_ok());
     }
 
     #[test]

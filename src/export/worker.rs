@@ -168,6 +168,8 @@ struct Page {
     ids: Vec<String>,
     next: Option<String>,
     total: Option<u64>,
+    /// `Bundle.link[self]`.
+    self_link: Option<String>,
     /// Hash of the page's first resource (`None` for an empty page), to recognise a page served
     /// again under another URL.
     fingerprint: Option<u64>,
@@ -252,6 +254,10 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
                 return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
             }
         };
+        if let Some(message) = ignored_parameters(&slice, &url, &page) {
+            slice.state = SliceState::Failed { message };
+            return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
+        }
         remember(&mut slice.visited, url_hash(&url));
         if let Some(fingerprint) = page.fingerprint {
             if slice.visited.contains(&fingerprint) {
@@ -533,6 +539,22 @@ fn url_hash(url: &str) -> u64 {
 
 /// Why a finished search must not count as complete: it returned fewer resources than its
 /// `Bundle.total` promised (paging that stopped early must not lose resources silently).
+/// Why the first page of a search cannot be trusted, if its self link shows that the upstream ignored
+/// parameters the search sent: its results would hold more than the search asked for. History pages
+/// are not judged: a server may give their self link without any parameters (sekmet-fhir does).
+fn ignored_parameters(slice: &Slice, url: &str, page: &Page) -> Option<String> {
+    if slice.next.is_some() || slice.kind == SliceKind::Deleted {
+        return None;
+    }
+    let dropped = crate::export::filters::dropped(url, page.self_link.as_deref());
+    (!dropped.is_empty()).then(|| {
+        format!(
+            "the upstream ignored the search parameter(s) {} (its self link leaves them out), so its results were not written",
+            dropped.join(", ")
+        )
+    })
+}
+
 fn short_of_total(slice: &Slice) -> Option<String> {
     let total = slice.total?;
     let written = slice.lines();
@@ -598,6 +620,7 @@ impl<'s> Converter<'s> {
                     ids: Vec::new(),
                     next: None,
                     total: None,
+                    self_link: None,
                     fingerprint: None,
                 },
                 page_ids: HashSet::new(),
@@ -627,6 +650,7 @@ impl PageSink for Converter<'_> {
         let mut page = self.lines.page;
         page.next = summary.next;
         page.total = summary.total;
+        page.self_link = summary.self_link;
         Ok(page)
     }
 }
@@ -892,6 +916,63 @@ mod tests {
         let mut ids = written_ids(tmp.path(), &store);
         ids.sort();
         assert_eq!(ids, ["o1", "o2"]);
+    }
+
+    /// A first page whose self link lacks a parameter the search sent (the upstream ignored it) fails
+    /// the slice with nothing of it written, and the job's error file says which parameter; a page whose
+    /// self link keeps every parameter (re-encoded, with paging added) is written.
+    #[tokio::test]
+    async fn a_page_whose_self_link_drops_a_sent_parameter_fails_the_slice() {
+        let page = |self_link: &str| {
+            format!(
+                r#"{{"resourceType":"Bundle","type":"searchset","link":[{{"relation":"self","url":"{self_link}"}}],"entry":[{{"resource":{{"resourceType":"Patient","id":"p1"}}}}]}}"#
+            )
+        };
+        let base = serve(vec![
+            (
+                "Patient?status=active&gender=female&_count=5",
+                0,
+                page("http://127.0.0.1/fhir/Patient?gender=female&_count=5&_offset=0"),
+            ),
+            (
+                "Patient?subject%3APatient.gender=female&_count=5",
+                0,
+                page("http://127.0.0.1/fhir/Patient?subject:Patient.gender=female&_count=5&_offset=0"),
+            ),
+        ])
+        .await;
+        for (query, dropped) in [
+            ("status=active&gender=female&_count=5", Some("status")),
+            ("subject%3APatient.gender=female&_count=5", None),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let slice = Slice {
+                resource_type: "Patient".into(),
+                searches: vec![format!("{base}/Patient?{query}")],
+                ..crate::store::tests::slice("j", 0)
+            };
+            let (store, ctx) = context(tmp.path(), &base, &slice);
+            assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
+            let Some(dropped) = dropped else {
+                assert_eq!(written_ids(tmp.path(), &store), ["p1"]);
+                continue;
+            };
+            let slices = store.slices("j").unwrap();
+            assert!(
+                matches!(&slices[0].state, SliceState::Failed { message } if message.contains(dropped)),
+                "{:?}",
+                slices[0].state
+            );
+            assert_eq!(slices[0].lines(), 0);
+            let job = store.job("j").unwrap().unwrap();
+            let errors = crate::export::manifest::error_lines(&job, &slices);
+            assert!(
+                errors
+                    .iter()
+                    .any(|l| l.contains("Patient export incomplete") && l.contains(dropped)),
+                "{errors:?}"
+            );
+        }
     }
 
     /// The page after a page is asked for as soon as the page's `link` has arrived, while the rest of

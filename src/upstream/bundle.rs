@@ -100,6 +100,8 @@ pub struct Summary {
     pub total: Option<u64>,
     /// The `next` link, if any.
     pub next: Option<String>,
+    /// The `self` link: the search as the upstream understood it.
+    pub self_link: Option<String>,
 }
 
 /// Where the reader stands in the Bundle.
@@ -132,6 +134,7 @@ pub struct BundleReader {
     resource_type: Option<String>,
     total: Option<u64>,
     next: Option<String>,
+    self_link: Option<String>,
 }
 
 impl Default for BundleReader {
@@ -152,6 +155,7 @@ impl BundleReader {
             resource_type: None,
             total: None,
             next: None,
+            self_link: None,
         }
     }
 
@@ -200,6 +204,7 @@ impl BundleReader {
             Some("Bundle") => Ok(Summary {
                 total: self.total,
                 next: self.next,
+                self_link: self.self_link,
             }),
             Some(other) => Err(format!("expected a Bundle, got {other}")),
             None => Err("not a JSON Bundle: it has no resourceType".into()),
@@ -294,10 +299,15 @@ impl BundleReader {
                         let raw = scan.raw_value(1)?;
                         let links: Vec<Link> = serde_json::from_slice(raw)
                             .map_err(|_| Stop::Invalid("Bundle.link is not a list of links"))?;
-                        self.next = links
-                            .into_iter()
-                            .find(|l| l.relation == "next")
-                            .map(|l| l.url);
+                        for link in links {
+                            match link.relation.as_str() {
+                                "next" if self.next.is_none() => self.next = Some(link.url),
+                                "self" if self.self_link.is_none() => {
+                                    self.self_link = Some(link.url)
+                                }
+                                _ => {}
+                            }
+                        }
                         self.state = State::Member;
                     }
                     _ => {
@@ -884,6 +894,16 @@ mod tests {
             ]
         );
         assert_eq!((total, next.as_deref()), (Some(2), Some("b")));
+    }
+
+    #[test]
+    fn the_self_link_is_kept() {
+        let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"n"},{"relation":"self","url":"s?a=1"}],"entry":[]}"#;
+        let mut reader = BundleReader::new();
+        reader.feed(body, &mut |_| Ok(())).unwrap();
+        let summary = reader.finish(&mut |_| Ok(())).unwrap();
+        assert_eq!(summary.self_link.as_deref(), Some("s?a=1"));
+        assert_eq!(summary.next.as_deref(), Some("n"));
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct Capability {
     pub types: BTreeMap<String, BTreeSet<String>>,
     /// Types with type-level `_history` (where deletions can be found).
     pub history: BTreeSet<String>,
+    /// The `target` types of reference search parameters, per type and parameter, where the statement
+    /// gives them (R4 does not require it; some servers do).
+    pub targets: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl Capability {
@@ -122,12 +125,26 @@ impl Capability {
                         .any(|i| i["code"] == code)
                 };
                 if has("search-type") {
-                    let params = resource["searchParam"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                        .collect();
+                    let search_params = resource["searchParam"].as_array().into_iter().flatten();
+                    let mut params = BTreeSet::new();
+                    for p in search_params {
+                        let Some(param) = p["name"].as_str() else {
+                            continue;
+                        };
+                        params.insert(param.to_owned());
+                        let targets: BTreeSet<String> = p["target"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect();
+                        if !targets.is_empty() {
+                            cap.targets
+                                .entry(name.to_owned())
+                                .or_default()
+                                .insert(param.to_owned(), targets);
+                        }
+                    }
                     cap.types.insert(name.to_owned(), params);
                 }
                 if has("history-type") {
@@ -438,10 +455,13 @@ impl Upstream {
                 Attempt::Final(e.into())
             }
         })?;
+        // Strict handling: a server that honours it refuses a parameter it does not know instead of
+        // ignoring it, which would widen the search.
         let mut request = self
             .http
             .get(url.clone())
-            .header(ACCEPT, "application/fhir+json");
+            .header(ACCEPT, "application/fhir+json")
+            .header("prefer", "handling=strict");
         if let Some(value) = &authorization {
             request = request.header(AUTHORIZATION, value.clone());
         }
@@ -578,5 +598,21 @@ mod tests {
         assert_eq!(cap.types.keys().collect::<Vec<_>>(), ["Patient"]);
         assert!(cap.types["Patient"].contains("_id"));
         assert_eq!(cap.history.iter().collect::<Vec<_>>(), ["Patient"]);
+    }
+
+    #[test]
+    fn capability_keeps_declared_reference_targets() {
+        let cs = serde_json::json!({"rest":[{"mode":"server","resource":[
+            {"type":"Observation","interaction":[{"code":"search-type"}],"searchParam":[
+                {"name":"subject","type":"reference","target":["Patient","Group"]},{"name":"code"}]}]}]});
+        let cap = Capability::from_statement(&cs);
+        assert_eq!(
+            cap.targets["Observation"]["subject"]
+                .iter()
+                .collect::<Vec<_>>(),
+            ["Group", "Patient"]
+        );
+        assert!(!cap.targets["Observation"].contains_key("code"));
+        assert!(cap.types["Observation"].contains("code"));
     }
 }

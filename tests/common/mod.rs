@@ -1231,3 +1231,102 @@ pub fn direct_patient_linked(
     }
     expected
 }
+
+// ---- Additions for tests/filters.rs: one registered backend client (ES384, inline JWKS) and its tokens. ----
+
+/// A SMART backend client with a fresh P-384 key, registered by the `[auth]` tables of
+/// [`BackendClient::auth_toml`].
+pub struct BackendClient {
+    /// Its `client_id`.
+    pub client_id: String,
+    private_pem: String,
+    x: String,
+    y: String,
+}
+
+impl BackendClient {
+    /// Generates the client's key with the `openssl` CLI.
+    pub fn new(client_id: &str) -> BackendClient {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let p = path.to_str().unwrap();
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-384",
+            "-out",
+            p,
+        ]);
+        let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
+        let point = &der[der.len() - 97..];
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        BackendClient {
+            client_id: client_id.to_owned(),
+            private_pem: std::fs::read_to_string(&path).unwrap(),
+            x: b64.encode(&point[1..49]),
+            y: b64.encode(&point[49..97]),
+        }
+    }
+
+    /// `[auth]` on, `auth_extra` added to it, with this client allowed `scopes` (to follow the
+    /// `[export]` table).
+    pub fn auth_toml(&self, auth_extra: &str, scopes: &[&str]) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
+        format!(
+            "\n[auth]\nenabled = true\n{auth_extra}\n\n[[auth.clients]]\nclient_id = {:?}\nscopes = [{}]\n\
+             jwks = {{ keys = [{{ kty = \"EC\", kid = \"k1\", alg = \"ES384\", use = \"sig\", crv = \"P-384\", x = {:?}, y = {:?} }}] }}\n",
+            self.client_id,
+            scopes.join(", "),
+            self.x,
+            self.y
+        )
+    }
+
+    /// An access token for `scope` from the token endpoint of the proxy at `base`, insisting that
+    /// all of `scope` is granted.
+    pub fn token(&self, base: &str, scope: &str) -> String {
+        let aud = format!("{base}/auth/token");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = serde_json::json!({
+            "iss": self.client_id, "sub": self.client_id, "aud": aud,
+            "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
+        header.kid = Some("k1".into());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.private_pem.as_bytes()).unwrap();
+        let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([
+                ("grant_type", "client_credentials"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", assertion.as_str()),
+                ("scope", scope),
+            ])
+            .finish();
+        let resp = client()
+            .post(&aud)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().unwrap();
+        assert_eq!(status, 200, "token request for {scope:?}: {body}");
+        let granted: BTreeSet<&str> = body["scope"].as_str().unwrap().split(' ').collect();
+        assert_eq!(
+            granted,
+            scope.split(' ').collect(),
+            "token for {scope:?}: {body}"
+        );
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+}
