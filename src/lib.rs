@@ -5,6 +5,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod export;
+pub mod fhir_types;
 pub mod files;
 pub mod http;
 pub mod metrics;
