@@ -18,7 +18,7 @@ use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, Slice
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
-use crate::store::{FilePart, Job, JobState, Slice, SliceState, Store, StoreError};
+use crate::store::{FilePart, Job, JobState, Level, Slice, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
 
 /// Why a job was not admitted.
@@ -401,7 +401,7 @@ impl Runner {
     /// `None` when the job was deleted meanwhile.
     async fn plan_references(&self, job: &Job) -> Result<Option<Vec<Slice>>, WorkerError> {
         let slices = self.store.slices(&job.id)?;
-        if slices.iter().any(references::is_reference_slice) {
+        if job.spec.level == Level::System || slices.iter().any(references::is_reference_slice) {
             return Ok(Some(Vec::new()));
         }
         let capability = self
