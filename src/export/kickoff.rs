@@ -343,15 +343,16 @@ impl Builder {
             TypeSelection::Only(types) => types,
         };
         for t in value.split(',').map(str::trim) {
+            if listed.iter().any(|x| x == t) {
+                continue;
+            }
             if self.allowed.contains(t) || self.exported_empty(t) {
-                if !listed.iter().any(|x| x == t) {
-                    listed.push(t.to_owned());
-                }
                 if !self.allowed.contains(t) {
                     self.notes.push(format!(
                         "{t} is exported empty: the upstream cannot search it by patient"
                     ));
                 }
+                listed.push(t.to_owned());
             } else {
                 self.reject("_type", &self.unknown_type(t))?;
             }
@@ -588,15 +589,14 @@ mod tests {
                 UnsearchableType::Note,
             )
         };
-        let k = note("_type=Observation,Slot").unwrap();
+        let k = note("_type=Observation,Slot&_type=Slot").unwrap();
         assert_eq!(
             k.spec.types,
             TypeSelection::Only(vec!["Observation".into(), "Slot".into()])
         );
-        assert!(
-            k.notes.iter().any(|n| n.contains("Slot is exported empty")),
-            "{:?}",
-            k.notes
+        assert_eq!(
+            k.notes,
+            ["Slot is exported empty: the upstream cannot search it by patient"]
         );
         assert_eq!(param_error(note("_type=Observation,Foo")), "_type");
         assert_eq!(
