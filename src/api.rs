@@ -299,6 +299,7 @@ impl App {
             parts.uri.query(),
             body.as_deref(),
             &capability,
+            self.config.export.unsearchable_type,
         )?;
         if let Some(principal) = &principal {
             restrict_to_grant(&mut kickoff, principal, &capability)?;

@@ -390,6 +390,19 @@ pub struct ExportConfig {
     pub max_disk_bytes: u64,
     /// Progress of running jobs is logged this often, in seconds.
     pub progress_log_secs: u64,
+    /// What a Patient or Group kick-off does with a requested type the upstream cannot search by patient.
+    pub unsearchable_type: UnsearchableType,
+}
+
+/// A Patient or Group kick-off's answer to a requested R4 type the upstream cannot search by patient.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsearchableType {
+    /// Accepted and exported empty; the manifest's error file says why.
+    #[default]
+    Note,
+    /// Refused with 400, as the Bulk Data spec prefers.
+    Reject,
 }
 
 impl Default for ExportConfig {
@@ -411,6 +424,7 @@ impl Default for ExportConfig {
             max_resources_per_job: 0,
             max_disk_bytes: 0,
             progress_log_secs: 30,
+            unsearchable_type: UnsearchableType::Note,
         }
     }
 }

@@ -174,6 +174,41 @@ fn patient_export_is_limited_to_granted_types() {
     assert_same(&resources_by_type(&files), &expected);
 }
 
+/// Referenced resources come only within the token's scopes: a Practitioner scope brings the
+/// Practitioners the exported Observations reference, a token without one gets none.
+#[test]
+fn referenced_resources_are_limited_to_granted_types() {
+    let upstream = upstream();
+    let f = Fixture::start(&upstream, "");
+    let rs = rs_signer();
+    let with = f.token(
+        &rs,
+        "system/Patient.rs system/Observation.rs system/Practitioner.rs",
+    );
+    let (_, files) = export_with_token(f.base(), "Patient/$export", &with.access_token);
+    let mut expected = direct_compartment(&upstream, &all_patient_ids(&upstream));
+    expected.retain(|ty, _| ty == "Patient" || ty == "Observation");
+    let practitioners = referenced(
+        &upstream,
+        expected["Observation"].values(),
+        &["Practitioner"],
+    );
+    assert!(
+        !practitioners.is_empty(),
+        "the Observations reference no Practitioner; the test would prove nothing"
+    );
+    expected.extend(practitioners);
+    assert_same(&resources_by_type(&files), &expected);
+
+    let without = f.token(&rs, "system/Patient.rs system/Observation.rs");
+    let (_, files) = export_with_token(f.base(), "Patient/$export", &without.access_token);
+    assert_eq!(
+        exported_types(&files),
+        ["Observation", "Patient"].map(String::from).into(),
+        "a token without Practitioner scope got other types"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Scopes
 // ---------------------------------------------------------------------------------------------------------

@@ -201,3 +201,60 @@ fn kill_repeatedly_during_planning() {
         &direct_system(&upstream(), None),
     );
 }
+
+/// Whether a file whose name starts with `prefix` exists under `dir`.
+fn has_file(dir: &Path, prefix: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if path.is_dir() {
+            has_file(&path, prefix)
+        } else {
+            e.file_name().to_string_lossy().starts_with(prefix)
+        }
+    })
+}
+
+/// Killed as soon as the referenced Practitioners' first file appears (their `_id=` searches planned
+/// after the data, and under way), a Patient export still ends with each referenced Practitioner once.
+#[test]
+fn kill_while_referenced_resources_are_fetched() {
+    let upstream = upstream();
+    let mut proxy = Proxy::start_with_config(
+        &upstream,
+        "page_size = 5\npatient_batch_size = 20",
+        "requests_per_second = 5",
+    );
+    let status_path = kickoff(
+        &proxy,
+        "Patient/$export?_type=DiagnosticReport,Practitioner",
+    );
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !has_file(&proxy.data_dir, "Practitioner.") {
+        assert!(
+            Instant::now() < deadline,
+            "no Practitioner file within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_running(&proxy, &status_path);
+    proxy.kill9();
+    let files = restart_and_finish(&mut proxy, &status_path);
+    let mut expected = direct_compartment(&upstream, &all_patient_ids(&upstream));
+    expected.retain(|t, _| t == "DiagnosticReport");
+    let practitioners = referenced(
+        &upstream,
+        expected["DiagnosticReport"].values(),
+        &["Practitioner"],
+    );
+    assert!(
+        practitioners
+            .get("Practitioner")
+            .is_some_and(|p| p.len() > 5),
+        "too few referenced Practitioners for more than one page"
+    );
+    expected.extend(practitioners);
+    assert_same(&resources_by_type(&files), &expected);
+}

@@ -80,20 +80,46 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
+/// R4 types outside the compartment that R4 still links to a patient by a `patient` search parameter
+/// (each "the patient the resource is about"): `Device.patient` (a device affixed to the patient, which
+/// US Core exports), `Task.patient`, `Contract.patient` and `GuidanceResponse.patient`.
+const PATIENT_LINKED: &[&str] = &["Contract", "Device", "GuidanceResponse", "Task"];
+
+/// Types a Patient or Group export adds when its resources reference them (US Core and ONC (g)(10) expect
+/// them, to read the data): they are fetched by id, not searched by patient.
+pub const REFERENCED_TYPES: [&str; 5] = [
+    "Location",
+    "Medication",
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+];
+
 /// The parameter that finds a type's resources by patient, given what the upstream supports.
 ///
 /// `patient`, then `subject`, are preferred wherever the upstream has them: they are the record's own
 /// patient (e.g. `Observation.subject`), whereas `performer`, `author`… would pull in records where the
-/// patient only acted. `None` when the type is outside the compartment or the upstream has no
-/// linking parameter for it.
+/// patient only acted. For a [`PATIENT_LINKED`] type only `patient` qualifies: R4 defines no other
+/// parameter of it that means the patient. `None` when the type is not linked to a patient or the
+/// upstream has no linking parameter for it.
 pub fn patient_param<'a>(
     resource_type: &str,
     upstream_params: &'a BTreeSet<String>,
 ) -> Option<&'a str> {
-    let (_, params) = PATIENT_COMPARTMENT
+    let params: &[&str] = match PATIENT_COMPARTMENT
         .iter()
-        .find(|(t, _)| *t == resource_type)?;
-    ["patient", "subject"]
+        .find(|(t, _)| *t == resource_type)
+    {
+        Some((_, params)) => params,
+        None if PATIENT_LINKED.contains(&resource_type) => &[],
+        None => return None,
+    };
+    let preferred: &[&str] = if params.is_empty() {
+        &["patient"]
+    } else {
+        &["patient", "subject"]
+    };
+    preferred
         .iter()
         .chain(params.iter())
         .find_map(|p| upstream_params.get(*p).map(String::as_str))
@@ -124,5 +150,30 @@ mod tests {
         assert_eq!(patient_param("Observation", &params(&["code"])), None);
         assert_eq!(patient_param("Practitioner", &params(&["patient"])), None);
         assert_eq!(patient_param("Patient", &params(&["_id"])), None);
+    }
+
+    #[test]
+    fn patient_linked_types_outside_the_compartment_go_by_patient() {
+        assert_eq!(
+            patient_param("Device", &params(&["_id", "patient", "type"])),
+            Some("patient")
+        );
+        assert_eq!(patient_param("Device", &params(&["_id", "subject"])), None);
+        assert_eq!(
+            patient_param("Task", &params(&["patient"])),
+            Some("patient")
+        );
+        // In the compartment by `subject`; R4's `Specimen.patient` is preferred where the upstream has it.
+        assert_eq!(
+            patient_param("Specimen", &params(&["subject", "patient"])),
+            Some("patient")
+        );
+        assert_eq!(
+            patient_param("Specimen", &params(&["subject"])),
+            Some("subject")
+        );
+        for t in REFERENCED_TYPES {
+            assert_eq!(patient_param(t, &params(&["_id", "patient"])), None, "{t}");
+        }
     }
 }

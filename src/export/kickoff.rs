@@ -2,7 +2,9 @@
 
 use std::collections::BTreeSet;
 
+use crate::config::UnsearchableType;
 use crate::export::{compartment, filters};
+use crate::fhir_types;
 use crate::store::{ExportSpec, Level, TypeSelection};
 use crate::upstream::Capability;
 
@@ -69,6 +71,7 @@ pub fn parse(
     query: Option<&str>,
     body: Option<&[u8]>,
     capability: &Capability,
+    unsearchable: UnsearchableType,
 ) -> Result<Kickoff, KickoffError> {
     let prefer: Vec<String> = headers
         .prefer
@@ -95,6 +98,7 @@ pub fn parse(
         lenient,
         notes: Vec::new(),
         allowed: level_types(&level, capability),
+        unsearchable,
         unusable_filters: BTreeSet::new(),
         patient_given: false,
         spec: ExportSpec {
@@ -201,7 +205,8 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, KickoffError> {
     Ok(out)
 }
 
-/// Types a level may export: every searchable type (system) or the Patient compartment (Patient, Group).
+/// Types a level may export: every searchable type (system); at Patient and Group level the types the
+/// upstream can search by patient, with the [`compartment::REFERENCED_TYPES`] it can search by id.
 pub fn level_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
     capability
         .types
@@ -209,7 +214,9 @@ pub fn level_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
         .filter(|(t, params)| match level {
             Level::System => true,
             Level::Patient | Level::Group { .. } => {
-                t.as_str() == "Patient" || compartment::patient_param(t, params).is_some()
+                t.as_str() == "Patient"
+                    || compartment::patient_param(t, params).is_some()
+                    || compartment::REFERENCED_TYPES.contains(&t.as_str())
             }
         })
         .map(|(t, _)| t.clone())
@@ -221,6 +228,8 @@ struct Builder<'c> {
     lenient: bool,
     notes: Vec<String>,
     allowed: BTreeSet<String>,
+    /// What to do with a requested type the upstream cannot search by patient.
+    unsearchable: UnsearchableType,
     spec: ExportSpec,
     /// Exported types with a `_typeFilter` that lenient handling ignored.
     unusable_filters: BTreeSet<String>,
@@ -341,10 +350,16 @@ impl Builder<'_> {
             TypeSelection::Only(types) => types,
         };
         for t in value.split(',').map(str::trim) {
-            if self.allowed.contains(t) {
-                if !listed.iter().any(|x| x == t) {
-                    listed.push(t.to_owned());
+            if listed.iter().any(|x| x == t) {
+                continue;
+            }
+            if self.allowed.contains(t) || self.exported_empty(t) {
+                if !self.allowed.contains(t) {
+                    self.notes.push(format!(
+                        "{t} is exported empty: the upstream cannot search it by patient"
+                    ));
                 }
+                listed.push(t.to_owned());
             } else {
                 self.reject("_type", &self.unknown_type(t))?;
             }
@@ -353,10 +368,19 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Whether `t`, which the level cannot export, is still accepted (and exported empty): an R4 type
+    /// the upstream cannot search by patient, unless configured to refuse it.
+    fn exported_empty(&self, t: &str) -> bool {
+        self.spec.level != Level::System
+            && self.unsearchable == UnsearchableType::Note
+            && fhir_types::is_resource_type(t)
+    }
+
     fn unknown_type(&self, t: &str) -> String {
         match self.spec.level {
+            _ if !fhir_types::is_resource_type(t) => format!("{t:?} is not an R4 resource type"),
             Level::System => format!("{t:?} is not a resource type the upstream can search"),
-            _ => format!("{t:?} is not a searchable type of the Patient compartment"),
+            _ => format!("{t:?} is not a resource type the upstream can search by patient"),
         }
     }
 
@@ -546,7 +570,14 @@ mod tests {
     }
 
     fn get(level: Level, query: &str) -> Result<Kickoff, KickoffError> {
-        parse(level, &headers("respond-async"), Some(query), None, &cap())
+        parse(
+            level,
+            &headers("respond-async"),
+            Some(query),
+            None,
+            &cap(),
+            UnsearchableType::Reject,
+        )
     }
 
     fn param_error(r: Result<Kickoff, KickoffError>) -> String {
@@ -554,6 +585,50 @@ mod tests {
             Err(KickoffError::Param { name, .. }) => name,
             other => panic!("expected a parameter error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn patient_level_types_are_the_patient_searchable_and_the_referenced() {
+        let k = get(Level::Patient, "_type=Observation,Practitioner").unwrap();
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Observation".into(), "Practitioner".into()])
+        );
+        // Slot: an R4 type the upstream cannot search by patient; Foo: no R4 type at all.
+        let note = |query: &str| {
+            parse(
+                Level::Group { id: "g".into() },
+                &headers("respond-async"),
+                Some(query),
+                None,
+                &cap(),
+                UnsearchableType::Note,
+            )
+        };
+        let k = note("_type=Observation,Slot&_type=Slot").unwrap();
+        assert_eq!(
+            k.spec.types,
+            TypeSelection::Only(vec!["Observation".into(), "Slot".into()])
+        );
+        assert_eq!(
+            k.notes,
+            ["Slot is exported empty: the upstream cannot search it by patient"]
+        );
+        assert_eq!(param_error(note("_type=Observation,Foo")), "_type");
+        assert_eq!(
+            param_error(get(Level::Group { id: "g".into() }, "_type=Slot")),
+            "_type"
+        );
+        // At system level a type the upstream cannot search at all stays a 400 in either mode.
+        let system = parse(
+            Level::System,
+            &headers("respond-async"),
+            Some("_type=Slot"),
+            None,
+            &cap(),
+            UnsearchableType::Note,
+        );
+        assert_eq!(param_error(system), "_type");
     }
 
     #[test]
@@ -587,7 +662,14 @@ mod tests {
             prefer: vec!["respond-async"],
         };
         assert!(matches!(
-            parse(Level::System, &no_accept, None, None, &cap()),
+            parse(
+                Level::System,
+                &no_accept,
+                None,
+                None,
+                &cap(),
+                UnsearchableType::Reject
+            ),
             Err(KickoffError::Header {
                 header: "Accept",
                 ..
@@ -598,7 +680,14 @@ mod tests {
             prefer: vec![],
         };
         assert!(matches!(
-            parse(Level::System, &no_prefer, None, None, &cap()),
+            parse(
+                Level::System,
+                &no_prefer,
+                None,
+                None,
+                &cap(),
+                UnsearchableType::Reject
+            ),
             Err(KickoffError::Header {
                 header: "Prefer",
                 ..
@@ -642,10 +731,7 @@ mod tests {
             param_error(get(Level::System, "organizeOutputBy=Patient")),
             "organizeOutputBy"
         );
-        assert_eq!(
-            param_error(get(Level::Patient, "_type=Practitioner")),
-            "_type"
-        );
+        assert_eq!(param_error(get(Level::Patient, "_type=Slot")), "_type");
         assert_eq!(
             param_error(get(
                 Level::System,
@@ -663,6 +749,7 @@ mod tests {
             Some("_type=Foo,Patient&bogus=1"),
             None,
             &cap(),
+            UnsearchableType::Reject,
         )
         .unwrap();
         assert_eq!(k.spec.types, TypeSelection::Only(vec!["Patient".into()]));
@@ -676,6 +763,7 @@ mod tests {
             Some(query),
             None,
             &cap(),
+            UnsearchableType::Reject,
         )
     }
 
@@ -686,6 +774,7 @@ mod tests {
             None,
             Some(body.as_bytes()),
             &cap(),
+            UnsearchableType::Reject,
         )
     }
 
@@ -697,12 +786,9 @@ mod tests {
             param_error(lenient(Level::System, "_type=Foo&_type=Bar")),
             "_type"
         );
-        // Practitioner is searchable but outside the Patient compartment.
-        assert_eq!(
-            param_error(lenient(Level::Patient, "_type=Practitioner")),
-            "_type"
-        );
-        let k = lenient(Level::Patient, "_type=Practitioner,Observation").unwrap();
+        // Slot is an R4 type the upstream cannot search by patient (refused in this mode).
+        assert_eq!(param_error(lenient(Level::Patient, "_type=Slot")), "_type");
+        let k = lenient(Level::Patient, "_type=Slot,Observation").unwrap();
         assert_eq!(
             k.spec.types,
             TypeSelection::Only(vec!["Observation".into()])
@@ -872,6 +958,7 @@ mod tests {
             None,
             Some(body),
             &cap(),
+            UnsearchableType::Reject,
         )
         .unwrap();
         assert_eq!(k.spec.patients, ["p1"]);
@@ -885,7 +972,8 @@ mod tests {
                 &headers("respond-async"),
                 None,
                 Some(b"{}"),
-                &cap()
+                &cap(),
+                UnsearchableType::Reject
             ),
             Err(KickoffError::Body(_))
         ));
@@ -895,7 +983,8 @@ mod tests {
                 &headers("respond-async"),
                 None,
                 Some(b"\xff"),
-                &cap()
+                &cap(),
+                UnsearchableType::Reject
             ),
             Err(KickoffError::Body(_))
         ));
@@ -906,7 +995,8 @@ mod tests {
                 &headers("respond-async"),
                 None,
                 Some(system_patient),
-                &cap()
+                &cap(),
+                UnsearchableType::Reject
             )),
             "patient"
         );
@@ -920,7 +1010,8 @@ mod tests {
                 &headers("respond-async"),
                 None,
                 Some(body.as_bytes()),
-                &cap()
+                &cap(),
+                UnsearchableType::Reject
             )
             .is_err());
         }

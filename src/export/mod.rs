@@ -7,6 +7,7 @@ pub mod kickoff;
 pub mod manifest;
 pub mod planner;
 pub mod ranges;
+pub mod references;
 pub mod runner;
 pub mod worker;
 pub mod writer;

@@ -13,11 +13,12 @@ use tracing::Instrument;
 use crate::config::ExportConfig;
 use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::planner::{self, PlanError, PlanLimits};
+use crate::export::references;
 use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
-use crate::store::{FilePart, Job, JobState, SliceState, Store, StoreError};
+use crate::store::{FilePart, Job, JobState, Level, Slice, SliceState, Store, StoreError};
 use crate::upstream::Upstream;
 
 /// Why a job was not admitted.
@@ -307,10 +308,6 @@ impl Runner {
             self.store.flush().await?;
             tracing::info!(job = %id, slices = self.store.slices(id)?.len(), "job planned");
         }
-        let dir = self.job_dir(id);
-        let snapshot = chrono::DateTime::parse_from_rfc3339(&job.transaction_time)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_else(|_| chrono::Utc::now());
         let slices = self.store.slices(id)?;
         let limits = Arc::new(JobLimits {
             max_resources: self.cfg.max_resources_per_job,
@@ -319,6 +316,34 @@ impl Runner {
             requests: AtomicU64::new(slices.iter().map(|s| s.pages).sum()),
             disk: self.disk.clone(),
         });
+        if self.drive(&job, slices, &limits, cancel).await? {
+            return Ok(());
+        }
+        let referenced = match self.plan_references(&job).await? {
+            Some(slices) => slices,
+            None => return Ok(()),
+        };
+        if self.drive(&job, referenced, &limits, cancel).await? {
+            return Ok(());
+        }
+        self.finish(id, JobState::Completed).await?;
+        Ok(())
+    }
+
+    /// Runs the pending ones of `slices` to their end; true if the job was stopped (cancelled,
+    /// deleted, shutting down) before they all ended.
+    async fn drive(
+        &self,
+        job: &Job,
+        slices: Vec<Slice>,
+        limits: &Arc<JobLimits>,
+        cancel: &CancellationToken,
+    ) -> Result<bool, WorkerError> {
+        let id = job.id.as_str();
+        let dir = self.job_dir(id);
+        let snapshot = chrono::DateTime::parse_from_rfc3339(&job.transaction_time)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .unwrap_or_else(|_| chrono::Utc::now());
         let mut queue = slices
             .into_iter()
             .filter(|s| s.state == SliceState::Pending)
@@ -358,7 +383,7 @@ impl Runner {
                     None => break Ok(()),
                 },
                 _ = progress.tick() => match self.store.slices(id) {
-                    Ok(slices) => tracing::info!(progress = %manifest::progress(&job, &slices), "export progress"),
+                    Ok(slices) => tracing::info!(progress = %manifest::progress(job, &slices), "export progress"),
                     Err(e) => break Err(e.into()),
                 },
             }
@@ -368,11 +393,48 @@ impl Runner {
             running.shutdown().await;
         }
         drove?;
-        if stopped || cancel.is_cancelled() {
-            return Ok(());
+        Ok(stopped || cancel.is_cancelled())
+    }
+
+    /// Plans the slices of the resources a Patient or Group export references, once its data slices
+    /// are done (see [`references`]); none when the job wants none or they are planned already.
+    /// `None` when the job was deleted meanwhile.
+    async fn plan_references(&self, job: &Job) -> Result<Option<Vec<Slice>>, WorkerError> {
+        let slices = self.store.slices(&job.id)?;
+        if job.spec.level == Level::System || slices.iter().any(references::is_reference_slice) {
+            return Ok(Some(Vec::new()));
         }
-        self.finish(id, JobState::Completed).await?;
-        Ok(())
+        let capability = self
+            .upstream
+            .capability()
+            .await
+            .map_err(|e| WorkerError::JobFailed {
+                status: 502,
+                message: format!("the referenced resources could not be planned: {e}"),
+            })?;
+        let wanted = references::wanted(&job.spec, &capability);
+        if wanted.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        let dir = self.job_dir(&job.id);
+        let scanned = slices.clone();
+        let ids = tokio::task::spawn_blocking(move || references::scan(&dir, &scanned, &wanted))
+            .await
+            .expect("reference scan task panicked")?;
+        let first = slices.iter().map(|s| s.index + 1).max().unwrap_or(0);
+        let planned = references::slices(job, &self.upstream, self.cfg.page_size, &ids, first);
+        if planned.is_empty() {
+            return Ok(Some(planned));
+        }
+        let Some(current) = self.store.job(&job.id)? else {
+            return Ok(None);
+        };
+        if !self.store.commit_plan(&current, &planned)? {
+            return Ok(None);
+        }
+        self.store.flush().await?;
+        tracing::info!(job = %job.id, slices = planned.len(), "referenced resources planned");
+        Ok(Some(planned))
     }
 
     /// Records the end of a job (completed or failed) with its error file and expiry, durably.

@@ -393,8 +393,70 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
-/// What a Patient-level export over `patient_ids` must contain: the Patients themselves and every
-/// resource of their compartment, searched with each compartment parameter the upstream supports.
+/// R4 types outside the compartment that R4 ties to a patient by their `patient` search parameter.
+pub const PATIENT_LINKED: &[&str] = &["Contract", "Device", "GuidanceResponse", "Task"];
+
+/// The types a Patient or Group export adds when its resources reference them.
+pub const REFERENCED_TYPES: [&str; 5] = [
+    "Location",
+    "Medication",
+    "Organization",
+    "Practitioner",
+    "PractitionerRole",
+];
+
+/// The resources of `types` that `resources` reference relatively (`Type/id`, anywhere a `reference`
+/// is), each read directly from the upstream; references the upstream cannot resolve are left out.
+pub fn referenced<'a>(
+    upstream: &str,
+    resources: impl IntoIterator<Item = &'a Value>,
+    types: &[&str],
+) -> Expected {
+    fn walk(value: &Value, types: &[&str], found: &mut BTreeSet<(String, String)>) {
+        match value {
+            Value::Object(members) => {
+                for (k, v) in members {
+                    match (k.as_str(), v.as_str()) {
+                        ("reference", Some(r)) => {
+                            let parts: Vec<&str> = r.split('/').collect();
+                            let versioned = parts.len() == 4 && parts[2] == "_history";
+                            if (parts.len() == 2 || versioned) && types.contains(&parts[0]) {
+                                found.insert((parts[0].to_owned(), parts[1].to_owned()));
+                            }
+                        }
+                        _ => walk(v, types, found),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, types, found)),
+            _ => {}
+        }
+    }
+    let mut found = BTreeSet::new();
+    for resource in resources {
+        walk(resource, types, &mut found);
+    }
+    let mut expected = Expected::new();
+    for (ty, id) in found {
+        let resp = client()
+            .get(format!("{upstream}/{ty}/{id}"))
+            .header("Accept", "application/fhir+json")
+            .send()
+            .unwrap();
+        if resp.status() == 200 {
+            let resource: Value = serde_json::from_str(&resp.text().unwrap()).unwrap();
+            expected
+                .entry(ty)
+                .or_default()
+                .insert(key_of(&resource), resource);
+        }
+    }
+    expected
+}
+
+/// What a Patient-level export over `patient_ids` must contain: the Patients themselves, every
+/// resource of their compartment, searched with each compartment parameter the upstream supports,
+/// the patient-linked types by `patient`, and the [`REFERENCED_TYPES`] resources all these reference.
 pub fn direct_compartment(upstream: &str, patient_ids: &[String]) -> Expected {
     let searchable = searchable_types(upstream);
     let mut expected = Expected::new();
@@ -415,7 +477,22 @@ pub fn direct_compartment(upstream: &str, patient_ids: &[String]) -> Expected {
                 add_search(&mut expected, upstream, ty, &format!("{param}={refs}"));
             }
         }
+        for ty in PATIENT_LINKED {
+            if searchable.get(*ty).is_some_and(|p| p.contains("patient")) {
+                add_search(&mut expected, upstream, ty, &format!("patient={refs}"));
+            }
+        }
     }
+    let wanted: Vec<&str> = REFERENCED_TYPES
+        .into_iter()
+        .filter(|t| searchable.contains_key(*t))
+        .collect();
+    let references = referenced(
+        upstream,
+        expected.values().flat_map(|r| r.values()),
+        &wanted,
+    );
+    expected.extend(references);
     expected
 }
 
