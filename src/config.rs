@@ -28,6 +28,7 @@ pub enum ConfigError {
 
 /// The whole configuration of one proxy process.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The HTTP listener clients talk to.
@@ -54,6 +55,7 @@ pub struct Config {
 
 /// OpenTelemetry settings.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP traces endpoint (e.g. `http://127.0.0.1:4318/v1/traces`); unset: no trace export.
@@ -73,6 +75,7 @@ impl Default for TelemetryConfig {
 
 /// Kinds of file storage.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum StorageKind {
     /// The data directory (embedded default).
@@ -84,6 +87,7 @@ pub enum StorageKind {
 
 /// How clients get files kept in a bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum S3Serve {
     /// Through the proxy's file URLs (access token checked, streamed from the bucket).
@@ -95,6 +99,7 @@ pub enum S3Serve {
 
 /// File storage settings.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
     /// `local` or `s3`.
@@ -105,6 +110,7 @@ pub struct StorageConfig {
 
 /// An S3-compatible bucket; credentials come from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct S3Config {
     /// Endpoint of an S3-compatible server; unset means AWS.
@@ -128,6 +134,7 @@ pub struct S3Config {
 
 /// Admin listener settings.
 #[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of `/healthz`, `/readyz`, `/metrics` and `/jobs`; unset: no admin listener.
@@ -136,6 +143,7 @@ pub struct AdminConfig {
 
 /// Listener settings.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address to listen on; port 0 picks a free port (the chosen address is logged).
@@ -180,6 +188,7 @@ impl Default for ServerConfig {
 
 /// Upstream FHIR server settings.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// FHIR base URL of the upstream, e.g. `http://127.0.0.1:8090/fhir`.
@@ -221,6 +230,7 @@ pub struct UpstreamConfig {
 
 /// How the proxy authenticates to the upstream's token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "snake_case")]
 pub enum UpstreamOAuthMethod {
     /// HTTP Basic with client id and secret (RFC 6749 §2.3.1).
@@ -231,6 +241,7 @@ pub enum UpstreamOAuthMethod {
 
 /// OAuth 2.0 client credentials grant against the upstream's authorization server.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamOAuthConfig {
     /// The upstream's token endpoint.
@@ -261,6 +272,7 @@ pub struct UpstreamOAuthConfig {
 
 /// How pass-through requests are authorized when auth is on.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "kebab-case")]
 pub enum PassThroughAuth {
     /// Forward the caller's `Authorization` unchanged; the upstream decides.
@@ -272,6 +284,7 @@ pub enum PassThroughAuth {
 
 /// What a reload that removes a client does with that client's export jobs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "kebab-case")]
 pub enum OnClientRemoved {
     /// Cancel them and remove their files: nobody may fetch them any more.
@@ -283,6 +296,7 @@ pub enum OnClientRemoved {
 
 /// SMART Backend Services settings.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Require tokens on kick-off, status, cancel and files.
@@ -320,6 +334,7 @@ impl Default for AuthConfig {
 
 /// One registered backend client.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// The client's id (`iss` and `sub` of its assertions).
@@ -336,6 +351,7 @@ pub struct ClientConfig {
 
 /// An external authorization server whose access tokens the proxy accepts.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields)]
 pub struct ExternalAuthConfig {
     /// Expected `iss`.
@@ -356,6 +372,7 @@ pub struct ExternalAuthConfig {
 
 /// Bulk export settings.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(deny_unknown_fields, default)]
 pub struct ExportConfig {
     /// Directory holding the job store and the NDJSON files.
@@ -396,6 +413,7 @@ pub struct ExportConfig {
 
 /// A Patient or Group kick-off's answer to a requested R4 type the upstream cannot search by patient.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum UnsearchableType {
     /// Accepted and exported empty; the manifest's error file says why.
@@ -429,6 +447,10 @@ impl Default for ExportConfig {
     }
 }
 
+// The one place defaults live: a table whose every key has a default implements `Default` (and is
+// `#[serde(default)]`); a table with a required key cannot, so its optional keys take these functions.
+// `example_config_shows_the_defaults` and `configuration_reference_matches_the_code` hold
+// config/example.toml and docs/configuration.md to them.
 mod defaults {
     pub fn timeout_secs() -> u64 {
         60
@@ -745,6 +767,203 @@ mod tests {
         let c = Config::load(Some(&path), Overrides::default()).unwrap();
         assert!(c.auth.enabled);
         assert_eq!(c.auth.clients.len(), 1);
+    }
+
+    /// Every required key, set, and every optional table present: parsed, it holds the code's default for
+    /// every other key.
+    const REQUIRED: &str = r#"
+        [upstream]
+        base_url = "http://127.0.0.1:1/fhir"
+        [upstream.oauth]
+        token_url = "http://127.0.0.1:1/token"
+        client_id = "c"
+        method = "private_key_jwt"
+        [storage.s3]
+        bucket = "b"
+        [auth.external]
+        issuer = "i"
+        jwks_url = "http://127.0.0.1:1/jwks"
+        audience = "a"
+        token_endpoint = "http://127.0.0.1:1/token"
+    "#;
+    /// The same for one `[[auth.clients]]` entry.
+    const REQUIRED_CLIENT: &str = "client_id = \"c\"\nscopes = []\n";
+
+    type Keys = std::collections::BTreeMap<String, serde_json::Value>;
+
+    /// Dotted key to value; a table inside an array of tables (`auth.clients`) is one value, and so is an
+    /// inline JWKS, the one free-form value of the configuration.
+    fn flatten(prefix: &str, value: serde_json::Value, out: &mut Keys) {
+        match value {
+            serde_json::Value::Object(map) if !prefix.ends_with(".jwks") => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(&key, v, out);
+                }
+            }
+            leaf => {
+                out.insert(prefix.to_owned(), leaf);
+            }
+        }
+    }
+
+    fn keys<T: serde::Serialize>(prefix: &str, value: &T) -> Keys {
+        let mut out = Keys::new();
+        flatten(prefix, serde_json::to_value(value).unwrap(), &mut out);
+        out
+    }
+
+    /// Every key of the config structs with its default in code (`null`: unset), and the required ones.
+    fn code_defaults() -> (Keys, std::collections::BTreeSet<String>) {
+        let mut defaults = keys("", &toml::from_str::<Config>(REQUIRED).unwrap());
+        let client: ClientConfig = toml::from_str(REQUIRED_CLIENT).unwrap();
+        defaults.extend(keys("auth.clients[]", &client));
+        let mut required = Keys::new();
+        flatten(
+            "",
+            serde_json::to_value(toml::from_str::<toml::Table>(REQUIRED).unwrap()).unwrap(),
+            &mut required,
+        );
+        let client: toml::Table = toml::from_str(REQUIRED_CLIENT).unwrap();
+        flatten(
+            "auth.clients[]",
+            serde_json::to_value(client).unwrap(),
+            &mut required,
+        );
+        (defaults, required.into_keys().collect())
+    }
+
+    fn example_text() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/example.toml");
+        std::fs::read_to_string(path).unwrap()
+    }
+
+    /// The example with its commented-out keys and tables (`# key = value`, `# [table]`) put in.
+    fn uncomment(text: &str) -> String {
+        let is_key = |rest: &str| {
+            rest.split_once('=').is_some_and(|(k, _)| {
+                let k = k.trim();
+                !k.is_empty()
+                    && k.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+        };
+        let is_table = |rest: &str| {
+            let name = rest.split('#').next().unwrap_or("").trim();
+            name.starts_with('[')
+                && name.ends_with(']')
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"[]_.".contains(&b))
+        };
+        text.lines()
+            .map(|line| match line.strip_prefix('#').map(str::trim_start) {
+                Some(rest) if is_key(rest) || is_table(rest) => rest,
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn example_config_shows_the_defaults() {
+        // The example deliberately sets these to something other than the default: a deployment's values.
+        const DELIBERATE: [&str; 7] = [
+            "upstream.base_url",
+            "server.listen",
+            "server.public_base_url",
+            "export.data_dir",
+            "admin.listen",
+            "auth.enabled",
+            "auth.clients",
+        ];
+        let text = example_text();
+        let code = keys(
+            "",
+            &toml::from_str::<Config>("[upstream]\nbase_url = \"http://127.0.0.1:1/fhir\"\n")
+                .unwrap(),
+        );
+        let shipped = keys("", &toml::from_str::<Config>(&text).unwrap());
+        assert_eq!(
+            code.keys().collect::<Vec<_>>(),
+            shipped.keys().collect::<Vec<_>>()
+        );
+        for (key, default) in &code {
+            if DELIBERATE.contains(&key.as_str()) {
+                assert_ne!(
+                    &shipped[key], default,
+                    "{key} is listed as deliberate but is the default"
+                );
+            } else {
+                assert_eq!(&shipped[key], default, "config/example.toml sets {key}");
+            }
+        }
+
+        // Commented out, a key shows its default too, unless it has none (required, or unset).
+        let (code, required) = code_defaults();
+        let all: Config = toml::from_str(&uncomment(&text))
+            .unwrap_or_else(|e| panic!("example with every key put in: {}", e.message()));
+        let mut all = keys("", &all);
+        let clients = all.remove("auth.clients").unwrap();
+        let client: ClientConfig = serde_json::from_value(clients[0].clone()).unwrap();
+        all.extend(keys("auth.clients[]", &client));
+        all.insert("auth.clients".into(), serde_json::json!([]));
+        assert_eq!(
+            code.keys().collect::<Vec<_>>(),
+            all.keys().collect::<Vec<_>>()
+        );
+        for (key, default) in &code {
+            if default.is_null() || required.contains(key) || DELIBERATE.contains(&key.as_str()) {
+                continue;
+            }
+            assert_eq!(&all[key], default, "config/example.toml shows {key}");
+        }
+    }
+
+    #[test]
+    fn configuration_reference_matches_the_code() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let doc = std::fs::read_to_string(path).unwrap();
+        let (code, required) = code_defaults();
+        let mut listed = std::collections::BTreeSet::new();
+        for row in doc.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let key = cells[0].trim_start_matches("| ").trim_matches('`');
+            let cell = cells.get(1).copied().unwrap_or("");
+            let default = code
+                .get(key)
+                .unwrap_or_else(|| panic!("docs/configuration.md lists {key}, no such key"));
+            assert!(listed.insert(key.to_owned()), "{key} listed twice");
+            if required.contains(key) {
+                assert!(cell.starts_with("required"), "{key} is required: {cell}");
+            } else if default.is_null() {
+                assert!(
+                    cell.starts_with("unset"),
+                    "{key} is unset by default: {cell}"
+                );
+            } else {
+                let literal = cell
+                    .strip_prefix('`')
+                    .and_then(|c| c.split('`').next())
+                    .unwrap_or_else(|| panic!("{key}: default {cell:?} is not `a TOML value`"));
+                let value: toml::Table = toml::from_str(&format!("v = {literal}"))
+                    .unwrap_or_else(|e| panic!("{key}: {literal}: {e}"));
+                assert_eq!(
+                    &serde_json::to_value(&value["v"]).unwrap(),
+                    default,
+                    "docs/configuration.md gives {key} the default {literal}"
+                );
+            }
+        }
+        let missing: Vec<_> = code.keys().filter(|k| !listed.contains(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md lacks {missing:?}"
+        );
     }
 
     #[test]
