@@ -355,6 +355,8 @@ fn lenient_handling_never_widens_to_everything() {
             "_typeFilter",
         ),
         ("Patient/$export?patient=Patient/x", "patient"),
+        ("$export?_type=Patient&_since=yesterday", "_since"),
+        ("$export?_type=Patient&_elements=Bad!", "_elements"),
     ];
     let mut answers: Vec<(String, Raw, &str)> = cases
         .iter()

@@ -101,6 +101,7 @@ pub fn parse(
         unsearchable,
         unusable_filters: BTreeSet::new(),
         patient_given: false,
+        elements_given: false,
         spec: ExportSpec {
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
@@ -235,6 +236,8 @@ struct Builder<'c> {
     unusable_filters: BTreeSet<String>,
     /// Whether any `patient` parameter was given, usable or not.
     patient_given: bool,
+    /// Whether any `_elements` parameter was given, usable or not.
+    elements_given: bool,
 }
 
 impl Builder<'_> {
@@ -279,10 +282,11 @@ impl Builder<'_> {
                 );
                 Ok(())
             }
-            Err(_) => self.reject(
-                "_since",
-                &format!("{value:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z)"),
-            ),
+            // Ignored, it would export every change ever made: lenient handling refuses it too.
+            Err(_) => Err(KickoffError::Param {
+                name: "_since".into(),
+                reason: format!("{value:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z)"),
+            }),
         }
     }
 
@@ -323,6 +327,10 @@ impl Builder<'_> {
         }
         if self.patient_given && self.spec.patients.is_empty() {
             return Err(self.nothing_left("patient", "no usable patient reference remains"));
+        }
+        // Left empty, `_elements` would mean whole resources: more than the client asked for.
+        if self.elements_given && self.spec.elements.is_empty() {
+            return Err(self.nothing_left("_elements", "no usable element remains"));
         }
         Ok(Kickoff {
             spec: self.spec,
@@ -460,6 +468,7 @@ impl Builder<'_> {
     }
 
     fn elements(&mut self, value: &str) -> Result<(), KickoffError> {
+        self.elements_given = true;
         for e in value.split(',').map(str::trim) {
             let (t, element) = match e.split_once('.') {
                 Some((t, el)) => (Some(t), el),
@@ -765,6 +774,18 @@ mod tests {
             &cap(),
             UnsearchableType::Reject,
         )
+    }
+
+    #[test]
+    fn lenient_handling_refuses_a_since_or_elements_it_would_have_to_drop() {
+        for query in ["_since=yesterday", "_elements=Bad!", "_elements=9x,Bad!"] {
+            assert!(
+                lenient(Level::System, query).is_err(),
+                "lenient {query} was accepted"
+            );
+        }
+        let kept = lenient(Level::System, "_elements=status,Bad!").unwrap();
+        assert_eq!(kept.spec.elements, ["status"]);
     }
 
     fn lenient_post(level: Level, body: &str) -> Result<Kickoff, KickoffError> {
