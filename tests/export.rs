@@ -482,7 +482,10 @@ fn gzip_download_decodes_to_the_plain_file() {
 #[test]
 fn delete_cancels_the_job() {
     let upstream = upstream();
-    let proxy = Proxy::start_with_config(&upstream, SLOW_EXPORT, SLOW_UPSTREAM);
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(SLOW_EXPORT)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
     let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
     assert!(
         poll_once(&status_url).is_none(),
@@ -527,7 +530,10 @@ fn delete_cancels_the_job() {
 fn polling_too_fast_gets_429_with_retry_after() {
     let upstream = upstream();
     let export = format!("{SLOW_EXPORT}\nmin_poll_interval_ms = 60000");
-    let proxy = Proxy::start_with_config(&upstream, &export, SLOW_UPSTREAM);
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&export)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
     let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
     let first = client().get(&status_url).send().unwrap().status();
     assert!(first == 202 || first == 429, "first poll answered {first}");
@@ -577,7 +583,10 @@ fn files_roll_at_resources_per_file() {
 fn max_concurrent_jobs_is_enforced() {
     let upstream = upstream();
     let export = format!("{SLOW_EXPORT}\nmax_concurrent_jobs = 1");
-    let proxy = Proxy::start_with_config(&upstream, &export, SLOW_UPSTREAM);
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&export)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
     let first = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
     let resp = kickoff_get(&proxy.base, "$export?_type=Patient");
     let status = resp.status();

@@ -429,7 +429,10 @@ const FAST_RETRIES: &str = "max_retries = 4\nretry_base_ms = 10\nretry_max_ms = 
 const DEADLINE: Duration = Duration::from_secs(90);
 
 fn proxy_for(fu: &FaultUpstream, upstream_toml: &str) -> Proxy {
-    Proxy::start_with_config(&fu.base, EXPORT_TOML, upstream_toml)
+    Proxy::builder(&fu.base)
+        .export_toml(EXPORT_TOML)
+        .upstream_toml(upstream_toml)
+        .start()
 }
 
 /// How a job ended: the HTTP status of its final status answer and its body.

@@ -25,7 +25,11 @@ use serde_json::{json, Value};
 const SLOW_UPSTREAM: &str = "requests_per_second = 2";
 
 fn start(server: &str, upstream_toml: &str, export: &str) -> Proxy {
-    Proxy::start_tables(&upstream(), server, upstream_toml, export, None)
+    Proxy::builder(&upstream())
+        .server_toml(server)
+        .upstream_toml(upstream_toml)
+        .export_toml(export)
+        .start()
 }
 
 /// A token unique to this test run, for ids written to the shared read-write upstream.
@@ -431,13 +435,13 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
     let upstream = upstream();
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("proxy.log");
-    let mut proxy = Proxy::start_tables(
-        &upstream,
-        "shutdown_grace_secs = 5",
-        SLOW_UPSTREAM,
-        "page_size = 5",
-        Some(("fhir_bulk_proxy=info", &log)),
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .server_toml("shutdown_grace_secs = 5")
+        .upstream_toml(SLOW_UPSTREAM)
+        .export_toml("page_size = 5")
+        .log_to(&log)
+        .rust_log("fhir_bulk_proxy=info")
+        .start();
     let status_url = accepted_status_url(
         &proxy.base,
         kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
@@ -520,7 +524,9 @@ fn slow_upstream(delay: Duration) -> (String, mpsc::Receiver<()>) {
 #[test]
 fn sigterm_lets_a_slow_pass_through_request_finish_and_refuses_new_connections() {
     let (upstream, arrived) = slow_upstream(Duration::from_secs(3));
-    let mut proxy = Proxy::start_tables(&upstream, "shutdown_grace_secs = 10", "", "", None);
+    let mut proxy = Proxy::builder(&upstream)
+        .server_toml("shutdown_grace_secs = 10")
+        .start();
     let addr: SocketAddr = origin(&proxy.base)
         .strip_prefix("http://")
         .unwrap()

@@ -153,16 +153,14 @@ fn download_raw(manifest: &Value) -> Vec<(OutputFile, Vec<u8>)> {
 }
 
 fn start(prefix: &str, serve: &str, export_toml: &str) -> (Proxy, String) {
-    let tables = format!("{ADMIN_TOML}\n{}", storage_toml(&bucket(), prefix, serve));
-    let (proxy, admin) = Proxy::start_custom(
-        &upstream(),
-        &Launch {
-            export_toml,
-            tables_toml: &tables,
-            ..Launch::default()
-        },
-    );
-    (proxy, admin.unwrap())
+    let tables = storage_toml(&bucket(), prefix, serve);
+    let proxy = Proxy::builder(&upstream())
+        .export_toml(export_toml)
+        .admin()
+        .tables(&tables)
+        .start();
+    let admin = proxy.admin_url();
+    (proxy, admin)
 }
 
 /// Waits until nothing is left under `prefix` in the bucket.
@@ -450,15 +448,9 @@ fn a_missing_bucket_never_yields_a_manifest() {
     let tables = storage_toml(&missing, &prefix, "proxy");
     // Refusing to start is fine; so is failing the job. Completing it is not.
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Proxy::start_custom(
-            &upstream(),
-            &Launch {
-                tables_toml: &tables,
-                ..Launch::default()
-            },
-        )
+        Proxy::builder(&upstream()).tables(&tables).start()
     }));
-    let Ok((proxy, _)) = started else {
+    let Ok(proxy) = started else {
         return;
     };
     let resp = kickoff_get(&proxy.base, "$export?_type=Patient");

@@ -107,11 +107,10 @@ fn twenty_kills_during_one_20k_export() {
         .unwrap_or(0x5707_2024_dead_beef);
     let mut rng = XorShift(seed);
     // Small pages and files, and a slow request rate so that the export outlives 20 kills.
-    let mut proxy = Proxy::start_with_config(
-        &rw,
-        "page_size = 200\nresources_per_file = 1000",
-        "requests_per_second = 2",
-    );
+    let mut proxy = Proxy::builder(&rw)
+        .export_toml("page_size = 200\nresources_per_file = 1000")
+        .upstream_toml("requests_per_second = 2")
+        .start();
     let filter = enc(&format!("Basic?code={}", enc(&format!("{SYSTEM}|{CODE}"))));
     let query = format!("$export?_type=Basic&_typeFilter={filter}");
     let status_path = url_path(&accepted_status_url(

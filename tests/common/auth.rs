@@ -421,8 +421,12 @@ impl Fixture {
             toml_inline(&ec_jwks),
         );
         let proxy = match log {
-            None => Proxy::start_with_config(upstream, &auth, ""),
-            Some((rust_log, path)) => Proxy::start_logged(upstream, &auth, "", rust_log, path),
+            None => Proxy::builder(upstream).export_toml(&auth).start(),
+            Some((rust_log, path)) => Proxy::builder(upstream)
+                .export_toml(&auth)
+                .log_to(path)
+                .rust_log(rust_log)
+                .start(),
         };
         Fixture {
             proxy,
