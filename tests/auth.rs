@@ -282,7 +282,7 @@ fn type_outside_the_grant_is_forbidden() {
     let token = Some(grant.access_token.as_str());
     for query in ["$export?_type=Condition", "$export?_type=Patient,Condition"] {
         let body = assert_status(
-            kickoff_get_auth(f.base(), query, token),
+            kickoff_get(f.base(), query, token),
             403,
             &format!("kick-off {query} with a Patient+Observation token"),
         );
@@ -305,7 +305,7 @@ fn type_outside_the_grant_is_forbidden() {
     let all = f.token(&rs_signer(), "system/*.rs");
     accepted_status_url(
         f.base(),
-        kickoff_get_auth(f.base(), "$export?_type=Condition", Some(&all.access_token)),
+        kickoff_get(f.base(), "$export?_type=Condition", Some(&all.access_token)),
     );
     // Lenient: accepted, narrowed to the granted types, and the error file says so.
     let path = "$export?_type=Patient,Condition";
@@ -315,14 +315,14 @@ fn type_outside_the_grant_is_forbidden() {
         .send()
         .unwrap();
     let status_url = accepted_status_url(f.base(), resp);
-    let (manifest, _) = wait_manifest_auth(&status_url, token);
+    let (manifest, _) = wait_manifest(&status_url, token);
     check_auth_manifest(&manifest, &format!("{}/{path}", f.base()));
-    let files = download_all_auth(&manifest, "output", token);
+    let files = download_all(&manifest, "output", token);
     assert_same(
         &resources_by_type(&files),
         &direct_system(&upstream, Some(&["Patient"])),
     );
-    let errors = download_all_auth(&manifest, "error", token);
+    let errors = download_all(&manifest, "error", token);
     let said_so = errors
         .iter()
         .flat_map(|f| &f.lines)
@@ -640,24 +640,24 @@ fn token_response_is_not_cacheable() {
 fn bulk_endpoints_without_a_token_are_unauthorized() {
     let f = Fixture::start(&upstream(), "");
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", None),
+        kickoff_get(f.base(), "$export?_type=Patient", None),
         "kick-off without a token",
     );
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some("not-a-token")),
+        kickoff_get(f.base(), "$export?_type=Patient", Some("not-a-token")),
         "kick-off with a garbage token",
     );
     let grant = f.token(&rs_signer(), "system/*.rs");
     let token = Some(grant.access_token.as_str());
     let status_url = accepted_status_url(
         f.base(),
-        kickoff_get_auth(f.base(), "$export?_type=Patient", token),
+        kickoff_get(f.base(), "$export?_type=Patient", token),
     );
     assert_unauthorized(
         get_with_token(&status_url, None).send().unwrap(),
         "status poll without a token",
     );
-    let (manifest, _) = wait_manifest_auth(&status_url, token);
+    let (manifest, _) = wait_manifest(&status_url, token);
     check_auth_manifest(&manifest, &format!("{}/$export?_type=Patient", f.base()));
     let file_url = manifest["output"][0]["url"]
         .as_str()
@@ -669,7 +669,7 @@ fn bulk_endpoints_without_a_token_are_unauthorized() {
     );
     assert_unauthorized(delete(&status_url, None), "DELETE without a token");
     // The job survived all that and is still its owner's.
-    download_lines_auth(&file_url, token);
+    download_lines(&file_url, token);
     assert_status(delete(&status_url, token), 202, "DELETE by the owner");
 }
 
@@ -681,7 +681,7 @@ fn expired_access_token_is_unauthorized() {
     // Control: the same claims re-signed by the test are accepted, so the forging is faithful.
     let same = resign(&grant.access_token, &key, |_| {});
     assert_status(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&same)),
+        kickoff_get(f.base(), "$export?_type=Patient", Some(&same)),
         202,
         "kick-off with the issued claims re-signed by the test",
     );
@@ -695,7 +695,7 @@ fn expired_access_token_is_unauthorized() {
         }
     });
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&expired)),
+        kickoff_get(f.base(), "$export?_type=Patient", Some(&expired)),
         "kick-off with an access token expired an hour ago",
     );
 }
@@ -706,14 +706,14 @@ fn access_token_signed_by_another_key_is_unauthorized() {
     let grant = f.token(&rs_signer(), "system/*.rs");
     let token = Some(grant.access_token.as_str());
     assert_status(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", token),
+        kickoff_get(f.base(), "$export?_type=Patient", token),
         202,
         "kick-off with the issued token",
     );
     let random: [u8; 32] = rand::random();
     let forged = resign(&grant.access_token, &random, |_| {});
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&forged)),
+        kickoff_get(f.base(), "$export?_type=Patient", Some(&forged)),
         "kick-off with the issued claims signed by a random HMAC key",
     );
     let (h, c, _) = jwt_parts(&grant.access_token);
@@ -721,12 +721,12 @@ fn access_token_signed_by_another_key_is_unauthorized() {
     none_header["alg"] = json!("none");
     let unsigned = format!("{}.{c}.", b64_json(&none_header));
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&unsigned)),
+        kickoff_get(f.base(), "$export?_type=Patient", Some(&unsigned)),
         "kick-off with the issued claims and alg none",
     );
     let assertion = assertion(&rs_signer(), &f.token_endpoint());
     assert_unauthorized(
-        kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&assertion)),
+        kickoff_get(f.base(), "$export?_type=Patient", Some(&assertion)),
         "kick-off with a client assertion as the bearer token",
     );
 }
@@ -742,7 +742,7 @@ fn another_clients_job_is_not_found() {
     );
     let status_url = accepted_status_url(
         f.base(),
-        kickoff_get_auth(f.base(), "$export?_type=Patient", owner),
+        kickoff_get(f.base(), "$export?_type=Patient", owner),
     );
     assert_status(
         get_with_token(&status_url, other).send().unwrap(),
@@ -754,7 +754,7 @@ fn another_clients_job_is_not_found() {
         404,
         "DELETE of another client's job",
     );
-    let (manifest, _) = wait_manifest_auth(&status_url, owner);
+    let (manifest, _) = wait_manifest(&status_url, owner);
     assert_status(
         get_with_token(&status_url, other).send().unwrap(),
         404,
@@ -775,7 +775,7 @@ fn another_clients_job_is_not_found() {
         "DELETE of another client's complete job",
     );
     // The owner still has it all, and can delete it.
-    assert!(!download_lines_auth(&file_url, owner).is_empty());
+    assert!(!download_lines(&file_url, owner).is_empty());
     assert_status(delete(&status_url, owner), 202, "DELETE by the owner");
     assert_status(
         get_with_token(&status_url, owner).send().unwrap(),
@@ -903,15 +903,15 @@ fn status_and_files_are_limited_to_the_polling_tokens_scopes() {
     let narrow = f.token(&rs_signer(), "system/Patient.rs").access_token;
     let status_url = accepted_status_url(
         f.base(),
-        kickoff_get_auth(f.base(), "$export?_type=Patient,Observation", Some(&wide)),
+        kickoff_get(f.base(), "$export?_type=Patient,Observation", Some(&wide)),
     );
-    let (manifest, _) = wait_manifest_auth(&status_url, Some(&wide));
-    let files = download_all_auth(&manifest, "output", Some(&wide));
+    let (manifest, _) = wait_manifest(&status_url, Some(&wide));
+    let files = download_all(&manifest, "output", Some(&wide));
     assert_eq!(
         exported_types(&files),
         BTreeSet::from(["Observation".to_owned(), "Patient".to_owned()])
     );
-    let (seen, _) = wait_manifest_auth(&status_url, Some(&narrow));
+    let (seen, _) = wait_manifest(&status_url, Some(&narrow));
     let types: BTreeSet<&str> = seen["output"]
         .as_array()
         .unwrap()

@@ -112,8 +112,8 @@ fn filters_within_the_grant_export_exactly_what_they_select() {
         .send()
         .unwrap();
         let status_url = accepted_status_url(&proxy.base, resp);
-        let (manifest, _) = wait_manifest_auth(&status_url, Some(&token));
-        let files = download_all_auth(&manifest, "output", Some(&token));
+        let (manifest, _) = wait_manifest(&status_url, Some(&token));
+        let files = download_all(&manifest, "output", Some(&token));
         let mut expected = Expected::new();
         let (name, value) = filter.split_once('=').unwrap();
         add_search(
@@ -153,8 +153,8 @@ fn a_filter_parameter_the_upstream_does_not_list_is_refused_or_dropped_never_ign
         .send()
         .unwrap();
     let status_url = accepted_status_url(&proxy.base, resp);
-    let (manifest, _) = wait_manifest(&status_url);
-    let exported = resources_by_type(&download_all(&manifest));
+    let (manifest, _) = wait_manifest(&status_url, None);
+    let exported = resources_by_type(&download_all(&manifest, "output", None));
     let mut expected = Expected::new();
     add_search(&mut expected, &upstream, "Patient", "gender=female");
     let everyone = all_patient_ids(&upstream).len();
@@ -163,7 +163,7 @@ fn a_filter_parameter_the_upstream_does_not_list_is_refused_or_dropped_never_ign
         "gender=female selects every patient"
     );
     assert_same(&exported, &expected);
-    let errors: Vec<String> = download_all_auth(&manifest, "error", None)
+    let errors: Vec<String> = download_all(&manifest, "error", None)
         .into_iter()
         .flat_map(|f| f.lines)
         .collect();

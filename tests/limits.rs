@@ -144,9 +144,10 @@ fn exported_count(files: &[OutputFile]) -> usize {
 }
 
 fn run_export(proxy: &Proxy, path_and_query: &str) -> (Value, Vec<OutputFile>) {
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query));
-    let (manifest, _) = wait_manifest(&status_url);
-    let files = download_all(&manifest);
+    let status_url =
+        accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query, None));
+    let (manifest, _) = wait_manifest(&status_url, None);
+    let files = download_all(&manifest, "output", None);
     (manifest, files)
 }
 
@@ -260,14 +261,14 @@ fn max_jobs_per_client_refuses_only_that_client() {
 
     let first = accepted_status_url(
         &proxy.base,
-        kickoff_get_auth(&proxy.base, "$export", Some(&token_a)),
+        kickoff_get(&proxy.base, "$export", Some(&token_a)),
     );
     assert!(
-        poll_once_auth(&first, Some(&token_a)).is_none(),
+        poll_once(&first, Some(&token_a)).is_none(),
         "client A's first export finished at once: slow the upstream down further"
     );
 
-    let resp = kickoff_get_auth(&proxy.base, "$export?_type=Patient", Some(&token_a));
+    let resp = kickoff_get(&proxy.base, "$export?_type=Patient", Some(&token_a));
     let status = resp.status();
     let retry_after = resp
         .headers()
@@ -289,10 +290,10 @@ fn max_jobs_per_client_refuses_only_that_client() {
     // Another client is not held back by A's job.
     accepted_status_url(
         &proxy.base,
-        kickoff_get_auth(&proxy.base, "$export?_type=Patient", Some(&token_b)),
+        kickoff_get(&proxy.base, "$export?_type=Patient", Some(&token_b)),
     );
     assert!(
-        poll_once_auth(&first, Some(&token_a)).is_none(),
+        poll_once(&first, Some(&token_a)).is_none(),
         "client A's export finished during the test: the 429 proved nothing"
     );
 }
@@ -380,7 +381,7 @@ fn export_over_max_resources_per_job_fails_with_413() {
     // 20 Patients and 35 Conditions: 55 resources.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     assert_job_failed(&proxy, &status_url, 413, "max_resources_per_job");
 }
@@ -397,7 +398,7 @@ fn export_over_max_disk_bytes_fails_with_507() {
     );
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Observation"),
+        kickoff_get(&proxy.base, "$export?_type=Observation", None),
     );
     assert_job_failed(&proxy, &status_url, 507, "max_disk_bytes");
 }
@@ -413,7 +414,7 @@ fn export_over_max_requests_per_job_fails_with_413() {
     // 20 Patients at 5 a page: 4 pages at least.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     assert_job_failed(&proxy, &status_url, 413, "max_requests_per_job");
 }
@@ -444,12 +445,12 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
         .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let status_path = url_path(&status_url);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        poll_once(&status_url).is_none(),
+        poll_once(&status_url, None).is_none(),
         "the export finished before SIGTERM: slow the upstream down further"
     );
 
@@ -474,8 +475,8 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
     );
 
     proxy.restart();
-    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)));
-    let files = download_all(&manifest);
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)), None);
+    let files = download_all(&manifest, "output", None);
     assert_same(
         &resources_by_type(&files),
         &direct_system(&upstream, Some(&["Patient", "Condition"])),
@@ -653,7 +654,7 @@ fn since_export_reports_deleted_resources_as_transaction_bundles() {
     for entry in deleted {
         assert_eq!(entry["type"], "Bundle", "deleted entry type: {entry}");
         let url = entry["url"].as_str().unwrap();
-        let lines = download_lines(url);
+        let lines = download_lines(url, None);
         if let Some(count) = entry.get("count") {
             assert_eq!(count.as_u64(), Some(lines.len() as u64), "count of {url}");
         }
@@ -705,7 +706,7 @@ fn patient_export_with_since_says_deletions_are_not_reported() {
             enc("2000-01-01T00:00:00Z")
         ),
     );
-    let errors = download_all_auth(&manifest, "error", None);
+    let errors = download_all(&manifest, "error", None);
     let texts: Vec<String> = errors
         .iter()
         .flat_map(|f| f.lines.iter())
@@ -770,7 +771,7 @@ fn expired_jobs_are_reaped_and_foreign_files_are_kept() {
 
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let manifest = wait_manifest_fast(&status_url);
     let finished = Instant::now();
@@ -799,7 +800,7 @@ fn expired_jobs_are_reaped_and_foreign_files_are_kept() {
     // Stopped before expiry, started after it: the job goes at start-up.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     wait_manifest_fast(&status_url);
     proxy.kill9();

@@ -187,10 +187,10 @@ fn proxy_serve_streams_files_from_the_bucket() {
     let (proxy, _admin) = start(&prefix, "proxy", "resources_per_file = 250");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}")),
+        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}"), None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     assert_eq!(manifest["requiresAccessToken"], false, "{manifest}");
     let files_base = format!("{}/$bulk-files/{id}/", proxy.base);
     for out in manifest["output"].as_array().unwrap() {
@@ -217,7 +217,7 @@ fn proxy_serve_streams_files_from_the_bucket() {
         "expected Observation over several files of 250"
     );
     // The usual download helper (content type application/fhir+ndjson) works the same.
-    download_all(&manifest);
+    download_all(&manifest, "output", None);
 
     // Every file is one object `{prefix}{id}/{name}` of the same bytes; nothing else is there.
     let job_prefix = format!("{prefix}{id}/");
@@ -292,10 +292,10 @@ fn presigned_urls_serve_files_without_the_proxy() {
     let (proxy, _admin) = start(&prefix, "presigned", "expire_after_secs = 600");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}")),
+        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}"), None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     assert_eq!(
         manifest["requiresAccessToken"], false,
         "presigned URLs need no token: {manifest}"
@@ -381,10 +381,10 @@ fn delete_removes_the_objects() {
     let (proxy, _admin) = start(&prefix, "presigned", "");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     let urls: Vec<String> = manifest["output"]
         .as_array()
         .unwrap()
@@ -425,10 +425,10 @@ fn operator_cancel_removes_the_objects_too() {
     let (proxy, admin) = start(&prefix, "proxy", "");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let id = job_id_of(&status_url);
-    wait_manifest(&status_url);
+    wait_manifest(&status_url, None);
     let job_prefix = format!("{prefix}{id}/");
     assert!(!list_objects(&job_prefix).is_empty(), "no objects uploaded");
     let resp = client()
@@ -453,7 +453,7 @@ fn a_missing_bucket_never_yields_a_manifest() {
     let Ok(proxy) = started else {
         return;
     };
-    let resp = kickoff_get(&proxy.base, "$export?_type=Patient");
+    let resp = kickoff_get(&proxy.base, "$export?_type=Patient", None);
     if resp.status() != 202 {
         assert!(
             resp.status().is_server_error(),

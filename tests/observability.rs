@@ -215,7 +215,7 @@ fn metrics_follow_an_export() {
     assert_eq!(metric(&start, "fbp_exported_bytes_total"), 0.0);
 
     let query = format!("$export?_type={}", EXPORT_TYPES.join(","));
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, &query));
+    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, &query, None));
     let mut samples = Vec::new();
     let deadline = Instant::now() + EXPORT_DEADLINE;
     let manifest = loop {
@@ -225,7 +225,7 @@ fn metrics_follow_an_export() {
                 + metric(&text, "fbp_jobs{state=\"accepted\"}"),
             resources: metric(&text, "fbp_exported_resources_total"),
         });
-        if let Some((manifest, _)) = poll_once(&status_url) {
+        if let Some((manifest, _)) = poll_once(&status_url, None) {
             break manifest;
         }
         assert!(Instant::now() < deadline, "export not complete in time");
@@ -375,7 +375,7 @@ fn jobs_cli_lists_shows_and_cancels() {
     let admin = proxy.admin_url();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Observation,Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Observation,Patient", None),
     );
     let id = job_id_of(&status_url);
 
@@ -493,11 +493,11 @@ fn json_logs_carry_the_job_id() {
         .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
-    download_all(&manifest);
+    let (manifest, _) = wait_manifest(&status_url, None);
+    download_all(&manifest, "output", None);
     let (status, _) = get(&format!("{}/Patient?_count=1", proxy.base));
     assert_eq!(status, 200);
     std::thread::sleep(Duration::from_millis(300));
@@ -639,10 +639,10 @@ fn traces_go_to_the_configured_otlp_endpoint() {
         .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let id = job_id_of(&status_url);
-    wait_manifest(&status_url);
+    wait_manifest(&status_url, None);
     // SIGTERM: a clean exit flushes the spans still batched.
     Command::new("kill")
         .args(["-TERM", &proxy.child_pid().to_string()])

@@ -20,15 +20,15 @@ fn slow_proxy() -> Proxy {
 fn kickoff(proxy: &Proxy, path_and_query: &str) -> String {
     url_path(&accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, path_and_query),
+        kickoff_get(&proxy.base, path_and_query, None),
     ))
 }
 
 /// Restarts on the same data directory and waits for the job under its new base.
 fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
     proxy.restart();
-    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)));
-    let files = download_all(&manifest);
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)), None);
+    let files = download_all(&manifest, "output", None);
     for file in &files {
         assert!(
             file.url.starts_with(&proxy.base),
@@ -44,7 +44,7 @@ fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
 fn assert_running(proxy: &Proxy, status_path: &str) {
     let status_url = format!("{}{status_path}", origin(&proxy.base));
     assert!(
-        poll_once(&status_url).is_none(),
+        poll_once(&status_url, None).is_none(),
         "the export finished before the kill: slow the upstream down further"
     );
 }

@@ -368,16 +368,6 @@ pub fn direct_compartment(upstream: &str, patient_ids: &[String]) -> Expected {
     expected
 }
 
-/// GET kick-off with the required headers; `path_and_query` is relative to the proxy base.
-pub fn kickoff_get(base: &str, path_and_query: &str) -> reqwest::blocking::Response {
-    client()
-        .get(format!("{base}/{path_and_query}"))
-        .header("Accept", "application/fhir+json")
-        .header("Prefer", "respond-async")
-        .send()
-        .unwrap()
-}
-
 /// POST kick-off with a `Parameters` body.
 pub fn kickoff_post(base: &str, path: &str, parameters: &Value) -> reqwest::blocking::Response {
     client()
@@ -425,116 +415,11 @@ pub fn origin(base: &str) -> String {
     base[..base.len() - url_path(base).len()].to_owned()
 }
 
-/// One status poll: `Some((manifest, headers))` once complete, `None` while the job runs. A running
-/// job must answer 202 with `X-Progress` and `Retry-After`; anything else fails the test.
-pub fn poll_once(status_url: &str) -> Option<(Value, reqwest::header::HeaderMap)> {
-    let resp = client().get(status_url).send().unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.text().unwrap();
-    match status.as_u16() {
-        202 => {
-            assert!(
-                headers.contains_key("X-Progress"),
-                "202 status without X-Progress: {headers:?}"
-            );
-            let retry_after = headers
-                .get("Retry-After")
-                .map(|v| v.to_str().unwrap().to_owned());
-            let retry_after = retry_after
-                .unwrap_or_else(|| panic!("202 status without Retry-After: {headers:?}"));
-            assert!(
-                retry_after.parse::<u64>().is_ok(),
-                "Retry-After {retry_after:?} is not seconds"
-            );
-            None
-        }
-        200 => {
-            let manifest = serde_json::from_str(&body)
-                .unwrap_or_else(|e| panic!("manifest is not JSON ({e}): {body}"));
-            Some((manifest, headers))
-        }
-        _ => panic!("status {status_url} answered {status}: {body}"),
-    }
-}
-
-/// Polls every 200 ms until the job completes; panics after `EXPORT_DEADLINE`.
-pub fn wait_manifest(status_url: &str) -> (Value, reqwest::header::HeaderMap) {
-    let deadline = Instant::now() + EXPORT_DEADLINE;
-    loop {
-        if let Some(done) = poll_once(status_url) {
-            return done;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "export {status_url} not complete after {EXPORT_DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Downloads one file without compression, checking its content type; returns its lines.
-pub fn download_lines(url: &str) -> Vec<String> {
-    let resp = client().get(url).send().unwrap();
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("Content-Type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp.text().unwrap();
-    assert_eq!(status, 200, "GET {url} answered {status}: {body}");
-    assert!(
-        content_type.starts_with("application/fhir+ndjson"),
-        "GET {url}: Content-Type {content_type:?}, expected application/fhir+ndjson"
-    );
-    body.lines().map(str::to_owned).collect()
-}
-
 /// One file of a manifest: its type, URL and lines.
 pub struct OutputFile {
     pub ty: String,
     pub url: String,
     pub lines: Vec<String>,
-}
-
-/// Downloads every `output` file, checking each `count` equals its lines and each line is a
-/// resource of the declared type.
-pub fn download_all(manifest: &Value) -> Vec<OutputFile> {
-    let outputs = manifest["output"]
-        .as_array()
-        .unwrap_or_else(|| panic!("manifest without output: {manifest}"));
-    outputs
-        .iter()
-        .map(|out| {
-            let ty = out["type"]
-                .as_str()
-                .unwrap_or_else(|| panic!("output without type: {out}"))
-                .to_owned();
-            let url = out["url"]
-                .as_str()
-                .unwrap_or_else(|| panic!("output without url: {out}"))
-                .to_owned();
-            let lines = download_lines(&url);
-            if let Some(count) = out.get("count") {
-                assert_eq!(
-                    count.as_u64(),
-                    Some(lines.len() as u64),
-                    "count of {url} differs from its lines"
-                );
-            }
-            for line in &lines {
-                let resource: Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("{url}: a line is not JSON ({e}): {line}"));
-                assert_eq!(
-                    resource["resourceType"],
-                    ty.as_str(),
-                    "{url} holds another type: {line}"
-                );
-            }
-            OutputFile { ty, url, lines }
-        })
-        .collect()
 }
 
 /// Resources per type from downloaded files.
@@ -623,8 +508,8 @@ pub fn with_token(
     }
 }
 
-/// `kickoff_get` with an optional bearer token.
-pub fn kickoff_get_auth(
+/// GET kick-off, with `Authorization: Bearer <token>` when `token` is given.
+pub fn kickoff_get(
     base: &str,
     path_and_query: &str,
     token: Option<&str>,
@@ -636,8 +521,9 @@ pub fn kickoff_get_auth(
         .unwrap()
 }
 
-/// `poll_once` with an optional bearer token.
-pub fn poll_once_auth(
+/// One status poll: `Some((manifest, headers))` once complete, `None` while the job runs. A running
+/// job must answer 202 with `X-Progress` and `Retry-After`; anything else fails the test.
+pub fn poll_once(
     status_url: &str,
     token: Option<&str>,
 ) -> Option<(Value, reqwest::header::HeaderMap)> {
@@ -670,14 +556,11 @@ pub fn poll_once_auth(
     }
 }
 
-/// `wait_manifest` with an optional bearer token.
-pub fn wait_manifest_auth(
-    status_url: &str,
-    token: Option<&str>,
-) -> (Value, reqwest::header::HeaderMap) {
+/// Polls every 200 ms until the job completes; panics after `EXPORT_DEADLINE`.
+pub fn wait_manifest(status_url: &str, token: Option<&str>) -> (Value, reqwest::header::HeaderMap) {
     let deadline = Instant::now() + EXPORT_DEADLINE;
     loop {
-        if let Some(done) = poll_once_auth(status_url, token) {
+        if let Some(done) = poll_once(status_url, token) {
             return done;
         }
         assert!(
@@ -688,8 +571,8 @@ pub fn wait_manifest_auth(
     }
 }
 
-/// `download_lines` with an optional bearer token.
-pub fn download_lines_auth(url: &str, token: Option<&str>) -> Vec<String> {
+/// Downloads one file without compression, checking its content type; returns its lines.
+pub fn download_lines(url: &str, token: Option<&str>) -> Vec<String> {
     let resp = get_with_token(url, token).send().unwrap();
     let status = resp.status();
     let content_type = resp
@@ -706,8 +589,9 @@ pub fn download_lines_auth(url: &str, token: Option<&str>) -> Vec<String> {
     body.lines().map(str::to_owned).collect()
 }
 
-/// `download_all` with an optional bearer token, over the manifest array `field` (`output` or `error`).
-pub fn download_all_auth(manifest: &Value, field: &str, token: Option<&str>) -> Vec<OutputFile> {
+/// Downloads every file of the manifest array `field` (`output` or `error`), checking each `count`
+/// equals its lines and each line is a resource of the declared type.
+pub fn download_all(manifest: &Value, field: &str, token: Option<&str>) -> Vec<OutputFile> {
     let outputs = manifest[field]
         .as_array()
         .unwrap_or_else(|| panic!("manifest without {field}: {manifest}"));
@@ -722,7 +606,7 @@ pub fn download_all_auth(manifest: &Value, field: &str, token: Option<&str>) -> 
                 .as_str()
                 .unwrap_or_else(|| panic!("{field} entry without url: {out}"))
                 .to_owned();
-            let lines = download_lines_auth(&url, token);
+            let lines = download_lines(&url, token);
             if let Some(count) = out.get("count") {
                 assert_eq!(
                     count.as_u64(),
@@ -744,6 +628,7 @@ pub fn download_all_auth(manifest: &Value, field: &str, token: Option<&str>) -> 
         .collect()
 }
 
+/// The value of one sample of a Prometheus text exposition: `series` is the metric name with its
 /// labels exactly as exposed, e.g. `fbp_jobs{state="running"}` (`None` when absent).
 pub fn prom_value(text: &str, series: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
