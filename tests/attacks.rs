@@ -2,26 +2,26 @@
 //! test named after the attack, so that a later change cannot quietly reopen one.
 //!
 //! Attacks tested elsewhere, not repeated here:
-//! - alg none: auth.rs::assertion_with_alg_none_is_rejected
-//! - HS256 keyed with the public key: auth.rs::assertion_hmac_signed_with_the_public_key_is_rejected
+//! - alg none: auth_token.rs::assertion_with_alg_none_is_rejected
+//! - HS256 keyed with the public key: auth_token.rs::assertion_hmac_signed_with_the_public_key_is_rejected
 //! - tampered assertion payload, unregistered key under a registered kid:
-//!   auth.rs::assertion_with_a_bad_signature_is_rejected
-//! - wrong or missing kid: auth.rs::unknown_kid_is_rejected
-//! - expired assertion: auth.rs::expired_assertion_is_rejected
-//! - exp too far ahead (10 minutes, so an hour too): auth.rs::assertion_expiring_too_late_is_rejected
-//! - iss ≠ sub: auth.rs::assertion_with_iss_not_sub_is_rejected
-//! - wrong aud: auth.rs::assertion_with_wrong_aud_is_rejected
-//! - jku injection: auth.rs::foreign_jku_is_rejected_without_fetching_it
-//! - replay, and no jti: auth.rs::replayed_assertion_is_rejected
-//! - nbf ahead, crit: auth.rs::assertion_not_valid_yet_is_rejected, auth.rs::assertion_with_unknown_crit_is_rejected
-//! - unknown client: auth.rs::unknown_client_is_rejected
-//! - expired or foreign-key access token: auth.rs::expired_access_token_is_unauthorized,
-//!   auth.rs::access_token_signed_by_another_key_is_unauthorized
-//! - another client's jobs 404: auth.rs::another_clients_job_is_not_found
+//!   auth_token.rs::assertion_with_a_bad_signature_is_rejected
+//! - wrong or missing kid: auth_token.rs::unknown_kid_is_rejected
+//! - expired assertion: auth_token.rs::expired_assertion_is_rejected
+//! - exp too far ahead (10 minutes, so an hour too): auth_token.rs::assertion_expiring_too_late_is_rejected
+//! - iss ≠ sub: auth_token.rs::assertion_with_iss_not_sub_is_rejected
+//! - wrong aud: auth_token.rs::assertion_with_wrong_aud_is_rejected
+//! - jku injection: auth_token.rs::foreign_jku_is_rejected_without_fetching_it
+//! - replay, and no jti: auth_token.rs::replayed_assertion_is_rejected
+//! - nbf ahead, crit: auth_token.rs::assertion_not_valid_yet_is_rejected, auth_token.rs::assertion_with_unknown_crit_is_rejected
+//! - unknown client: auth_token.rs::unknown_client_is_rejected
+//! - expired or foreign-key access token: auth_export.rs::expired_access_token_is_unauthorized,
+//!   auth_export.rs::access_token_signed_by_another_key_is_unauthorized
+//! - another client's jobs 404: auth_export.rs::another_clients_job_is_not_found
 //! - a narrow token downloading other types, the manifest listing them:
-//!   auth.rs::status_and_files_are_limited_to_the_polling_tokens_scopes
-//! - require-token pass-through scopes: auth.rs::pass_through_with_require_token_needs_the_scope_of_the_interaction
-//! - client X-Forwarded-*/Forwarded: auth.rs::pass_through_replaces_client_forwarding_headers
+//!   auth_export.rs::status_and_files_are_limited_to_the_polling_tokens_scopes
+//! - require-token pass-through scopes: auth_passthrough.rs::pass_through_with_require_token_needs_the_scope_of_the_interaction
+//! - client X-Forwarded-*/Forwarded: auth_passthrough.rs::pass_through_replaces_client_forwarding_headers
 //! - export path spellings reaching the upstream: bypass.rs (every test)
 //! - disk full: limits.rs::export_over_max_disk_bytes_fails_with_507
 //! - `_typeFilter` chains as an oracle (#20 item 1): with src/export/kickoff.rs, not here.
@@ -88,7 +88,7 @@ fn job_dir(f: &Fixture, status_url: &str) -> std::path::PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Client assertions (held before #20; the ones auth.rs does not already try)
+// Client assertions (held before #20; the ones tests/auth_token.rs does not already try)
 // ---------------------------------------------------------------------------------------------------------
 
 /// A header `jwk` naming the attacker's own key must not be used to verify the assertion it comes with.

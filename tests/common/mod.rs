@@ -715,7 +715,7 @@ pub fn openssl(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-// ---- Additions for tests/smart_fetch.rs: the expected content of a filtered Patient- or Group-level type. ----
+// ---- Oracles for Patient- and Group-level types, filtered or not. ----
 
 /// The parameters tying `ty` to a patient that the upstream can search: those of the Patient compartment,
 /// `patient` for a type outside it (Device); none when the upstream cannot search `ty` by patient.
@@ -766,7 +766,7 @@ pub fn direct_patient_linked(
     expected
 }
 
-// ---- Additions for tests/filters.rs: one registered backend client (ES384, inline JWKS) and its tokens. ----
+// ---- One registered backend client (ES384, inline JWKS) and its tokens. ----
 
 /// A SMART backend client with a fresh P-384 key, registered by the `[auth]` tables of
 /// [`BackendClient::auth_toml`].
