@@ -2,26 +2,26 @@
 //! test named after the attack, so that a later change cannot quietly reopen one.
 //!
 //! Attacks tested elsewhere, not repeated here:
-//! - alg none: auth.rs::assertion_with_alg_none_is_rejected
-//! - HS256 keyed with the public key: auth.rs::assertion_hmac_signed_with_the_public_key_is_rejected
+//! - alg none: auth_token.rs::assertion_with_alg_none_is_rejected
+//! - HS256 keyed with the public key: auth_token.rs::assertion_hmac_signed_with_the_public_key_is_rejected
 //! - tampered assertion payload, unregistered key under a registered kid:
-//!   auth.rs::assertion_with_a_bad_signature_is_rejected
-//! - wrong or missing kid: auth.rs::unknown_kid_is_rejected
-//! - expired assertion: auth.rs::expired_assertion_is_rejected
-//! - exp too far ahead (10 minutes, so an hour too): auth.rs::assertion_expiring_too_late_is_rejected
-//! - iss ≠ sub: auth.rs::assertion_with_iss_not_sub_is_rejected
-//! - wrong aud: auth.rs::assertion_with_wrong_aud_is_rejected
-//! - jku injection: auth.rs::foreign_jku_is_rejected_without_fetching_it
-//! - replay, and no jti: auth.rs::replayed_assertion_is_rejected
-//! - nbf ahead, crit: auth.rs::assertion_not_valid_yet_is_rejected, auth.rs::assertion_with_unknown_crit_is_rejected
-//! - unknown client: auth.rs::unknown_client_is_rejected
-//! - expired or foreign-key access token: auth.rs::expired_access_token_is_unauthorized,
-//!   auth.rs::access_token_signed_by_another_key_is_unauthorized
-//! - another client's jobs 404: auth.rs::another_clients_job_is_not_found
+//!   auth_token.rs::assertion_with_a_bad_signature_is_rejected
+//! - wrong or missing kid: auth_token.rs::unknown_kid_is_rejected
+//! - expired assertion: auth_token.rs::expired_assertion_is_rejected
+//! - exp too far ahead (10 minutes, so an hour too): auth_token.rs::assertion_expiring_too_late_is_rejected
+//! - iss ≠ sub: auth_token.rs::assertion_with_iss_not_sub_is_rejected
+//! - wrong aud: auth_token.rs::assertion_with_wrong_aud_is_rejected
+//! - jku injection: auth_token.rs::foreign_jku_is_rejected_without_fetching_it
+//! - replay, and no jti: auth_token.rs::replayed_assertion_is_rejected
+//! - nbf ahead, crit: auth_token.rs::assertion_not_valid_yet_is_rejected, auth_token.rs::assertion_with_unknown_crit_is_rejected
+//! - unknown client: auth_token.rs::unknown_client_is_rejected
+//! - expired or foreign-key access token: auth_export.rs::expired_access_token_is_unauthorized,
+//!   auth_export.rs::access_token_signed_by_another_key_is_unauthorized
+//! - another client's jobs 404: auth_export.rs::another_clients_job_is_not_found
 //! - a narrow token downloading other types, the manifest listing them:
-//!   auth.rs::status_and_files_are_limited_to_the_polling_tokens_scopes
-//! - require-token pass-through scopes: auth.rs::pass_through_with_require_token_needs_the_scope_of_the_interaction
-//! - client X-Forwarded-*/Forwarded: auth.rs::pass_through_replaces_client_forwarding_headers
+//!   auth_export.rs::status_and_files_are_limited_to_the_polling_tokens_scopes
+//! - require-token pass-through scopes: auth_passthrough.rs::pass_through_with_require_token_needs_the_scope_of_the_interaction
+//! - client X-Forwarded-*/Forwarded: auth_passthrough.rs::pass_through_replaces_client_forwarding_headers
 //! - export path spellings reaching the upstream: bypass.rs (every test)
 //! - disk full: limits.rs::export_over_max_disk_bytes_fails_with_507
 //! - `_typeFilter` chains as an oracle (#20 item 1): with src/export/kickoff.rs, not here.
@@ -52,8 +52,8 @@ fn token_check(f: &Fixture, token: &str) -> u16 {
 
 /// Kicks off `query` with `token` and waits for the manifest; returns the status URL and the manifest.
 fn finished(f: &Fixture, query: &str, token: &str) -> (String, Value) {
-    let status_url = accepted_status_url(f.base(), kickoff_get_auth(f.base(), query, Some(token)));
-    let (manifest, _) = wait_manifest_auth(&status_url, Some(token));
+    let status_url = accepted_status_url(f.base(), kickoff_get(f.base(), query, Some(token)));
+    let (manifest, _) = wait_manifest(&status_url, Some(token));
     (status_url, manifest)
 }
 
@@ -88,7 +88,7 @@ fn job_dir(f: &Fixture, status_url: &str) -> std::path::PathBuf {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Client assertions (held before #20; the ones auth.rs does not already try)
+// Client assertions (held before #20; the ones tests/auth_token.rs does not already try)
 // ---------------------------------------------------------------------------------------------------------
 
 /// A header `jwk` naming the attacker's own key must not be used to verify the assertion it comes with.
@@ -263,7 +263,7 @@ fn revoked_client_token_cannot_kick_off() {
     let f = Fixture::start(&upstream(), "");
     let token = f.token(&rs_signer(), "system/*.rs").access_token;
     remove_client(&f, &rs_signer(), "system/*.rs");
-    let resp = kickoff_get_auth(f.base(), "$export?_type=Patient", Some(&token));
+    let resp = kickoff_get(f.base(), "$export?_type=Patient", Some(&token));
     assert_unauthorized(resp, "kick-off with the token of a removed client");
 }
 
@@ -299,7 +299,7 @@ fn revoked_client_token_cannot_download() {
     let token = f.token(&rs_signer(), "system/*.rs").access_token;
     let (_, manifest) = finished(&f, "$export?_type=Patient", &token);
     let file = first_file(&manifest);
-    download_lines_auth(&file, Some(&token));
+    download_lines(&file, Some(&token));
     remove_client(&f, &rs_signer(), "system/*.rs");
     let resp = get_with_token(&file, Some(&token)).send().unwrap();
     assert_unauthorized(resp, "download with the token of a removed client");
@@ -317,7 +317,7 @@ fn narrowed_client_token_loses_what_the_client_lost() {
     wait_until("client-rs refused Observation after the reload", || {
         f.ask(&rs_signer(), "system/Observation.rs").status == 400
     });
-    let resp = kickoff_get_auth(f.base(), "$export?_type=Observation", Some(&token));
+    let resp = kickoff_get(f.base(), "$export?_type=Observation", Some(&token));
     assert_eq!(
         resp.status(),
         403,
@@ -333,7 +333,7 @@ fn narrowed_client_token_loses_what_the_client_lost() {
         let status = get_with_token(url, Some(&token)).send().unwrap().status();
         assert_eq!(status.as_u16(), want, "{url} with the narrowed token");
     }
-    let (seen, _) = wait_manifest_auth(&both_url, Some(&token));
+    let (seen, _) = wait_manifest(&both_url, Some(&token));
     let types: Vec<&str> = seen["output"]
         .as_array()
         .unwrap()
@@ -374,7 +374,7 @@ fn removed_clients_jobs_are_cancelled_and_their_files_removed() {
         job_dir(&f, &other_url).is_dir(),
         "another client's job was removed too"
     );
-    wait_manifest_auth(&other_url, Some(&other));
+    wait_manifest(&other_url, Some(&other));
     // Registered again, the client finds no job: it was cancelled, not merely out of reach.
     register_again(&f, &original);
     let token = f.token(&rs_signer(), "system/*.rs").access_token;
@@ -396,9 +396,9 @@ fn removed_clients_jobs_are_kept_with_on_client_removed_keep() {
     // Reloads are handled one after the other: the removal's job handling is over once this one is seen.
     register_again(&f, &original);
     let token = f.token(&rs_signer(), "system/*.rs").access_token;
-    let (again, _) = wait_manifest_auth(&status_url, Some(&token));
+    let (again, _) = wait_manifest(&status_url, Some(&token));
     assert_eq!(again["output"], manifest["output"]);
-    download_lines_auth(&first_file(&manifest), Some(&token));
+    download_lines(&first_file(&manifest), Some(&token));
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -420,7 +420,7 @@ fn token_for_other_types_cannot_poll_the_job() {
     );
     assert_outcome(&body, "403 status");
     let patient = f.token(&rs_signer(), "system/Patient.rs").access_token;
-    wait_manifest_auth(&status_url, Some(&patient));
+    wait_manifest(&status_url, Some(&patient));
 }
 
 #[test]
@@ -434,7 +434,7 @@ fn token_for_other_types_cannot_cancel_the_job() {
         403,
         "DELETE with a system/Encounter.rs token",
     );
-    wait_manifest_auth(&status_url, Some(&wide));
+    wait_manifest(&status_url, Some(&wide));
     assert!(
         job_dir(&f, &status_url).is_dir(),
         "the job's files are gone"
@@ -530,7 +530,7 @@ fn typefilter_with_include_or_revinclude_is_refused() {
         "Observation?_revinclude=Provenance:target",
     ] {
         let query = format!("$export?_type=Observation&_typeFilter={}", enc(filter));
-        let resp = kickoff_get_auth(f.base(), &query, Some(&token));
+        let resp = kickoff_get(f.base(), &query, Some(&token));
         let status = resp.status();
         let body = resp.text().unwrap();
         assert_eq!(status, 400, "_typeFilter={filter}: {body}");
@@ -550,13 +550,13 @@ fn typefilter_include_with_a_modifier_reads_no_included_resources() {
         "Observation?_revinclude:iterate=Provenance:target",
     ] {
         let query = format!("$export?_type=Observation&_typeFilter={}", enc(filter));
-        let resp = kickoff_get_auth(f.base(), &query, Some(&token));
+        let resp = kickoff_get(f.base(), &query, Some(&token));
         if resp.status() == 400 {
             continue;
         }
         let status_url = accepted_status_url(f.base(), resp);
-        let (manifest, _) = wait_manifest_auth(&status_url, Some(&token));
-        let files = download_all_auth(&manifest, "output", Some(&token));
+        let (manifest, _) = wait_manifest(&status_url, Some(&token));
+        let files = download_all(&manifest, "output", Some(&token));
         assert!(
             files.iter().all(|file| file.ty == "Observation"),
             "_typeFilter={filter} exported {:?}",
@@ -581,7 +581,7 @@ fn typefilter_header_injection_reaches_no_upstream_header() {
     let proxy = Proxy::start(&format!("{}/fhir", upstream.origin), "");
     let filter = "Observation?code=x\r\nX-Injected: yes\r\n\r\nGET /evil HTTP/1.1";
     let query = format!("$export?_type=Observation&_typeFilter={}", enc(filter));
-    let resp = kickoff_get(&proxy.base, &query);
+    let resp = kickoff_get(&proxy.base, &query, None);
     match resp.status().as_u16() {
         400 => {}
         202 => {

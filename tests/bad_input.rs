@@ -218,10 +218,10 @@ fn lenient_handling_ignores_unknown_parameters() {
         .send()
         .unwrap();
     let status_url = accepted_status_url(&proxy.base, resp);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     let upstream = upstream();
     assert_same(
-        &resources_by_type(&download_all(&manifest)),
+        &resources_by_type(&download_all(&manifest, "output", None)),
         &direct_system(&upstream, Some(&["Patient"])),
     );
 }
@@ -257,7 +257,7 @@ fn bad_status_and_file_urls_get_404() {
     let status_url = finished_job(&proxy);
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     let base_path = url_path(&proxy.base);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     let file_url = manifest["output"][0]["url"]
         .as_str()
         .expect("finished job has no file")
@@ -313,9 +313,9 @@ fn bad_status_and_file_urls_get_404() {
 fn finished_job(proxy: &Proxy) -> String {
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
-    wait_manifest(&status_url);
+    wait_manifest(&status_url, None);
     status_url
 }
 
@@ -400,19 +400,19 @@ fn lenient_handling_narrows_to_what_is_usable() {
             .header("Prefer", "respond-async, handling=lenient")
             .send()
             .unwrap();
-        wait_manifest(&accepted_status_url(&proxy.base, resp)).0
+        wait_manifest(&accepted_status_url(&proxy.base, resp), None).0
     };
 
     let manifest = run("$export?_type=Patient,Observation&_typeFilter=Observation%3F_count%3D5");
     assert_same(
-        &resources_by_type(&download_all(&manifest)),
+        &resources_by_type(&download_all(&manifest, "output", None)),
         &direct_system(&upstream, Some(&["Patient"])),
     );
     let errors: Vec<String> = manifest["error"]
         .as_array()
         .expect("manifest without error array")
         .iter()
-        .flat_map(|e| download_lines(e["url"].as_str().unwrap()))
+        .flat_map(|e| download_lines(e["url"].as_str().unwrap(), None))
         .collect();
     assert!(
         errors
@@ -424,5 +424,8 @@ fn lenient_handling_narrows_to_what_is_usable() {
     let manifest = run("Patient/$export?_type=MissingType,Observation");
     let mut expected = direct_compartment(&upstream, &all_patient_ids(&upstream));
     expected.retain(|t, _| t == "Observation");
-    assert_same(&resources_by_type(&download_all(&manifest)), &expected);
+    assert_same(
+        &resources_by_type(&download_all(&manifest, "output", None)),
+        &expected,
+    );
 }

@@ -303,7 +303,9 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
 #[test]
 fn connections_that_never_finish_a_request_head_are_closed_after_the_header_timeout() {
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::start_tables(&up.base, "header_read_timeout_secs = 1", "", "", None);
+    let proxy = Proxy::builder(&up.base)
+        .server_toml("header_read_timeout_secs = 1")
+        .start();
     let authority = authority(&proxy);
     let start = std::time::Instant::now();
     // A partial head; a few bytes too few to tell HTTP/1 from HTTP/2; nothing at all.
@@ -341,13 +343,9 @@ fn connections_that_never_finish_a_request_head_are_closed_after_the_header_time
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::start_tables(
-        &up.base,
-        "header_read_timeout_secs = 60\nidle_timeout_secs = 1",
-        "",
-        "",
-        None,
-    );
+    let proxy = Proxy::builder(&up.base)
+        .server_toml("header_read_timeout_secs = 60\nidle_timeout_secs = 1")
+        .start();
     let authority = authority(&proxy);
     let stream = TcpStream::connect(&authority).unwrap();
     let mut writer = stream.try_clone().unwrap();
@@ -403,13 +401,9 @@ fn trickling_upstream(chunks: usize, chunk: usize, pause: Duration) -> String {
 fn a_slow_answer_in_flight_outlasts_the_header_and_idle_timeouts() {
     // 3.2 s of an answer trickling in from the upstream, with both timeouts at 1 s.
     let base = trickling_upstream(8, 1000, Duration::from_millis(400));
-    let proxy = Proxy::start_tables(
-        &base,
-        "header_read_timeout_secs = 1\nidle_timeout_secs = 1",
-        "",
-        "",
-        None,
-    );
+    let proxy = Proxy::builder(&base)
+        .server_toml("header_read_timeout_secs = 1\nidle_timeout_secs = 1")
+        .start();
     let body = common::client()
         .get(format!("{}/Binary/slow", proxy.base))
         .send()
@@ -424,13 +418,9 @@ fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
     // Far more than the socket buffers hold, read at about 12 MB/s: the proxy writes for seconds.
     let size = 48 << 20;
     let base = trickling_upstream(48, 1 << 20, Duration::ZERO);
-    let proxy = Proxy::start_tables(
-        &base,
-        "header_read_timeout_secs = 1\nidle_timeout_secs = 1",
-        "",
-        "",
-        None,
-    );
+    let proxy = Proxy::builder(&base)
+        .server_toml("header_read_timeout_secs = 1\nidle_timeout_secs = 1")
+        .start();
     let authority = authority(&proxy);
     let mut stream = TcpStream::connect(&authority).unwrap();
     write!(
@@ -469,13 +459,9 @@ fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
 async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
     use http_body_util::BodyExt;
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::start_tables(
-        &up.base,
-        "header_read_timeout_secs = 60\nidle_timeout_secs = 1",
-        "",
-        "",
-        None,
-    );
+    let proxy = Proxy::builder(&up.base)
+        .server_toml("header_read_timeout_secs = 60\nidle_timeout_secs = 1")
+        .start();
     let stream = tokio::net::TcpStream::connect(authority(&proxy))
         .await
         .unwrap();

@@ -19,28 +19,29 @@ const SLOW_EXPORT: &str = "page_size = 5";
 
 /// Kicks off with GET, waits, checks the manifest against the kick-off URL and downloads it all.
 fn run_get(proxy: &Proxy, path_and_query: &str) -> (Value, Vec<OutputFile>) {
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query));
-    let (manifest, headers) = wait_manifest(&status_url);
+    let status_url =
+        accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query, None));
+    let (manifest, headers) = wait_manifest(&status_url, None);
     check_manifest(
         &manifest,
         &headers,
         &proxy.base,
         &format!("{}/{path_and_query}", proxy.base),
     );
-    let files = download_all(&manifest);
+    let files = download_all(&manifest, "output", None);
     (manifest, files)
 }
 
 fn run_post(proxy: &Proxy, path: &str, parameters: &Value) -> (Value, Vec<OutputFile>) {
     let status_url = accepted_status_url(&proxy.base, kickoff_post(&proxy.base, path, parameters));
-    let (manifest, headers) = wait_manifest(&status_url);
+    let (manifest, headers) = wait_manifest(&status_url, None);
     check_manifest(
         &manifest,
         &headers,
         &proxy.base,
         &format!("{}/{path}", proxy.base),
     );
-    let files = download_all(&manifest);
+    let files = download_all(&manifest, "output", None);
     (manifest, files)
 }
 
@@ -482,10 +483,13 @@ fn gzip_download_decodes_to_the_plain_file() {
 #[test]
 fn delete_cancels_the_job() {
     let upstream = upstream();
-    let proxy = Proxy::start_with_config(&upstream, SLOW_EXPORT, SLOW_UPSTREAM);
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(SLOW_EXPORT)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
+    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export", None));
     assert!(
-        poll_once(&status_url).is_none(),
+        poll_once(&status_url, None).is_none(),
         "slow export finished at once"
     );
     let resp = client().delete(&status_url).send().unwrap();
@@ -527,8 +531,11 @@ fn delete_cancels_the_job() {
 fn polling_too_fast_gets_429_with_retry_after() {
     let upstream = upstream();
     let export = format!("{SLOW_EXPORT}\nmin_poll_interval_ms = 60000");
-    let proxy = Proxy::start_with_config(&upstream, &export, SLOW_UPSTREAM);
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&export)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
+    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export", None));
     let first = client().get(&status_url).send().unwrap().status();
     assert!(first == 202 || first == 429, "first poll answered {first}");
     let resp = client().get(&status_url).send().unwrap();
@@ -577,9 +584,12 @@ fn files_roll_at_resources_per_file() {
 fn max_concurrent_jobs_is_enforced() {
     let upstream = upstream();
     let export = format!("{SLOW_EXPORT}\nmax_concurrent_jobs = 1");
-    let proxy = Proxy::start_with_config(&upstream, &export, SLOW_UPSTREAM);
-    let first = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export"));
-    let resp = kickoff_get(&proxy.base, "$export?_type=Patient");
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&export)
+        .upstream_toml(SLOW_UPSTREAM)
+        .start();
+    let first = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "$export", None));
+    let resp = kickoff_get(&proxy.base, "$export?_type=Patient", None);
     let status = resp.status();
     let retry_after = resp
         .headers()
@@ -607,7 +617,7 @@ fn max_concurrent_jobs_is_enforced() {
     );
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let resp = kickoff_get(&proxy.base, "$export?_type=Patient");
+        let resp = kickoff_get(&proxy.base, "$export?_type=Patient", None);
         if resp.status() == 202 {
             break;
         }

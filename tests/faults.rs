@@ -429,7 +429,10 @@ const FAST_RETRIES: &str = "max_retries = 4\nretry_base_ms = 10\nretry_max_ms = 
 const DEADLINE: Duration = Duration::from_secs(90);
 
 fn proxy_for(fu: &FaultUpstream, upstream_toml: &str) -> Proxy {
-    Proxy::start_with_config(&fu.base, EXPORT_TOML, upstream_toml)
+    Proxy::builder(&fu.base)
+        .export_toml(EXPORT_TOML)
+        .upstream_toml(upstream_toml)
+        .start()
 }
 
 /// How a job ended: the HTTP status of its final status answer and its body.
@@ -477,7 +480,7 @@ fn export(proxy: &Proxy, fu: &FaultUpstream, query: &str) -> Ended {
 }
 
 fn export_within(proxy: &Proxy, fu: &FaultUpstream, query: &str, deadline: Duration) -> Ended {
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, query));
+    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, query, None));
     wait_end(&status_url, deadline, fu)
 }
 
@@ -494,11 +497,14 @@ fn assert_exact(ended: &Ended) {
     );
     let errors = ended.body["error"].as_array().map(Vec::len).unwrap_or(0);
     if errors > 0 {
-        let files = download_all_auth(&ended.body, "error", None);
+        let files = download_all(&ended.body, "error", None);
         let lines: Vec<&String> = files.iter().flat_map(|f| &f.lines).collect();
         panic!("expected no error file, the manifest lists {errors}: {lines:#?}");
     }
-    assert_same(&resources_by_type(&download_all(&ended.body)), &expected());
+    assert_same(
+        &resources_by_type(&download_all(&ended.body, "output", None)),
+        &expected(),
+    );
 }
 
 /// Checks an OperationOutcome is well formed; returns its whole text for matching.
@@ -523,7 +529,7 @@ fn assert_slice_failed(ended: &Ended, failed: &str) {
         "expected the job to complete with {failed} in error, got {}: {}",
         ended.status, ended.body
     );
-    let error_files = download_all_auth(&ended.body, "error", None);
+    let error_files = download_all(&ended.body, "error", None);
     let outcomes: Vec<Value> = error_files
         .iter()
         .flat_map(|f| &f.lines)
@@ -539,7 +545,7 @@ fn assert_slice_failed(ended: &Ended, failed: &str) {
         "SILENT FAILURE: no error OperationOutcome names {failed}; error file: {texts:#?}; manifest: {}",
         ended.body
     );
-    let exported = resources_by_type(&download_all(&ended.body));
+    let exported = resources_by_type(&download_all(&ended.body, "output", None));
     let mut want = expected();
     let want_failed = want.remove(failed).unwrap_or_default();
     let mut others = exported.clone();
@@ -919,7 +925,7 @@ fn empty_page_without_next_mid_search_is_not_silent() {
     );
     let proxy = proxy_for(&fu, FAST_RETRIES);
     let ended = export(&proxy, &fu, QUERY);
-    let exported = resources_by_type(&download_all(&ended.body));
+    let exported = resources_by_type(&download_all(&ended.body, "output", None));
     let got = exported.get("Observation").map(Vec::len).unwrap_or(0);
     let want = expected()["Observation"].len();
     if got != want {
@@ -945,7 +951,7 @@ fn metadata_down_fails_the_job() {
         &fu,
         "max_retries = 2\nretry_base_ms = 10\nretry_max_ms = 100",
     );
-    let resp = kickoff_get(&proxy.base, QUERY);
+    let resp = kickoff_get(&proxy.base, QUERY, None);
     let status = resp.status().as_u16();
     let location = resp
         .headers()
@@ -981,7 +987,10 @@ fn patient_listing_down_fails_a_patient_export() {
         &fu,
         "max_retries = 2\nretry_base_ms = 10\nretry_max_ms = 100",
     );
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, "Patient/$export"));
+    let status_url = accepted_status_url(
+        &proxy.base,
+        kickoff_get(&proxy.base, "Patient/$export", None),
+    );
     let ended = wait_end(&status_url, DEADLINE, &fu);
     assert_job_failed(ended.status, &ended.body);
 }

@@ -12,7 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{prom_value, scrape, Launch, Proxy, ADMIN_TOML};
+use common::{prom_value, scrape, Proxy};
 
 /// A base URL on 127.0.0.1 where nothing listens.
 fn no_upstream() -> String {
@@ -69,16 +69,12 @@ fn at_the_open_file_limit_the_accept_loop_waits_instead_of_spinning() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("proxy.log");
     // The cap is well above what 128 descriptors allow, so accept itself hits EMFILE.
-    let (proxy, _) = Proxy::start_custom(
-        &no_upstream(),
-        &Launch {
-            server_toml: "max_connections = 10000",
-            open_files: Some(128),
-            stderr_file: Some(&log),
-            rust_log: Some("fhir_bulk_proxy=info"),
-            ..Launch::default()
-        },
-    );
+    let proxy = Proxy::builder(&no_upstream())
+        .server_toml("max_connections = 10000")
+        .open_files(128)
+        .log_to(&log)
+        .rust_log("fhir_bulk_proxy=info")
+        .start();
     let authority = authority(&proxy.base);
     // More than the process has descriptors: the rest wait in the listen queue.
     let held: Vec<TcpStream> = (0..200)
@@ -117,15 +113,11 @@ fn at_the_open_file_limit_the_accept_loop_waits_instead_of_spinning() {
 
 #[test]
 fn past_max_connections_a_client_waits_until_a_connection_closes() {
-    let (proxy, admin) = Proxy::start_custom(
-        &no_upstream(),
-        &Launch {
-            server_toml: "max_connections = 4",
-            tables_toml: ADMIN_TOML,
-            ..Launch::default()
-        },
-    );
-    let admin = admin.unwrap();
+    let proxy = Proxy::builder(&no_upstream())
+        .server_toml("max_connections = 4")
+        .admin()
+        .start();
+    let admin = proxy.admin_url();
     let authority = authority(&proxy.base);
     let mut held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(&authority).unwrap())

@@ -55,18 +55,16 @@ fn observation_filter(filter: &str) -> String {
 fn filters_that_read_types_outside_the_grant_are_forbidden_also_when_lenient() {
     let upstream = upstream();
     let client = BackendClient::new("oracle");
-    let proxy = Proxy::start_with_config(
-        &upstream,
-        &client.auth_toml(
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&client.auth_toml(
             "",
             &[
                 "system/Observation.read",
                 "system/Patient.read",
                 "system/DiagnosticReport.read",
             ],
-        ),
-        "",
-    );
+        ))
+        .start();
     let token = client.token(&proxy.base, "system/Observation.read");
     // The same token may filter by Observation's own elements: the refusals are for what the filters read.
     let (status, body) = kickoff(
@@ -99,11 +97,9 @@ fn filters_within_the_grant_export_exactly_what_they_select() {
     let upstream = upstream();
     let client = BackendClient::new("chains");
     let scope = "system/Observation.read system/Patient.read system/DiagnosticReport.read";
-    let proxy = Proxy::start_with_config(
-        &upstream,
-        &client.auth_toml("", &scope.split(' ').collect::<Vec<_>>()),
-        "",
-    );
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&client.auth_toml("", &scope.split(' ').collect::<Vec<_>>()))
+        .start();
     let token = client.token(&proxy.base, scope);
     let all = search_all(&format!("{upstream}/Observation?_count=500")).len();
     for (filter, _) in ORACLES {
@@ -116,8 +112,8 @@ fn filters_within_the_grant_export_exactly_what_they_select() {
         .send()
         .unwrap();
         let status_url = accepted_status_url(&proxy.base, resp);
-        let (manifest, _) = wait_manifest_auth(&status_url, Some(&token));
-        let files = download_all_auth(&manifest, "output", Some(&token));
+        let (manifest, _) = wait_manifest(&status_url, Some(&token));
+        let files = download_all(&manifest, "output", Some(&token));
         let mut expected = Expected::new();
         let (name, value) = filter.split_once('=').unwrap();
         add_search(
@@ -157,8 +153,8 @@ fn a_filter_parameter_the_upstream_does_not_list_is_refused_or_dropped_never_ign
         .send()
         .unwrap();
     let status_url = accepted_status_url(&proxy.base, resp);
-    let (manifest, _) = wait_manifest(&status_url);
-    let exported = resources_by_type(&download_all(&manifest));
+    let (manifest, _) = wait_manifest(&status_url, None);
+    let exported = resources_by_type(&download_all(&manifest, "output", None));
     let mut expected = Expected::new();
     add_search(&mut expected, &upstream, "Patient", "gender=female");
     let everyone = all_patient_ids(&upstream).len();
@@ -167,7 +163,7 @@ fn a_filter_parameter_the_upstream_does_not_list_is_refused_or_dropped_never_ign
         "gender=female selects every patient"
     );
     assert_same(&exported, &expected);
-    let errors: Vec<String> = download_all_auth(&manifest, "error", None)
+    let errors: Vec<String> = download_all(&manifest, "error", None)
         .into_iter()
         .flat_map(|f| f.lines)
         .collect();
@@ -200,14 +196,12 @@ fn since_in_the_future_is_refused() {
 fn pass_through_searches_may_read_only_granted_types() {
     let upstream = upstream();
     let client = BackendClient::new("searcher");
-    let proxy = Proxy::start_with_config(
-        &upstream,
-        &client.auth_toml(
+    let proxy = Proxy::builder(&upstream)
+        .export_toml(&client.auth_toml(
             "pass_through = \"require-token\"",
             &["system/Observation.read", "system/Patient.read"],
-        ),
-        "",
-    );
+        ))
+        .start();
     let observations = client.token(&proxy.base, "system/Observation.read");
     let both = client.token(&proxy.base, "system/Observation.read system/Patient.read");
     let search = |query: &str, token: &str| {

@@ -575,9 +575,9 @@ fn bad_input_never_gets_5xx_and_never_escapes() {
     // One real, complete job, so that file paths can start from a real job directory.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     let file_url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     let file_name = file_url.rsplit('/').next().unwrap().to_owned();
@@ -755,10 +755,12 @@ fn bad_input_never_gets_5xx_and_never_escapes() {
     );
 
     // The real job and its file are still served (the proxy is alive and sane after all that).
-    let (manifest_after, _) =
-        wait_manifest(&format!("{}/$bulk-status/{}", target.base, target.job_id));
+    let (manifest_after, _) = wait_manifest(
+        &format!("{}/$bulk-status/{}", target.base, target.job_id),
+        None,
+    );
     assert_eq!(manifest_after["output"], manifest["output"]);
-    assert!(!download_lines(&file_url).is_empty());
+    assert!(!download_lines(&file_url, None).is_empty());
     println!(
         "fuzz cases run: {total} ({} requests, {} kick-offs accepted and deleted, {} hyper-level 4xx without OperationOutcome)",
         target.requests.load(Ordering::Relaxed),

@@ -95,11 +95,11 @@ fn every_client_gets_every_line_of_a_gzip_file() {
     let proxy = Proxy::start(&upstream, EXPORT_TOML);
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Observation"),
+        kickoff_get(&proxy.base, "$export?_type=Observation", None),
     );
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     // Without Accept-Encoding: inflated by the proxy; `download_all` checks each count and type.
-    let files = download_all(&manifest);
+    let files = download_all(&manifest, "output", None);
     assert_same(
         &resources_by_type(&files),
         &direct_system(&upstream, Some(&["Observation"])),

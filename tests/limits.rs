@@ -25,7 +25,11 @@ use serde_json::{json, Value};
 const SLOW_UPSTREAM: &str = "requests_per_second = 2";
 
 fn start(server: &str, upstream_toml: &str, export: &str) -> Proxy {
-    Proxy::start_tables(&upstream(), server, upstream_toml, export, None)
+    Proxy::builder(&upstream())
+        .server_toml(server)
+        .upstream_toml(upstream_toml)
+        .export_toml(export)
+        .start()
 }
 
 /// A token unique to this test run, for ids written to the shared read-write upstream.
@@ -140,9 +144,10 @@ fn exported_count(files: &[OutputFile]) -> usize {
 }
 
 fn run_export(proxy: &Proxy, path_and_query: &str) -> (Value, Vec<OutputFile>) {
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query));
-    let (manifest, _) = wait_manifest(&status_url);
-    let files = download_all(&manifest);
+    let status_url =
+        accepted_status_url(&proxy.base, kickoff_get(&proxy.base, path_and_query, None));
+    let (manifest, _) = wait_manifest(&status_url, None);
+    let files = download_all(&manifest, "output", None);
     (manifest, files)
 }
 
@@ -256,14 +261,14 @@ fn max_jobs_per_client_refuses_only_that_client() {
 
     let first = accepted_status_url(
         &proxy.base,
-        kickoff_get_auth(&proxy.base, "$export", Some(&token_a)),
+        kickoff_get(&proxy.base, "$export", Some(&token_a)),
     );
     assert!(
-        poll_once_auth(&first, Some(&token_a)).is_none(),
+        poll_once(&first, Some(&token_a)).is_none(),
         "client A's first export finished at once: slow the upstream down further"
     );
 
-    let resp = kickoff_get_auth(&proxy.base, "$export?_type=Patient", Some(&token_a));
+    let resp = kickoff_get(&proxy.base, "$export?_type=Patient", Some(&token_a));
     let status = resp.status();
     let retry_after = resp
         .headers()
@@ -285,10 +290,10 @@ fn max_jobs_per_client_refuses_only_that_client() {
     // Another client is not held back by A's job.
     accepted_status_url(
         &proxy.base,
-        kickoff_get_auth(&proxy.base, "$export?_type=Patient", Some(&token_b)),
+        kickoff_get(&proxy.base, "$export?_type=Patient", Some(&token_b)),
     );
     assert!(
-        poll_once_auth(&first, Some(&token_a)).is_none(),
+        poll_once(&first, Some(&token_a)).is_none(),
         "client A's export finished during the test: the 429 proved nothing"
     );
 }
@@ -376,7 +381,7 @@ fn export_over_max_resources_per_job_fails_with_413() {
     // 20 Patients and 35 Conditions: 55 resources.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     assert_job_failed(&proxy, &status_url, 413, "max_resources_per_job");
 }
@@ -393,7 +398,7 @@ fn export_over_max_disk_bytes_fails_with_507() {
     );
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Observation"),
+        kickoff_get(&proxy.base, "$export?_type=Observation", None),
     );
     assert_job_failed(&proxy, &status_url, 507, "max_disk_bytes");
 }
@@ -409,7 +414,7 @@ fn export_over_max_requests_per_job_fails_with_413() {
     // 20 Patients at 5 a page: 4 pages at least.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     assert_job_failed(&proxy, &status_url, 413, "max_requests_per_job");
 }
@@ -431,21 +436,21 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
     let upstream = upstream();
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("proxy.log");
-    let mut proxy = Proxy::start_tables(
-        &upstream,
-        "shutdown_grace_secs = 5",
-        SLOW_UPSTREAM,
-        "page_size = 5",
-        Some(("fhir_bulk_proxy=info", &log)),
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .server_toml("shutdown_grace_secs = 5")
+        .upstream_toml(SLOW_UPSTREAM)
+        .export_toml("page_size = 5")
+        .log_to(&log)
+        .rust_log("fhir_bulk_proxy=info")
+        .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let status_path = url_path(&status_url);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
-        poll_once(&status_url).is_none(),
+        poll_once(&status_url, None).is_none(),
         "the export finished before SIGTERM: slow the upstream down further"
     );
 
@@ -470,8 +475,8 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
     );
 
     proxy.restart();
-    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)));
-    let files = download_all(&manifest);
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)), None);
+    let files = download_all(&manifest, "output", None);
     assert_same(
         &resources_by_type(&files),
         &direct_system(&upstream, Some(&["Patient", "Condition"])),
@@ -520,7 +525,9 @@ fn slow_upstream(delay: Duration) -> (String, mpsc::Receiver<()>) {
 #[test]
 fn sigterm_lets_a_slow_pass_through_request_finish_and_refuses_new_connections() {
     let (upstream, arrived) = slow_upstream(Duration::from_secs(3));
-    let mut proxy = Proxy::start_tables(&upstream, "shutdown_grace_secs = 10", "", "", None);
+    let mut proxy = Proxy::builder(&upstream)
+        .server_toml("shutdown_grace_secs = 10")
+        .start();
     let addr: SocketAddr = origin(&proxy.base)
         .strip_prefix("http://")
         .unwrap()
@@ -647,7 +654,7 @@ fn since_export_reports_deleted_resources_as_transaction_bundles() {
     for entry in deleted {
         assert_eq!(entry["type"], "Bundle", "deleted entry type: {entry}");
         let url = entry["url"].as_str().unwrap();
-        let lines = download_lines(url);
+        let lines = download_lines(url, None);
         if let Some(count) = entry.get("count") {
             assert_eq!(count.as_u64(), Some(lines.len() as u64), "count of {url}");
         }
@@ -699,7 +706,7 @@ fn patient_export_with_since_says_deletions_are_not_reported() {
             enc("2000-01-01T00:00:00Z")
         ),
     );
-    let errors = download_all_auth(&manifest, "error", None);
+    let errors = download_all(&manifest, "error", None);
     let texts: Vec<String> = errors
         .iter()
         .flat_map(|f| f.lines.iter())
@@ -764,7 +771,7 @@ fn expired_jobs_are_reaped_and_foreign_files_are_kept() {
 
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let manifest = wait_manifest_fast(&status_url);
     let finished = Instant::now();
@@ -793,7 +800,7 @@ fn expired_jobs_are_reaped_and_foreign_files_are_kept() {
     // Stopped before expiry, started after it: the job goes at start-up.
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     wait_manifest_fast(&status_url);
     proxy.kill9();

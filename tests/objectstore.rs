@@ -153,16 +153,14 @@ fn download_raw(manifest: &Value) -> Vec<(OutputFile, Vec<u8>)> {
 }
 
 fn start(prefix: &str, serve: &str, export_toml: &str) -> (Proxy, String) {
-    let tables = format!("{ADMIN_TOML}\n{}", storage_toml(&bucket(), prefix, serve));
-    let (proxy, admin) = Proxy::start_custom(
-        &upstream(),
-        &Launch {
-            export_toml,
-            tables_toml: &tables,
-            ..Launch::default()
-        },
-    );
-    (proxy, admin.unwrap())
+    let tables = storage_toml(&bucket(), prefix, serve);
+    let proxy = Proxy::builder(&upstream())
+        .export_toml(export_toml)
+        .admin()
+        .tables(&tables)
+        .start();
+    let admin = proxy.admin_url();
+    (proxy, admin)
 }
 
 /// Waits until nothing is left under `prefix` in the bucket.
@@ -189,10 +187,10 @@ fn proxy_serve_streams_files_from_the_bucket() {
     let (proxy, _admin) = start(&prefix, "proxy", "resources_per_file = 250");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}")),
+        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}"), None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     assert_eq!(manifest["requiresAccessToken"], false, "{manifest}");
     let files_base = format!("{}/$bulk-files/{id}/", proxy.base);
     for out in manifest["output"].as_array().unwrap() {
@@ -219,7 +217,7 @@ fn proxy_serve_streams_files_from_the_bucket() {
         "expected Observation over several files of 250"
     );
     // The usual download helper (content type application/fhir+ndjson) works the same.
-    download_all(&manifest);
+    download_all(&manifest, "output", None);
 
     // Every file is one object `{prefix}{id}/{name}` of the same bytes; nothing else is there.
     let job_prefix = format!("{prefix}{id}/");
@@ -294,10 +292,10 @@ fn presigned_urls_serve_files_without_the_proxy() {
     let (proxy, _admin) = start(&prefix, "presigned", "expire_after_secs = 600");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}")),
+        kickoff_get(&proxy.base, &format!("$export?_type={TYPES}"), None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     assert_eq!(
         manifest["requiresAccessToken"], false,
         "presigned URLs need no token: {manifest}"
@@ -383,10 +381,10 @@ fn delete_removes_the_objects() {
     let (proxy, _admin) = start(&prefix, "presigned", "");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     let urls: Vec<String> = manifest["output"]
         .as_array()
         .unwrap()
@@ -427,10 +425,10 @@ fn operator_cancel_removes_the_objects_too() {
     let (proxy, admin) = start(&prefix, "proxy", "");
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let id = job_id_of(&status_url);
-    wait_manifest(&status_url);
+    wait_manifest(&status_url, None);
     let job_prefix = format!("{prefix}{id}/");
     assert!(!list_objects(&job_prefix).is_empty(), "no objects uploaded");
     let resp = client()
@@ -450,18 +448,12 @@ fn a_missing_bucket_never_yields_a_manifest() {
     let tables = storage_toml(&missing, &prefix, "proxy");
     // Refusing to start is fine; so is failing the job. Completing it is not.
     let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Proxy::start_custom(
-            &upstream(),
-            &Launch {
-                tables_toml: &tables,
-                ..Launch::default()
-            },
-        )
+        Proxy::builder(&upstream()).tables(&tables).start()
     }));
-    let Ok((proxy, _)) = started else {
+    let Ok(proxy) = started else {
         return;
     };
-    let resp = kickoff_get(&proxy.base, "$export?_type=Patient");
+    let resp = kickoff_get(&proxy.base, "$export?_type=Patient", None);
     if resp.status() != 202 {
         assert!(
             resp.status().is_server_error(),

@@ -52,7 +52,8 @@ fn closed_port() -> u16 {
 #[test]
 fn admin_endpoints_answer_and_are_never_forwarded() {
     let upstream = upstream();
-    let (proxy, admin) = Proxy::start_full(&upstream, "");
+    let proxy = Proxy::builder(&upstream).admin().start();
+    let admin = proxy.admin_url();
 
     let (status, body) = get(&format!("{admin}/healthz"));
     assert_eq!(status, 200, "healthz: {body}");
@@ -152,7 +153,8 @@ fn fake_upstream(listener: TcpListener) {
 fn readyz_follows_the_upstream() {
     let port = closed_port();
     let dead = format!("http://127.0.0.1:{port}/fhir");
-    let (_proxy, admin) = Proxy::start_full(&dead, "");
+    let proxy = Proxy::builder(&dead).admin().start();
+    let admin = proxy.admin_url();
 
     let (status, body) = get(&format!("{admin}/healthz"));
     assert_eq!(
@@ -202,22 +204,18 @@ struct Sample {
 #[test]
 fn metrics_follow_an_export() {
     let upstream = upstream();
-    let (proxy, admin) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            upstream_toml: "requests_per_second = 5",
-            export_toml: "page_size = 20",
-            tables_toml: ADMIN_TOML,
-            ..Launch::default()
-        },
-    );
-    let admin = admin.unwrap();
+    let proxy = Proxy::builder(&upstream)
+        .upstream_toml("requests_per_second = 5")
+        .export_toml("page_size = 20")
+        .admin()
+        .start();
+    let admin = proxy.admin_url();
     let start = scrape(&admin);
     assert_eq!(metric(&start, "fbp_exported_resources_total"), 0.0);
     assert_eq!(metric(&start, "fbp_exported_bytes_total"), 0.0);
 
     let query = format!("$export?_type={}", EXPORT_TYPES.join(","));
-    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, &query));
+    let status_url = accepted_status_url(&proxy.base, kickoff_get(&proxy.base, &query, None));
     let mut samples = Vec::new();
     let deadline = Instant::now() + EXPORT_DEADLINE;
     let manifest = loop {
@@ -227,7 +225,7 @@ fn metrics_follow_an_export() {
                 + metric(&text, "fbp_jobs{state=\"accepted\"}"),
             resources: metric(&text, "fbp_exported_resources_total"),
         });
-        if let Some((manifest, _)) = poll_once(&status_url) {
+        if let Some((manifest, _)) = poll_once(&status_url, None) {
             break manifest;
         }
         assert!(Instant::now() < deadline, "export not complete in time");
@@ -317,7 +315,8 @@ fn metrics_follow_an_export() {
 #[test]
 fn passthrough_counter_counts_each_request() {
     let upstream = upstream();
-    let (proxy, admin) = Proxy::start_full(&upstream, "");
+    let proxy = Proxy::builder(&upstream).admin().start();
+    let admin = proxy.admin_url();
     let before = scrape(&admin);
     const N: usize = 7;
     for i in 0..N {
@@ -368,19 +367,15 @@ fn jobs_cli(admin: &str, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn jobs_cli_lists_shows_and_cancels() {
     let upstream = upstream();
-    let (proxy, admin) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            upstream_toml: "requests_per_second = 2",
-            export_toml: "page_size = 5",
-            tables_toml: ADMIN_TOML,
-            ..Launch::default()
-        },
-    );
-    let admin = admin.unwrap();
+    let proxy = Proxy::builder(&upstream)
+        .upstream_toml("requests_per_second = 2")
+        .export_toml("page_size = 5")
+        .admin()
+        .start();
+    let admin = proxy.admin_url();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Observation,Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Observation,Patient", None),
     );
     let id = job_id_of(&status_url);
 
@@ -491,22 +486,18 @@ fn json_logs_carry_the_job_id() {
     let upstream = upstream();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let (mut proxy, _) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            global_args: &["--log-format", "json"],
-            stderr_file: Some(&log),
-            rust_log: Some("info,fhir_bulk_proxy=debug"),
-            ..Launch::default()
-        },
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .global_args(&["--log-format", "json"])
+        .log_to(&log)
+        .rust_log("info,fhir_bulk_proxy=debug")
+        .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Condition"),
+        kickoff_get(&proxy.base, "$export?_type=Patient,Condition", None),
     );
     let id = job_id_of(&status_url);
-    let (manifest, _) = wait_manifest(&status_url);
-    download_all(&manifest);
+    let (manifest, _) = wait_manifest(&status_url, None);
+    download_all(&manifest, "output", None);
     let (status, _) = get(&format!("{}/Patient?_count=1", proxy.base));
     assert_eq!(status, 200);
     std::thread::sleep(Duration::from_millis(300));
@@ -554,19 +545,16 @@ fn json_logs_by_environment_variable() {
     let upstream = upstream();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
-    let (mut proxy, admin) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            tables_toml: ADMIN_TOML,
-            envs: &[("FBP_LOG_FORMAT", "json")],
-            stderr_file: Some(&log),
-            rust_log: Some("debug"),
-            ..Launch::default()
-        },
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .admin()
+        .envs(&[("FBP_LOG_FORMAT", "json")])
+        .log_to(&log)
+        .rust_log("debug")
+        .start();
+    let admin = proxy.admin_url();
     let (status, _) = get(&format!("{}/metadata", proxy.base));
     assert_eq!(status, 200);
-    scrape(&admin.unwrap());
+    scrape(&admin);
     std::thread::sleep(Duration::from_millis(300));
     proxy.kill9();
     let lines = read_json_lines(&log);
@@ -577,14 +565,10 @@ fn json_logs_by_environment_variable() {
 
     // The variable is really read: `pretty` gives lines that are not JSON.
     let pretty_log = dir.path().join("pretty.log");
-    let (mut proxy, _) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            envs: &[("FBP_LOG_FORMAT", "pretty")],
-            stderr_file: Some(&pretty_log),
-            ..Launch::default()
-        },
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .envs(&[("FBP_LOG_FORMAT", "pretty")])
+        .log_to(&pretty_log)
+        .start();
     std::thread::sleep(Duration::from_millis(300));
     proxy.kill9();
     let text = std::fs::read_to_string(&pretty_log).unwrap();
@@ -649,20 +633,16 @@ fn traces_go_to_the_configured_otlp_endpoint() {
     let sink = bodies.clone();
     std::thread::spawn(move || otlp_sink(listener, sink));
     let tables = format!("[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}/v1/traces\"\n");
-    let (mut proxy, _) = Proxy::start_custom(
-        &upstream,
-        &Launch {
-            tables_toml: &tables,
-            rust_log: Some("info"),
-            ..Launch::default()
-        },
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .tables(&tables)
+        .rust_log("info")
+        .start();
     let status_url = accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient"),
+        kickoff_get(&proxy.base, "$export?_type=Patient", None),
     );
     let id = job_id_of(&status_url);
-    wait_manifest(&status_url);
+    wait_manifest(&status_url, None);
     // SIGTERM: a clean exit flushes the spans still batched.
     Command::new("kill")
         .args(["-TERM", &proxy.child_pid().to_string()])

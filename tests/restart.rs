@@ -11,25 +11,24 @@ use common::*;
 /// Small pages and files and a slow upstream rate, so that an export lasts several seconds and a
 /// kill lands inside it.
 fn slow_proxy() -> Proxy {
-    Proxy::start_with_config(
-        &upstream(),
-        "page_size = 20\nresources_per_file = 50",
-        "requests_per_second = 10",
-    )
+    Proxy::builder(&upstream())
+        .export_toml("page_size = 20\nresources_per_file = 50")
+        .upstream_toml("requests_per_second = 10")
+        .start()
 }
 
 fn kickoff(proxy: &Proxy, path_and_query: &str) -> String {
     url_path(&accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, path_and_query),
+        kickoff_get(&proxy.base, path_and_query, None),
     ))
 }
 
 /// Restarts on the same data directory and waits for the job under its new base.
 fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
     proxy.restart();
-    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)));
-    let files = download_all(&manifest);
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)), None);
+    let files = download_all(&manifest, "output", None);
     for file in &files {
         assert!(
             file.url.starts_with(&proxy.base),
@@ -45,7 +44,7 @@ fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
 fn assert_running(proxy: &Proxy, status_path: &str) {
     let status_url = format!("{}{status_path}", origin(&proxy.base));
     assert!(
-        poll_once(&status_url).is_none(),
+        poll_once(&status_url, None).is_none(),
         "the export finished before the kill: slow the upstream down further"
     );
 }
@@ -134,11 +133,10 @@ fn kill_between_files() {
 #[test]
 fn kill_during_patient_export() {
     let mut rng = XorShift(0x0b5e_55ed_1234_5678);
-    let mut proxy = Proxy::start_with_config(
-        &upstream(),
-        "page_size = 20\nresources_per_file = 50\npatient_batch_size = 3",
-        "requests_per_second = 10",
-    );
+    let mut proxy = Proxy::builder(&upstream())
+        .export_toml("page_size = 20\nresources_per_file = 50\npatient_batch_size = 3")
+        .upstream_toml("requests_per_second = 10")
+        .start();
     let status_path = kickoff(&proxy, "Patient/$export");
     std::thread::sleep(Duration::from_millis(500 + rng.below(1500)));
     assert_running(&proxy, &status_path);
@@ -168,11 +166,10 @@ fn progress(proxy: &Proxy, status_path: &str) -> String {
 fn kill_repeatedly_during_planning() {
     const SLOW: &str = "requests_per_second = 8";
     let mut rng = XorShift(0x91a2_b3c4_d5e6_f708);
-    let mut proxy = Proxy::start_with_config(
-        &upstream(),
-        "page_size = 5\ntime_slices = 8\nslice_concurrency = 4",
-        SLOW,
-    );
+    let mut proxy = Proxy::builder(&upstream())
+        .export_toml("page_size = 5\ntime_slices = 8\nslice_concurrency = 4")
+        .upstream_toml(SLOW)
+        .start();
     let status_path = kickoff(&proxy, "$export");
     let mut kills = 0;
     while progress(&proxy, &status_path).contains("(planning)") {
@@ -222,11 +219,10 @@ fn has_file(dir: &Path, prefix: &str) -> bool {
 #[test]
 fn kill_while_referenced_resources_are_fetched() {
     let upstream = upstream();
-    let mut proxy = Proxy::start_with_config(
-        &upstream,
-        "page_size = 5\npatient_batch_size = 20",
-        "requests_per_second = 5",
-    );
+    let mut proxy = Proxy::builder(&upstream)
+        .export_toml("page_size = 5\npatient_batch_size = 20")
+        .upstream_toml("requests_per_second = 5")
+        .start();
     let status_path = kickoff(
         &proxy,
         "Patient/$export?_type=DiagnosticReport,Practitioner",

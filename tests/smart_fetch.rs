@@ -98,7 +98,7 @@ fn setup() -> Setup {
         "scopes": ["system/*.rs"], "jwks": {"keys": [ec_jwk(&key, KID)]}}]}});
     // The `[auth]` tables follow the `[export]` table the harness writes.
     let auth = format!("\n{}", toml::to_string(&auth).unwrap());
-    let proxy = Proxy::start_with_config(&upstream(), &auth, "");
+    let proxy = Proxy::builder(&upstream()).export_toml(&auth).start();
     Setup {
         proxy,
         key_file,

@@ -107,16 +107,15 @@ fn twenty_kills_during_one_20k_export() {
         .unwrap_or(0x5707_2024_dead_beef);
     let mut rng = XorShift(seed);
     // Small pages and files, and a slow request rate so that the export outlives 20 kills.
-    let mut proxy = Proxy::start_with_config(
-        &rw,
-        "page_size = 200\nresources_per_file = 1000",
-        "requests_per_second = 2",
-    );
+    let mut proxy = Proxy::builder(&rw)
+        .export_toml("page_size = 200\nresources_per_file = 1000")
+        .upstream_toml("requests_per_second = 2")
+        .start();
     let filter = enc(&format!("Basic?code={}", enc(&format!("{SYSTEM}|{CODE}"))));
     let query = format!("$export?_type=Basic&_typeFilter={filter}");
     let status_path = url_path(&accepted_status_url(
         &proxy.base,
-        kickoff_get(&proxy.base, &query),
+        kickoff_get(&proxy.base, &query, None),
     ));
     let started = Instant::now();
     let mut kills = 0;
@@ -127,7 +126,7 @@ fn twenty_kills_during_one_20k_export() {
         std::thread::sleep(delay);
         let status_url = format!("{}{status_path}", origin(&proxy.base));
         assert!(
-            poll_once(&status_url).is_none(),
+            poll_once(&status_url, None).is_none(),
             "the export finished after only {kills} kills (seed {seed:#x}): slow it down"
         );
         proxy.kill9();
@@ -136,14 +135,14 @@ fn twenty_kills_during_one_20k_export() {
     }
     println!("kills survived: {kills} (seed {seed:#x}, delays ms {delays:?})");
     let status_url = format!("{}{status_path}", origin(&proxy.base));
-    let (manifest, _) = wait_manifest(&status_url);
+    let (manifest, _) = wait_manifest(&status_url, None);
     println!("export finished {:?} after kick-off", started.elapsed());
     assert_eq!(
         manifest["error"].as_array().map(Vec::len),
         Some(0),
         "errors after the storm: {manifest}"
     );
-    let files = download_all(&manifest);
+    let files = download_all(&manifest, "output", None);
     let mut expected = Expected::new();
     add_search(
         &mut expected,

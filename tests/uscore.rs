@@ -31,7 +31,7 @@ const SMART_FETCH_TYPES: [&str; 15] = [
 ];
 
 fn run(proxy: &Proxy, resp: reqwest::blocking::Response) -> Value {
-    wait_manifest(&accepted_status_url(&proxy.base, resp)).0
+    wait_manifest(&accepted_status_url(&proxy.base, resp), None).0
 }
 
 /// What each of `types` holds for `patients` by a direct search of the upstream: Patient by `_id`, every
@@ -63,7 +63,7 @@ fn error_lines(manifest: &Value) -> Vec<Value> {
         .as_array()
         .expect("manifest without error array")
         .iter()
-        .flat_map(|e| download_lines(e["url"].as_str().unwrap()))
+        .flat_map(|e| download_lines(e["url"].as_str().unwrap(), None))
         .map(|l| serde_json::from_str(&l).unwrap())
         .collect()
 }
@@ -85,10 +85,16 @@ fn smart_fetch_types_export_as_direct_searches_at_group_and_patient_level() {
         (format!("Group/{GROUP_ID}/$export"), members),
         ("Patient/$export".to_owned(), all_patient_ids(&upstream)),
     ] {
-        let manifest = run(&proxy, kickoff_get(&proxy.base, &format!("{path}?{query}")));
+        let manifest = run(
+            &proxy,
+            kickoff_get(&proxy.base, &format!("{path}?{query}"), None),
+        );
         let expected = direct_by_patient(&upstream, &SMART_FETCH_TYPES, &patients);
         assert!(total(&expected) > 0, "{path}: nothing to compare");
-        assert_same(&resources_by_type(&download_all(&manifest)), &expected);
+        assert_same(
+            &resources_by_type(&download_all(&manifest, "output", None)),
+            &expected,
+        );
     }
 }
 
@@ -104,10 +110,14 @@ fn a_type_the_upstream_cannot_search_by_patient_is_exported_empty_with_a_note() 
     let proxy = Proxy::start(&upstream, "");
     let manifest = run(
         &proxy,
-        kickoff_get(&proxy.base, "Patient/$export?_type=Observation,Endpoint"),
+        kickoff_get(
+            &proxy.base,
+            "Patient/$export?_type=Observation,Endpoint",
+            None,
+        ),
     );
     assert_same(
-        &resources_by_type(&download_all(&manifest)),
+        &resources_by_type(&download_all(&manifest, "output", None)),
         &direct_by_patient(&upstream, &["Observation"], &all_patient_ids(&upstream)),
     );
     let outcomes = error_lines(&manifest);
@@ -129,7 +139,11 @@ fn a_type_the_upstream_cannot_search_by_patient_is_exported_empty_with_a_note() 
         "the note on Endpoint is not informational: {notes:?}"
     );
 
-    let not_a_type = kickoff_get(&proxy.base, "Group/bulk-test-group/$export?_type=NotAType");
+    let not_a_type = kickoff_get(
+        &proxy.base,
+        "Group/bulk-test-group/$export?_type=NotAType",
+        None,
+    );
     assert_eq!(not_a_type.status(), 400, "_type=NotAType");
 
     let strict = Proxy::start(&upstream, "unsearchable_type = \"reject\"");
@@ -138,7 +152,7 @@ fn a_type_the_upstream_cannot_search_by_patient_is_exported_empty_with_a_note() 
         "Group/bulk-test-group/$export?_type=Endpoint",
         "Patient/$export?_type=NotAType",
     ] {
-        let resp = kickoff_get(&strict.base, path);
+        let resp = kickoff_get(&strict.base, path, None);
         let status = resp.status();
         let body = resp.text().unwrap();
         assert_eq!(status, 400, "reject mode, {path}: {body}");
@@ -163,8 +177,8 @@ fn referenced_resources_come_with_the_data_once_and_only_within_type() {
     let upstream = upstream();
     let proxy = Proxy::start(&upstream, "patient_batch_size = 4");
     for path in ["Patient/$export", "Group/bulk-test-group/$export"] {
-        let manifest = run(&proxy, kickoff_get(&proxy.base, path));
-        let exported = resources_by_type(&download_all(&manifest));
+        let manifest = run(&proxy, kickoff_get(&proxy.base, path, None));
+        let exported = resources_by_type(&download_all(&manifest, "output", None));
         let expected = referenced(&upstream, data_of(&exported), &REFERENCED_TYPES);
         assert!(
             expected.contains_key("Practitioner"),
@@ -177,9 +191,16 @@ fn referenced_resources_come_with_the_data_once_and_only_within_type() {
 
     let manifest = run(
         &proxy,
-        kickoff_get(&proxy.base, "Patient/$export?_type=Observation,Patient"),
+        kickoff_get(
+            &proxy.base,
+            "Patient/$export?_type=Observation,Patient",
+            None,
+        ),
     );
-    let types: BTreeSet<String> = download_all(&manifest).into_iter().map(|f| f.ty).collect();
+    let types: BTreeSet<String> = download_all(&manifest, "output", None)
+        .into_iter()
+        .map(|f| f.ty)
+        .collect();
     assert_eq!(
         types,
         ["Observation", "Patient"].map(String::from).into(),
@@ -191,9 +212,10 @@ fn referenced_resources_come_with_the_data_once_and_only_within_type() {
         kickoff_get(
             &proxy.base,
             "Patient/$export?_type=Observation,Practitioner",
+            None,
         ),
     );
-    let exported = resources_by_type(&download_all(&manifest));
+    let exported = resources_by_type(&download_all(&manifest, "output", None));
     let mut expected = direct_by_patient(&upstream, &["Observation"], &all_patient_ids(&upstream));
     let practitioners = referenced(
         &upstream,
@@ -311,7 +333,7 @@ fn every_referenced_type_is_fetched_once_and_devices_by_patient() {
     );
     let group_manifest = run(
         &proxy,
-        kickoff_get(&proxy.base, &format!("Group/{}/$export", id("group"))),
+        kickoff_get(&proxy.base, &format!("Group/{}/$export", id("group")), None),
     );
     let ids = |names: &[&str]| {
         let mut v: Vec<String> = names.iter().map(|n| id(n)).collect();
@@ -331,7 +353,7 @@ fn every_referenced_type_is_fetched_once_and_devices_by_patient() {
     .collect();
     let types: Vec<&str> = want.keys().map(String::as_str).collect();
     for (what, manifest) in [("Patient", patient_manifest), ("Group", group_manifest)] {
-        let exported = resources_by_type(&download_all(&manifest));
+        let exported = resources_by_type(&download_all(&manifest, "output", None));
         assert_eq!(ids_of(&exported, &types), want, "{what} export");
         let mut expected = direct_by_patient(
             &upstream,

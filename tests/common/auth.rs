@@ -421,8 +421,12 @@ impl Fixture {
             toml_inline(&ec_jwks),
         );
         let proxy = match log {
-            None => Proxy::start_with_config(upstream, &auth, ""),
-            Some((rust_log, path)) => Proxy::start_logged(upstream, &auth, "", rust_log, path),
+            None => Proxy::builder(upstream).export_toml(&auth).start(),
+            Some((rust_log, path)) => Proxy::builder(upstream)
+                .export_toml(&auth)
+                .log_to(path)
+                .rust_log(rust_log)
+                .start(),
         };
         Fixture {
             proxy,
@@ -704,10 +708,10 @@ pub fn export_with_token(
     path_and_query: &str,
     token: &str,
 ) -> (Value, Vec<OutputFile>) {
-    let status_url = accepted_status_url(base, kickoff_get_auth(base, path_and_query, Some(token)));
-    let (manifest, _) = wait_manifest_auth(&status_url, Some(token));
+    let status_url = accepted_status_url(base, kickoff_get(base, path_and_query, Some(token)));
+    let (manifest, _) = wait_manifest(&status_url, Some(token));
     check_auth_manifest(&manifest, &format!("{base}/{path_and_query}"));
-    let files = download_all_auth(&manifest, "output", Some(token));
+    let files = download_all(&manifest, "output", Some(token));
     (manifest, files)
 }
 
