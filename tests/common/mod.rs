@@ -103,35 +103,16 @@ pub fn openssl(args: &[&str]) -> Vec<u8> {
 pub struct BackendClient {
     /// Its `client_id`.
     pub client_id: String,
-    private_pem: String,
-    x: String,
-    y: String,
+    key: auth::EcKey,
 }
 
 impl BackendClient {
     /// Generates the client's key with the `openssl` CLI.
     pub fn new(client_id: &str) -> BackendClient {
-        use base64::Engine;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("key.pem");
-        let p = path.to_str().unwrap();
-        openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-            "-out",
-            p,
-        ]);
-        let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
-        let point = &der[der.len() - 97..];
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         BackendClient {
             client_id: client_id.to_owned(),
-            private_pem: std::fs::read_to_string(&path).unwrap(),
-            x: b64.encode(&point[1..49]),
-            y: b64.encode(&point[49..97]),
+            key: auth::ec_key(dir.path(), "key"),
         }
     }
 
@@ -144,8 +125,8 @@ impl BackendClient {
              jwks = {{ keys = [{{ kty = \"EC\", kid = \"k1\", alg = \"ES384\", use = \"sig\", crv = \"P-384\", x = {:?}, y = {:?} }}] }}\n",
             self.client_id,
             scopes.join(", "),
-            self.x,
-            self.y
+            self.key.x,
+            self.key.y
         )
     }
 
@@ -163,7 +144,7 @@ impl BackendClient {
         });
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES384);
         header.kid = Some("k1".into());
-        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.private_pem.as_bytes()).unwrap();
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.key.private_pem.as_bytes()).unwrap();
         let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
         let form = url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs([
