@@ -270,6 +270,30 @@ pub struct Slice {
 }
 
 impl Slice {
+    /// A slice not started yet: slice `index` of job `job_id`, running `searches` for `resource_type`.
+    pub fn pending(
+        job_id: &str,
+        index: u32,
+        resource_type: &str,
+        kind: SliceKind,
+        searches: Vec<String>,
+    ) -> Slice {
+        Slice {
+            job_id: job_id.to_owned(),
+            index,
+            resource_type: resource_type.to_owned(),
+            kind,
+            searches,
+            search_index: 0,
+            next: None,
+            state: SliceState::Pending,
+            files: Vec::new(),
+            pages: 0,
+            total: None,
+            visited: Vec::new(),
+        }
+    }
+
     /// Resources written so far.
     pub fn lines(&self) -> u64 {
         self.files.iter().map(|f| f.lines).sum()

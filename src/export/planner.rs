@@ -7,8 +7,7 @@ use url::Url;
 use crate::export::compartment;
 use crate::export::ranges::{self, format_ms, parse_ms, Range, Split};
 use crate::store::{
-    ExportSpec, Job, Level, Planning, Slice, SliceKind, SliceState, Store, StoreError,
-    TypeSelection,
+    ExportSpec, Job, Level, Planning, Slice, SliceKind, Store, StoreError, TypeSelection,
 };
 use crate::upstream::bundle::read_matches;
 use crate::upstream::{Capability, Upstream, UpstreamError};
@@ -164,20 +163,7 @@ fn new_slice(
 ) -> Slice {
     let index = progress.slices;
     progress.slices += 1;
-    Slice {
-        job_id: job.id.clone(),
-        index,
-        resource_type: resource_type.to_owned(),
-        kind,
-        searches,
-        search_index: 0,
-        next: None,
-        state: SliceState::Pending,
-        files: Vec::new(),
-        pages: 0,
-        total: None,
-        visited: Vec::new(),
-    }
+    Slice::pending(&job.id, index, resource_type, kind, searches)
 }
 
 /// Stores planning progress with the slices it added.

@@ -16,7 +16,7 @@ use url::Url;
 use crate::export::compartment::REFERENCED_TYPES;
 use crate::export::kickoff::is_fhir_id;
 use crate::export::planner::elements_for;
-use crate::store::{ExportSpec, Job, Level, Slice, SliceKind, SliceState};
+use crate::store::{ExportSpec, Job, Level, Slice, SliceKind};
 use crate::upstream::{Capability, Upstream};
 
 /// Ids per `_id=` search: long enough lists to save requests, URLs well below common limits (~7 kB).
@@ -171,20 +171,13 @@ pub fn slices(
                     url.to_string()
                 })
                 .collect();
-            out.push(Slice {
-                job_id: job.id.clone(),
+            out.push(Slice::pending(
+                &job.id,
                 index,
-                resource_type: t.clone(),
-                kind: SliceKind::Resources,
+                t,
+                SliceKind::Resources,
                 searches,
-                search_index: 0,
-                next: None,
-                state: SliceState::Pending,
-                files: Vec::new(),
-                pages: 0,
-                total: None,
-                visited: Vec::new(),
-            });
+            ));
             index += 1;
         }
     }
@@ -195,6 +188,7 @@ pub fn slices(
 mod tests {
     use super::*;
     use crate::export::writer::NdjsonWriter;
+    use crate::store::SliceState;
 
     #[test]
     fn only_relative_references_count() {
