@@ -24,25 +24,6 @@ const CLIENT_ID: &str = "smart-fetch";
 const KID: &str = "smart-fetch-1";
 const GROUP: &str = "bulk-test-group";
 
-/// smart-fetch's types when given no `--type` (`smart_fetch.resources.PATIENT_TYPES`, US Core's).
-const DEFAULT_TYPES: &[&str] = &[
-    "AllergyIntolerance",
-    "Condition",
-    "Device",
-    "DiagnosticReport",
-    "DocumentReference",
-    "Encounter",
-    "EpisodeOfCare",
-    "Immunization",
-    "MedicationDispense",
-    "MedicationRequest",
-    "Observation",
-    "Patient",
-    "Procedure",
-    "ServiceRequest",
-    "Specimen",
-];
-
 /// smart-fetch's Observation filter when given none for it (`smart_fetch.filtering`, servers other
 /// than Epic). Every Observation of the test data is `laboratory` or `vital-signs`, so it keeps them
 /// all: `explicit_filter` is the test that a filter is applied.
@@ -320,7 +301,7 @@ fn group_export_with_the_default_types_and_filters() {
     let setup = setup();
     let upstream = upstream();
     let run = run_smart_fetch(&setup, "group", &["--group", GROUP]);
-    assert_requested(&run, DEFAULT_TYPES, DEFAULT_OBSERVATION_FILTER);
+    assert_requested(&run, &SMART_FETCH_TYPES, DEFAULT_OBSERVATION_FILTER);
     let members = group_member_ids(&upstream, GROUP);
     let mut expected = Expected::new();
     add_search(
@@ -329,7 +310,7 @@ fn group_export_with_the_default_types_and_filters() {
         "Patient",
         &format!("_id={}", enc(&members.join(","))),
     );
-    for ty in DEFAULT_TYPES.iter().filter(|ty| **ty != "Patient") {
+    for ty in SMART_FETCH_TYPES.iter().filter(|ty| **ty != "Patient") {
         let filter = if *ty == "Observation" {
             DEFAULT_OBSERVATION_FILTER
         } else {

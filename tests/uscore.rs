@@ -11,25 +11,6 @@ use serde_json::{json, Value};
 
 const GROUP_ID: &str = "bulk-test-group";
 
-/// The types smart-fetch 1.0.3 asks a Group export for (US Core's).
-const SMART_FETCH_TYPES: [&str; 15] = [
-    "AllergyIntolerance",
-    "Condition",
-    "Device",
-    "DiagnosticReport",
-    "DocumentReference",
-    "Encounter",
-    "EpisodeOfCare",
-    "Immunization",
-    "MedicationDispense",
-    "MedicationRequest",
-    "Observation",
-    "Patient",
-    "Procedure",
-    "ServiceRequest",
-    "Specimen",
-];
-
 fn run(proxy: &Proxy, resp: reqwest::blocking::Response) -> Value {
     wait_manifest(&accepted_status_url(&proxy.base, resp), None).0
 }

@@ -98,6 +98,26 @@ pub fn openssl(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// The types smart-fetch 1.0.3 asks for when given no `--type` (`smart_fetch.resources.PATIENT_TYPES`,
+/// US Core's), as its Group exports send them.
+pub const SMART_FETCH_TYPES: [&str; 15] = [
+    "AllergyIntolerance",
+    "Condition",
+    "Device",
+    "DiagnosticReport",
+    "DocumentReference",
+    "Encounter",
+    "EpisodeOfCare",
+    "Immunization",
+    "MedicationDispense",
+    "MedicationRequest",
+    "Observation",
+    "Patient",
+    "Procedure",
+    "ServiceRequest",
+    "Specimen",
+];
+
 /// A SMART backend client with a fresh P-384 key, registered by the `[auth]` tables of
 /// [`BackendClient::auth_toml`].
 pub struct BackendClient {
