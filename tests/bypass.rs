@@ -10,11 +10,11 @@
 
 mod common;
 
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::mock::{Mock, Reply};
 use common::*;
 
 /// Owned operations, as paths after the FHIR base: the proxy's own endpoints, export operations it does
@@ -71,68 +71,42 @@ fn variants(base: &str, op: &str) -> Vec<String> {
     ]
 }
 
-/// What reached the recorder: one request target per request.
-#[derive(Clone, Default)]
-struct Recorder {
-    targets: Arc<Mutex<Vec<String>>>,
+/// Starts the recorder on a free port: it answers like a tiny FHIR server and records every request.
+fn recorder() -> Mock {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // The searchset's self link must name the recorder's own address, known once bound.
+    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+    Mock::routes()
+        .route(None, |p| p.ends_with("/metadata"), |_| {
+            Reply::fhir(capability_statement().to_string())
+        })
+        .route(None, |p| p.ends_with("/Group/G"), |_| {
+            Reply::fhir(
+                serde_json::json!({"resourceType": "Group", "id": "G", "type": "person", "actual": true,
+                    "member": [{"entity": {"reference": "Patient/p1"}}]})
+                .to_string(),
+            )
+        })
+        .any(move |request| {
+            let target = request.target();
+            let status = if request.path().ends_with("/Group/broken") { 500 } else { 200 };
+            Reply::fhir(
+                serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
+                    "link": [{"relation": "self", "url": format!("{base}{}", target.strip_prefix("/fhir").unwrap_or(target))}]})
+                .to_string(),
+            )
+            .status(status)
+        })
+        .start_on(listener)
 }
 
-impl Recorder {
-    /// Serves on a free port; returns the base URL `http://127.0.0.1:PORT/fhir`.
-    fn start(&self) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
-        let (targets, public) = (self.targets.clone(), base.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().map_while(Result::ok) {
-                let (targets, base) = (targets.clone(), public.clone());
-                std::thread::spawn(move || serve(stream, &targets, &base));
-            }
-        });
-        base
-    }
-
-    fn targets(&self) -> Vec<String> {
-        self.targets.lock().unwrap().clone()
-    }
-}
-
-/// Answers the requests of one connection (keep-alive) until it closes.
-fn serve(stream: TcpStream, targets: &Mutex<Vec<String>>, base: &str) {
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = BufReader::new(stream);
-    while let Some((line, length)) = read_request_head(&mut reader) {
-        let target = line.split(' ').nth(1).unwrap_or_default().to_owned();
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).is_err() {
-            return;
-        }
-        targets.lock().unwrap().push(target.clone());
-        let path = target.split('?').next().unwrap_or_default();
-        let status = if path.ends_with("/Group/broken") {
-            "500 Internal Server Error"
-        } else {
-            "200 OK"
-        };
-        let answer = if path.ends_with("/metadata") {
-            capability_statement()
-        } else if path.ends_with("/Group/G") {
-            serde_json::json!({"resourceType": "Group", "id": "G", "type": "person", "actual": true,
-                "member": [{"entity": {"reference": "Patient/p1"}}]})
-        } else {
-            serde_json::json!({"resourceType": "Bundle", "type": "searchset", "total": 0,
-                "link": [{"relation": "self", "url": format!("{base}{}", target.strip_prefix("/fhir").unwrap_or(&target))}]})
-        };
-        let body = answer.to_string();
-        let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        if writer.write_all(head.as_bytes()).is_err() || writer.write_all(body.as_bytes()).is_err()
-        {
-            return;
-        }
-    }
+/// The request targets that reached `recorder`, exactly as they arrived.
+fn targets(recorder: &Mock) -> Vec<String> {
+    recorder
+        .requests()
+        .iter()
+        .map(|r| r.target().to_owned())
+        .collect()
 }
 
 fn capability_statement() -> serde_json::Value {
@@ -246,8 +220,8 @@ fn all_variants(base_path: &str) -> Vec<String> {
 
 #[test]
 fn no_spelling_of_an_owned_operation_reaches_the_upstream() {
-    let recorder = Recorder::default();
-    let upstream = recorder.start();
+    let recorder = recorder();
+    let upstream = recorder.base();
     let proxy = Proxy::start(&upstream, "");
     let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
     let variants = all_variants(&url_path(&proxy.base));
@@ -261,8 +235,7 @@ fn no_spelling_of_an_owned_operation_reaches_the_upstream() {
     }
     // Kick-offs the proxy accepted plan searches upstream; give them time to be sent.
     std::thread::sleep(Duration::from_secs(2));
-    let leaked: Vec<String> = recorder
-        .targets()
+    let leaked: Vec<String> = targets(&recorder)
         .into_iter()
         .filter(|t| {
             let path = decoded_path(t);
@@ -272,7 +245,7 @@ fn no_spelling_of_an_owned_operation_reaches_the_upstream() {
     println!(
         "{} variants x HTTP/1.1 and HTTP/2; proxy answers by status: {answered:?}; {} requests reached the upstream",
         variants.len(),
-        recorder.targets().len()
+        targets(&recorder).len()
     );
     assert!(
         leaked.is_empty(),
@@ -312,8 +285,8 @@ fn the_real_upstreams_own_export_is_never_reached() {
 
 #[test]
 fn ordinary_requests_with_odd_spellings_are_forwarded_normalised() {
-    let recorder = Recorder::default();
-    let upstream = recorder.start();
+    let recorder = recorder();
+    let upstream = recorder.base();
     let proxy = Proxy::start(&upstream, "");
     let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
     let base = url_path(&proxy.base);
@@ -325,35 +298,35 @@ fn ordinary_requests_with_odd_spellings_are_forwarded_normalised() {
             "/fhir/Patient/p1?x=%2F",
         ),
     ] {
-        let before = recorder.targets().len();
+        let before = targets(&recorder).len();
         let (status, _) = get_raw_http1(&addr, &sent);
         assert_eq!(status, 200, "{sent}");
         assert_eq!(
-            recorder.targets()[before..],
+            targets(&recorder)[before..],
             [expected.to_owned()],
             "{sent}"
         );
     }
-    let before = recorder.targets().len();
+    let before = targets(&recorder).len();
     let (status, _) = get_raw_http1(&addr, "/elsewhere/Patient");
     assert_eq!(status, 404, "a path outside the base is not forwarded");
-    assert_eq!(recorder.targets().len(), before);
+    assert_eq!(targets(&recorder).len(), before);
 }
 
 #[test]
 fn group_ids_that_are_dot_segments_are_not_found_and_errors_name_no_upstream() {
-    let recorder = Recorder::default();
-    let upstream = recorder.start();
+    let recorder = recorder();
+    let upstream = recorder.base();
     let proxy = Proxy::start(&upstream, "");
     let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
     let upstream_authority = origin(&upstream).trim_start_matches("http://").to_owned();
     let base = url_path(&proxy.base);
     for id in [".", "..", "%2e", "%2E%2e", "%2e%2e%2f"] {
-        let before = recorder.targets().len();
+        let before = targets(&recorder).len();
         let (status, head) = get_raw_http1(&addr, &format!("{base}/Group/{id}/$export"));
         assert_eq!(status, 404, "Group/{id}/$export: {head}");
         assert_eq!(
-            recorder.targets().len(),
+            targets(&recorder).len(),
             before,
             "Group/{id} reached the upstream"
         );

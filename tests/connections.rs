@@ -10,84 +10,31 @@ mod common;
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::{read_request_head, Proxy};
+use common::mock::{After, Mock, Reply};
+use common::Proxy;
 use serde_json::Value;
 
-/// What the test upstream does with a connection after each answer.
-#[derive(Clone, Copy, PartialEq)]
-enum After {
-    /// Keeps it open for the next request.
-    KeepAlive,
-    /// Answers with `Connection: close` and closes it.
-    SayClose,
-    /// Closes it without a word, as a server whose keep-alive timeout just ran out does.
-    SilentClose,
-}
-
-struct Upstream {
-    base: String,
-    accepted: Arc<AtomicUsize>,
-}
-
 /// Starts the test upstream on a free port; every answer waits `delay` first.
-fn upstream(after: After, delay: Duration) -> Upstream {
+fn upstream(after: After, delay: Duration) -> Mock {
     serve_on(TcpListener::bind("127.0.0.1:0").unwrap(), after, delay)
 }
 
-/// Runs the test upstream on `listener`.
-fn serve_on(listener: TcpListener, after: After, delay: Duration) -> Upstream {
-    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().map_while(Result::ok) {
-            let n = count.fetch_add(1, Ordering::SeqCst) + 1;
-            std::thread::spawn(move || serve(stream, n, after, delay));
-        }
-    });
-    Upstream { base, accepted }
-}
-
-fn serve(stream: TcpStream, connection: usize, after: After, delay: Duration) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut stream = stream;
-    for request in 1.. {
-        let Some((line, length)) = read_request_head(&mut reader) else {
-            return;
-        };
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        std::thread::sleep(delay);
-        let answer = serde_json::json!({
-            "resourceType": "Basic",
-            "request": line.trim_end(),
-            "body": String::from_utf8_lossy(&body),
-            "connection": connection,
-            "n": request,
+/// Runs the test upstream on `listener`: each answer names its request and the connection that carried it.
+fn serve_on(listener: TcpListener, after: After, delay: Duration) -> Mock {
+    Mock::routes()
+        .any(move |request| {
+            let answer = serde_json::json!({
+                "resourceType": "Basic",
+                "request": request.line(),
+                "body": String::from_utf8_lossy(&request.body),
+                "connection": request.connection,
+                "n": request.n,
+            });
+            Reply::fhir(answer.to_string()).delay(delay).then(after)
         })
-        .to_string();
-        let close = if after == After::SayClose {
-            "Connection: close\r\n"
-        } else {
-            ""
-        };
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n{close}\r\n",
-            answer.len()
-        );
-        if stream.write_all(head.as_bytes()).is_err()
-            || stream.write_all(answer.as_bytes()).is_err()
-        {
-            return;
-        }
-        if after != After::KeepAlive {
-            return;
-        }
-    }
+        .start_on(listener)
 }
 
 /// Sends `count` GETs one after another on one keep-alive connection to the proxy; returns the answers.
@@ -147,7 +94,7 @@ fn sequential_on_one_connection(proxy: &Proxy, count: usize) -> Vec<Value> {
 #[test]
 fn an_inbound_connection_keeps_one_upstream_connection() {
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::start(&up.base, "");
+    let proxy = Proxy::start(&up.base(), "");
     let first = sequential_on_one_connection(&proxy, 20);
     let second = sequential_on_one_connection(&proxy, 20);
     for (answers, connection) in [
@@ -163,27 +110,27 @@ fn an_inbound_connection_keeps_one_upstream_connection() {
         assert_eq!(counts, (1..=20).collect::<Vec<u64>>());
     }
     assert_ne!(first[0]["connection"], second[0]["connection"]);
-    assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(up.connections(), 2);
 }
 
 #[test]
 fn upstream_closing_after_every_answer_is_invisible_to_the_client() {
     for after in [After::SayClose, After::SilentClose] {
         let up = upstream(after, Duration::ZERO);
-        let proxy = Proxy::start(&up.base, "");
+        let proxy = Proxy::start(&up.base(), "");
         let answers = sequential_on_one_connection(&proxy, 30);
         assert!(
             answers.iter().all(|a| a["n"] == 1),
             "a closed connection was reused"
         );
-        assert_eq!(up.accepted.load(Ordering::SeqCst), 30);
+        assert_eq!(up.connections(), 30);
     }
 }
 
 #[test]
 fn concurrent_http2_streams_on_one_connection_are_each_answered() {
     let up = upstream(After::KeepAlive, Duration::from_millis(200));
-    let proxy = Proxy::start(&up.base, "");
+    let proxy = Proxy::start(&up.base(), "");
     let client = reqwest::blocking::Client::builder()
         .http2_prior_knowledge()
         .timeout(Duration::from_secs(30))
@@ -212,7 +159,7 @@ fn concurrent_http2_streams_on_one_connection_are_each_answered() {
         assert_eq!(answer["request"], "POST /fhir/Basic/_search HTTP/1.1");
         assert_eq!(answer["body"], format!("stream={i}"));
     }
-    let accepted = up.accepted.load(Ordering::SeqCst);
+    let accepted = up.connections();
     assert!(
         accepted > 1,
         "12 overlapping streams were serialised on one upstream connection"
@@ -303,7 +250,7 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
 #[test]
 fn connections_that_never_finish_a_request_head_are_closed_after_the_header_timeout() {
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::builder(&up.base)
+    let proxy = Proxy::builder(&up.base())
         .server_toml("header_read_timeout_secs = 1")
         .start();
     let authority = authority(&proxy);
@@ -343,7 +290,7 @@ fn connections_that_never_finish_a_request_head_are_closed_after_the_header_time
 #[test]
 fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::builder(&up.base)
+    let proxy = Proxy::builder(&up.base())
         .server_toml("header_read_timeout_secs = 60\nidle_timeout_secs = 1")
         .start();
     let authority = authority(&proxy);
@@ -368,40 +315,21 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 /// An upstream whose one answer is `chunks` chunks of `chunk` bytes, `pause` apart.
-fn trickling_upstream(chunks: usize, chunk: usize, pause: Duration) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let base = format!("http://{}/fhir", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for stream in listener.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
-                    line.clear();
-                }
-                let mut stream = stream;
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
-                    chunks * chunk
-                );
-                stream.write_all(head.as_bytes()).unwrap();
-                for _ in 0..chunks {
-                    std::thread::sleep(pause);
-                    if stream.write_all(&vec![b'x'; chunk]).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    base
+fn trickling_upstream(chunks: usize, chunk: usize, pause: Duration) -> Mock {
+    Mock::routes()
+        .any(move |_| {
+            Reply::new(200, "application/octet-stream", vec![b'x'; chunks * chunk])
+                .drip(chunk, pause)
+                .then(After::SilentClose)
+        })
+        .start()
 }
 
 #[test]
 fn a_slow_answer_in_flight_outlasts_the_header_and_idle_timeouts() {
     // 3.2 s of an answer trickling in from the upstream, with both timeouts at 1 s.
-    let base = trickling_upstream(8, 1000, Duration::from_millis(400));
-    let proxy = Proxy::builder(&base)
+    let up = trickling_upstream(8, 1000, Duration::from_millis(400));
+    let proxy = Proxy::builder(&up.base())
         .server_toml("header_read_timeout_secs = 1\nidle_timeout_secs = 1")
         .start();
     let body = common::client()
@@ -417,8 +345,8 @@ fn a_slow_answer_in_flight_outlasts_the_header_and_idle_timeouts() {
 fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
     // Far more than the socket buffers hold, read at about 12 MB/s: the proxy writes for seconds.
     let size = 48 << 20;
-    let base = trickling_upstream(48, 1 << 20, Duration::ZERO);
-    let proxy = Proxy::builder(&base)
+    let up = trickling_upstream(48, 1 << 20, Duration::ZERO);
+    let proxy = Proxy::builder(&up.base())
         .server_toml("header_read_timeout_secs = 1\nidle_timeout_secs = 1")
         .start();
     let authority = authority(&proxy);
@@ -459,7 +387,7 @@ fn a_download_read_slowly_outlasts_the_header_and_idle_timeouts() {
 async fn an_idle_http2_connection_is_sent_away_after_the_idle_timeout() {
     use http_body_util::BodyExt;
     let up = upstream(After::KeepAlive, Duration::ZERO);
-    let proxy = Proxy::builder(&up.base)
+    let proxy = Proxy::builder(&up.base())
         .server_toml("header_read_timeout_secs = 60\nidle_timeout_secs = 1")
         .start();
     let stream = tokio::net::TcpStream::connect(authority(&proxy))

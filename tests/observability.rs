@@ -4,11 +4,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::mock::{After, Mock, Reply};
 use common::*;
 use serde_json::Value;
 
@@ -126,27 +127,12 @@ fn admin_endpoints_answer_and_are_never_forwarded() {
     }
 }
 
-/// A one-request HTTP server answering every request with 200 and a tiny CapabilityStatement.
-fn fake_upstream(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
-                if line == "\r\n" {
-                    break;
-                }
-                line.clear();
-            }
-            let body = r#"{"resourceType":"CapabilityStatement","status":"active","kind":"instance","fhirVersion":"4.0.1","format":["json"]}"#;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
+/// Serves on `listener`, answering every request with 200 and a tiny CapabilityStatement.
+fn fake_upstream(listener: TcpListener) -> Mock {
+    let body = r#"{"resourceType":"CapabilityStatement","status":"active","kind":"instance","fhirVersion":"4.0.1","format":["json"]}"#;
+    Mock::routes()
+        .any(move |_| Reply::fhir(body))
+        .start_on(listener)
 }
 
 #[test]
@@ -179,7 +165,7 @@ fn readyz_follows_the_upstream() {
         eprintln!("port {port} was taken meanwhile; skipping the recovery half");
         return;
     };
-    fake_upstream(listener);
+    let _upstream = fake_upstream(listener);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let (status, body) = get(&format!("{admin}/readyz"));
@@ -580,59 +566,22 @@ fn json_logs_by_environment_variable() {
     assert!(first.contains("INFO") || first.contains("DEBUG"), "{first}");
 }
 
-/// Requests an OTLP sink received: `"{path} {content type}"` and the body.
-type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
-
 /// Collects the bodies POSTed to an OTLP/HTTP traces endpoint.
-fn otlp_sink(listener: TcpListener, bodies: Received) {
-    for stream in listener.incoming() {
-        let Ok(mut stream) = stream else { continue };
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line).is_err() {
-            continue;
-        }
-        let mut length = 0;
-        let mut content_type = String::new();
-        loop {
-            let mut header = String::new();
-            reader.read_line(&mut header).unwrap();
-            let header = header.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let (name, value) = header.split_once(':').unwrap_or((header, ""));
-            match name.to_ascii_lowercase().as_str() {
-                "content-length" => length = value.trim().parse().unwrap_or(0),
-                "content-type" => content_type = value.trim().to_owned(),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; length];
-        reader.read_exact(&mut body).unwrap();
-        let path = request_line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or("")
-            .to_owned();
-        bodies
-            .lock()
-            .unwrap()
-            .push((format!("{path} {content_type}"), body));
-        let _ =
-            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-    }
+fn otlp_sink() -> Mock {
+    Mock::routes()
+        .record_bodies()
+        .any(|_| Reply::empty(200).then(After::SayClose))
+        .start()
 }
 
 #[test]
 fn traces_go_to_the_configured_otlp_endpoint() {
     let upstream = upstream();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sink = bodies.clone();
-    std::thread::spawn(move || otlp_sink(listener, sink));
-    let tables = format!("[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}/v1/traces\"\n");
+    let sink = otlp_sink();
+    let tables = format!(
+        "[telemetry]\notlp_endpoint = \"{}/v1/traces\"\n",
+        sink.origin()
+    );
     let mut proxy = Proxy::builder(&upstream)
         .tables(&tables)
         .rust_log("info")
@@ -651,7 +600,19 @@ fn traces_go_to_the_configured_otlp_endpoint() {
     assert!(proxy
         .wait_exit(Duration::from_secs(20))
         .is_some_and(|s| s.success()));
-    let bodies = bodies.lock().unwrap();
+    // `"{path} {content type}"` and the body of each request the sink received.
+    let bodies: Vec<(String, Vec<u8>)> = sink
+        .requests()
+        .into_iter()
+        .map(|r| {
+            let what = format!(
+                "{} {}",
+                r.target(),
+                r.header("content-type").unwrap_or_default()
+            );
+            (what, r.body)
+        })
+        .collect();
     assert!(!bodies.is_empty(), "no OTLP request arrived");
     assert!(
         bodies

@@ -4,10 +4,8 @@
 //! the proxy's own access tokens from its `signing_key_file`.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -15,6 +13,7 @@ use base64::Engine;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
+use super::mock::{Mock, Reply};
 use super::*;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -281,72 +280,34 @@ pub fn toml_inline(value: &Value) -> String {
 // A tiny HTTP server (JWKS URL, fake upstream), recording every request head
 // ---------------------------------------------------------------------------------------------------------
 
+/// A mock answering every request with 200 and one fixed body; the API `tests/auth.rs` was written against.
 pub struct Stub {
     /// `http://127.0.0.1:PORT`
     pub origin: String,
-    /// Request heads (request line and headers) in arrival order.
-    pub requests: Arc<Mutex<Vec<String>>>,
+    mock: Mock,
 }
 
 impl Stub {
     /// Serves `body` with `content_type` and status 200 to every request.
     pub fn start(body: String, content_type: &'static str) -> Stub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let origin = format!("http://{}", listener.local_addr().unwrap());
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let recorded = requests.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (body, recorded) = (body.clone(), recorded.clone());
-                std::thread::spawn(move || serve_one(stream, &body, content_type, &recorded));
-            }
-        });
-        Stub { origin, requests }
+        let mock = Mock::routes()
+            .any(move |_| Reply::new(200, content_type, body.clone()))
+            .start();
+        Stub {
+            origin: mock.origin().to_owned(),
+            mock,
+        }
     }
 
+    /// How many requests arrived.
     pub fn hits(&self) -> usize {
-        self.requests.lock().unwrap().len()
+        self.mock.hits()
     }
 
+    /// Request heads (request line and headers) in arrival order.
     pub fn heads(&self) -> Vec<String> {
-        self.requests.lock().unwrap().clone()
+        self.mock.heads()
     }
-}
-
-pub fn serve_one(stream: TcpStream, body: &str, content_type: &str, recorded: &Mutex<Vec<String>>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut head = String::new();
-    let mut content_length = 0usize;
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        if line == "\r\n" || line == "\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.trim().eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse().unwrap_or(0);
-            }
-        }
-        head.push_str(&line);
-    }
-    let mut request_body = vec![0; content_length];
-    let _ = reader.read_exact(&mut request_body);
-    recorded.lock().unwrap().push(head);
-    let mut stream = reader.into_inner();
-    let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes());
-    let _ = stream.flush();
 }
 
 /// The values of header `name` in a recorded request head.

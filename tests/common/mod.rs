@@ -4,6 +4,7 @@
 pub mod auth;
 mod client;
 mod expect;
+pub mod mock;
 mod proxy;
 
 // Each test binary uses a part of the harness, so some of these re-exports go unused in each.
@@ -30,11 +31,11 @@ pub fn upstream_rw() -> String {
         .expect("FBP_TEST_UPSTREAM_RW is not set: run the integration tests through tests/run")
 }
 
-/// Reads one HTTP/1.1 request head from `reader`, for the tests' own small servers: its request line
-/// and its `Content-Length` (0 when absent); `None` once the peer has closed.
+/// Reads one HTTP/1.1 request head from `reader`, for the tests' own small servers: its request line and
+/// header lines (without the blank line) and its `Content-Length` (0 when absent); `None` once the peer has closed.
 pub fn read_request_head(reader: &mut impl BufRead) -> Option<(String, usize)> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+    let mut head = String::new();
+    if reader.read_line(&mut head).unwrap_or(0) == 0 {
         return None;
     }
     let mut length = 0;
@@ -44,13 +45,14 @@ pub fn read_request_head(reader: &mut impl BufRead) -> Option<(String, usize)> {
             return None;
         }
         if header == "\r\n" {
-            return Some((line, length));
+            return Some((head, length));
         }
         if let Some((name, value)) = header.split_once(':') {
             if name.eq_ignore_ascii_case("content-length") {
                 length = value.trim().parse().expect("a numeric Content-Length");
             }
         }
+        head.push_str(&header);
     }
 }
 
