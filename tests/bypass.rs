@@ -221,8 +221,7 @@ fn all_variants(base_path: &str) -> Vec<String> {
 #[test]
 fn no_spelling_of_an_owned_operation_reaches_the_upstream() {
     let recorder = recorder();
-    let upstream = recorder.base();
-    let proxy = Proxy::start(&upstream, "");
+    let proxy = Proxy::start(&recorder.base(), "");
     let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
     let variants = all_variants(&url_path(&proxy.base));
     let (runtime, mut h2) = http2_sender(&addr);
@@ -286,8 +285,7 @@ fn the_real_upstreams_own_export_is_never_reached() {
 #[test]
 fn ordinary_requests_with_odd_spellings_are_forwarded_normalised() {
     let recorder = recorder();
-    let upstream = recorder.base();
-    let proxy = Proxy::start(&upstream, "");
+    let proxy = Proxy::start(&recorder.base(), "");
     let addr = origin(&proxy.base).trim_start_matches("http://").to_owned();
     let base = url_path(&proxy.base);
     for (sent, expected) in [
