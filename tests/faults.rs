@@ -1,5 +1,5 @@
-//! Fault injection between the proxy and the upstream: a small HTTP/1.1 reverse proxy (the "fault
-//! upstream") forwards the proxy's upstream calls to the real read-only upstream, rewrites the
+//! Fault injection between the proxy and the upstream: a small HTTP/1.1 reverse proxy on the mock upstream
+//! (the "fault upstream") forwards the proxy's upstream calls to the real read-only upstream, rewrites the
 //! upstream base in `Bundle.link` so that `next` links come back through it, and injects faults on
 //! chosen requests ("the Nth request for Observation", or a seeded PRNG).
 //!
@@ -14,12 +14,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::mock::{After, Mock, Reply};
 use common::*;
 use serde_json::Value;
 
@@ -113,11 +112,12 @@ struct Shared {
 /// Marker query parameter of the real page behind an injected empty page; stripped before forwarding.
 const PASS_MARK: &str = "fbp_fault_pass=1";
 
-/// The fault-injecting reverse proxy, plus a trap listener that must never see a connection.
+/// The fault-injecting reverse proxy (one catch-all route of the mock upstream), plus a trap mock that
+/// must never see a connection.
 struct FaultUpstream {
     base: String,
     shared: Arc<Shared>,
-    trap_hits: Arc<AtomicUsize>,
+    trap: Mock,
     name: String,
 }
 
@@ -126,27 +126,17 @@ impl FaultUpstream {
         let real_base = upstream();
         let real_origin = origin(&real_base);
         let base_path = url_path(&real_base);
+        // Bound first: the handler rewrites links to this origin.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let own_origin = format!("http://{}", listener.local_addr().unwrap());
-        let trap = TcpListener::bind("127.0.0.1:0").unwrap();
-        let trap_origin = format!("http://{}", trap.local_addr().unwrap());
-        let trap_hits = Arc::new(AtomicUsize::new(0));
-        {
-            let hits = trap_hits.clone();
-            std::thread::spawn(move || {
-                for stream in trap.incoming() {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    drop(stream);
-                }
-            });
-        }
+        let trap = Mock::routes().start();
         let shared = Arc::new(Shared {
             real_base,
             real_origin,
             own_base: format!("{own_origin}{base_path}"),
             own_origin,
             base_path,
-            trap_origin,
+            trap_origin: trap.origin().to_owned(),
             rule: Box::new(rule),
             counters: Mutex::new(BTreeMap::new()),
             log: Mutex::new(Vec::new()),
@@ -156,18 +146,14 @@ impl FaultUpstream {
                 .build()
                 .unwrap(),
         });
-        let accept_shared = shared.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let shared = accept_shared.clone();
-                std::thread::spawn(move || serve(&shared, stream));
-            }
-        });
+        let serving = shared.clone();
+        Mock::routes()
+            .any(move |request| answer(&serving, request.target()).then(After::SayClose))
+            .start_on(listener);
         FaultUpstream {
             base: shared.own_base.clone(),
             shared,
-            trap_hits,
+            trap,
             name: name.to_owned(),
         }
     }
@@ -203,44 +189,14 @@ impl Drop for FaultUpstream {
             "[{}] faults injected: {} (upstream requests: {requests}, trap connections: {})",
             self.name,
             self.summary(),
-            self.trap_hits.load(Ordering::SeqCst)
+            self.trap.connections()
         );
     }
 }
 
-/// Reads one request head (GET only: the proxy's upstream calls carry no body).
-fn read_head(stream: &mut TcpStream) -> Option<String> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .ok()?;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut byte).ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&byte[..n]);
-    }
-    let head = String::from_utf8_lossy(&buf).into_owned();
-    let line = head.lines().next()?;
-    let mut parts = line.split(' ');
-    let _method = parts.next()?;
-    Some(parts.next()?.to_owned())
-}
-
-fn respond(stream: &mut TcpStream, status: u16, extra: &[(&str, String)], body: &[u8]) {
-    let mut head = format!(
-        "HTTP/1.1 {status} Fault\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (name, value) in extra {
-        head.push_str(&format!("{name}: {value}\r\n"));
-    }
-    head.push_str("\r\n");
-    let _ = stream.write_all(head.as_bytes());
-    let _ = stream.write_all(body);
-    let _ = stream.flush();
+/// A FHIR JSON reply (every answer of the fault upstream is one, even the broken ones).
+fn fhir_reply(status: u16, body: impl Into<Vec<u8>>) -> Reply {
+    Reply::new(status, "application/fhir+json", body)
 }
 
 fn outcome_body(status: u16) -> Vec<u8> {
@@ -250,21 +206,9 @@ fn outcome_body(status: u16) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Blocks until the peer closes the connection (or 30 s pass).
-fn wait_for_close(stream: &mut TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut buf = [0u8; 256];
-    while let Ok(n) = stream.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn serve(shared: &Shared, mut stream: TcpStream) {
-    let Some(mut path_query) = read_head(&mut stream) else {
-        return;
-    };
+/// The fault upstream's answer to `path_query`: the rule's fault, or the real upstream's page as the fault bends it.
+fn answer(shared: &Shared, path_query: &str) -> Reply {
+    let mut path_query = path_query.to_owned();
     let marked = path_query.contains(PASS_MARK);
     if marked {
         path_query = path_query
@@ -304,23 +248,20 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         fault: fault.clone(),
     });
     match &fault {
-        Fault::Status(code) => return respond(&mut stream, *code, &[], &outcome_body(*code)),
+        Fault::Status(code) => return fhir_reply(*code, outcome_body(*code)),
         Fault::TooMany(ra) => {
-            let extra: Vec<(&str, String)> =
-                ra.iter().map(|s| ("Retry-After", s.to_string())).collect();
-            return respond(&mut stream, 429, &extra, &outcome_body(429));
+            let reply = fhir_reply(429, outcome_body(429));
+            return match ra {
+                Some(secs) => reply.header("Retry-After", secs.to_string()),
+                None => reply,
+            };
         }
-        Fault::Reset => {
-            let _ = stream.shutdown(Shutdown::Both);
-            return;
-        }
-        Fault::Hang => return wait_for_close(&mut stream),
+        Fault::Reset => return Reply::reset(),
+        Fault::Hang => return Reply::hang(),
         Fault::NotJson => {
-            return respond(
-                &mut stream,
+            return fhir_reply(
                 200,
-                &[],
-                b"<html><body>502 Bad Gateway (injected)</body></html>",
+                &b"<html><body>502 Bad Gateway (injected)</body></html>"[..],
             )
         }
         _ => {}
@@ -338,7 +279,7 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         }
         Err(e) => {
             eprintln!("fault upstream: forwarding {path_query} failed: {e}");
-            return respond(&mut stream, 502, &[], &outcome_body(502));
+            return fhir_reply(502, outcome_body(502));
         }
     };
     let text = String::from_utf8_lossy(&body).replace(
@@ -382,31 +323,9 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
         _ => text.into_bytes(),
     };
     match fault {
-        Fault::Truncate => {
-            let head = format!(
-                "HTTP/1.1 {status} OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let _ = stream.write_all(&body[..body.len() / 2]);
-            let _ = stream.flush();
-            let _ = stream.shutdown(Shutdown::Both);
-        }
-        Fault::Drip => {
-            let head = format!(
-                "HTTP/1.1 {status} OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(head.as_bytes());
-            let started = Instant::now();
-            for byte in &body {
-                if stream.write_all(&[*byte]).is_err() || started.elapsed().as_secs() > 30 {
-                    break;
-                }
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-        _ => respond(&mut stream, status, &[], &body),
+        Fault::Truncate => fhir_reply(status, body).truncated(),
+        Fault::Drip => fhir_reply(status, body).drip(1, Duration::from_secs(1)),
+        _ => fhir_reply(status, body),
     }
 }
 
@@ -907,7 +826,7 @@ fn foreign_next_link_is_never_requested() {
     let proxy = proxy_for(&fu, FAST_RETRIES);
     let ended = export(&proxy, &fu, QUERY);
     assert_eq!(
-        fu.trap_hits.load(Ordering::SeqCst),
+        fu.trap.connections(),
         0,
         "the proxy connected to the foreign host of a next link"
     );

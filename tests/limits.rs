@@ -7,18 +7,16 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use base64::Engine;
+use common::mock::{After, Mock, Reply};
 use common::*;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 
 /// Slow enough that a job is still running seconds after kick-off.
@@ -152,94 +150,6 @@ fn run_export(proxy: &Proxy, path_and_query: &str) -> (Value, Vec<OutputFile>) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Two SMART backend clients (EC P-384 keys made with the openssl CLI, inline JWKS)
-// ---------------------------------------------------------------------------------------------------------
-
-struct EcClient {
-    client_id: String,
-    kid: String,
-    private_pem: String,
-    x: String,
-    y: String,
-}
-
-fn ec_client(dir: &Path, client_id: &str) -> EcClient {
-    let path = dir.join(format!("{client_id}.pem"));
-    let p = path.to_str().unwrap();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-out",
-        p,
-    ]);
-    let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
-    let point = &der[der.len() - 97..];
-    assert_eq!(point[0], 4, "EC public key is not an uncompressed point");
-    EcClient {
-        client_id: client_id.into(),
-        kid: format!("{client_id}-key"),
-        private_pem: std::fs::read_to_string(&path).unwrap(),
-        x: B64.encode(&point[1..49]),
-        y: B64.encode(&point[49..97]),
-    }
-}
-
-impl EcClient {
-    /// Its `[[auth.clients]]` table, allowed every type.
-    fn toml(&self) -> String {
-        format!(
-            "[[auth.clients]]\nclient_id = \"{}\"\nscopes = [\"system/*.rs\"]\n\
-             jwks = {{ keys = [{{ kty = \"EC\", kid = \"{}\", alg = \"ES384\", use = \"sig\", crv = \"P-384\", \
-             x = \"{}\", y = \"{}\" }}] }}\n",
-            self.client_id, self.kid, self.x, self.y
-        )
-    }
-
-    /// An access token from the proxy's token endpoint.
-    fn token(&self, base: &str) -> String {
-        let endpoint = format!("{base}/auth/token");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = json!({
-            "iss": self.client_id, "sub": self.client_id, "aud": endpoint,
-            "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
-        });
-        let mut header = Header::new(Algorithm::ES384);
-        header.kid = Some(self.kid.clone());
-        let key = EncodingKey::from_ec_pem(self.private_pem.as_bytes()).unwrap();
-        let assertion = jsonwebtoken::encode(&header, &claims, &key).unwrap();
-        let form = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs([
-                ("grant_type", "client_credentials"),
-                (
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                ),
-                ("client_assertion", assertion.as_str()),
-                ("scope", "system/*.rs"),
-            ])
-            .finish();
-        let resp = client()
-            .post(&endpoint)
-            .header("Content-Type", "application/x-www-form-urlencoded")
-            .header("Accept", "application/json")
-            .body(form)
-            .send()
-            .unwrap();
-        let status = resp.status();
-        let body = resp.text().unwrap();
-        assert_eq!(status, 200, "token for {}: {body}", self.client_id);
-        let body: Value = serde_json::from_str(&body).unwrap();
-        body["access_token"].as_str().unwrap().to_owned()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------
 // Limits
 // ---------------------------------------------------------------------------------------------------------
 
@@ -247,17 +157,19 @@ impl EcClient {
 
 #[test]
 fn max_jobs_per_client_refuses_only_that_client() {
-    let keys = tempfile::tempdir().unwrap();
-    let a = ec_client(keys.path(), "lim-client-a");
-    let b = ec_client(keys.path(), "lim-client-b");
+    let a = BackendClient::new("lim-client-a");
+    let b = BackendClient::new("lim-client-b");
     let export = format!(
         "page_size = 5\nmax_jobs_per_client = 1\nmax_concurrent_jobs = 4\n\n\
          [auth]\nenabled = true\n\n{}\n{}",
-        a.toml(),
-        b.toml()
+        a.client_toml(&["system/*.rs"]),
+        b.client_toml(&["system/*.rs"])
     );
     let proxy = start("", SLOW_UPSTREAM, &export);
-    let (token_a, token_b) = (a.token(&proxy.base), b.token(&proxy.base));
+    let (token_a, token_b) = (
+        a.token(&proxy.base, "system/*.rs"),
+        b.token(&proxy.base, "system/*.rs"),
+    );
 
     let first = accepted_status_url(
         &proxy.base,
@@ -483,49 +395,27 @@ fn sigterm_during_an_export_stops_cleanly_and_the_job_resumes() {
     );
 }
 
-/// A tiny upstream: `GET .../slow...` is answered after `delay`, anything else at once; the first
+/// A mock upstream: `GET .../slow...` is answered after `delay`, anything else at once; the first
 /// request for the slow path is reported on `arrived`.
-fn slow_upstream(delay: Duration) -> (String, mpsc::Receiver<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
+fn slow_upstream(delay: Duration) -> (Mock, mpsc::Receiver<()>) {
     let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match stream.read(&mut byte) {
-                        Ok(1) => head.push(byte[0]),
-                        _ => return,
-                    }
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                if path.contains("slow") {
-                    let _ = tx.send(());
-                    std::thread::sleep(delay);
-                }
-                let body =
-                    json!({"resourceType": "Patient", "id": "slow", "active": true}).to_string();
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/fhir+json\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            });
-        }
-    });
-    (format!("http://{addr}/fhir"), rx)
+    let up = Mock::routes()
+        .any(move |request| {
+            if request.target().contains("slow") {
+                let _ = tx.send(());
+                std::thread::sleep(delay);
+            }
+            let body = json!({"resourceType": "Patient", "id": "slow", "active": true}).to_string();
+            Reply::fhir(body).then(After::SayClose)
+        })
+        .start();
+    (up, rx)
 }
 
 #[test]
 fn sigterm_lets_a_slow_pass_through_request_finish_and_refuses_new_connections() {
     let (upstream, arrived) = slow_upstream(Duration::from_secs(3));
-    let mut proxy = Proxy::builder(&upstream)
+    let mut proxy = Proxy::builder(&upstream.base())
         .server_toml("shutdown_grace_secs = 10")
         .start();
     let addr: SocketAddr = origin(&proxy.base)

@@ -2,7 +2,7 @@
 //! of every request it was sent.
 
 use std::io::{BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -60,6 +60,18 @@ pub enum After {
     SilentClose,
 }
 
+/// How the answer goes on the wire: whole, or one of the ways a failing upstream breaks it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Wire {
+    Whole,
+    /// Nothing at all: the connection is shut down.
+    Reset,
+    /// Nothing until the peer gives up and closes (or 30 s pass).
+    Hang,
+    /// The head announces the whole body, half of it follows, then the connection closes.
+    Truncated,
+}
+
 /// A handler's answer.
 pub struct Reply {
     status: u16,
@@ -68,6 +80,7 @@ pub struct Reply {
     delay: Duration,
     drip: Option<(usize, Duration)>,
     after: After,
+    wire: Wire,
 }
 
 impl Reply {
@@ -80,6 +93,23 @@ impl Reply {
             delay: Duration::ZERO,
             drip: None,
             after: After::KeepAlive,
+            wire: Wire::Whole,
+        }
+    }
+
+    /// No answer: the connection is shut down once the request is read.
+    pub fn reset() -> Reply {
+        Reply {
+            wire: Wire::Reset,
+            ..Reply::empty(0)
+        }
+    }
+
+    /// No answer: the connection is held open until the peer closes it (or 30 s pass).
+    pub fn hang() -> Reply {
+        Reply {
+            wire: Wire::Hang,
+            ..Reply::empty(0)
         }
     }
 
@@ -94,6 +124,18 @@ impl Reply {
     /// 200 with a FHIR JSON body.
     pub fn fhir(body: impl Into<Vec<u8>>) -> Reply {
         Reply::new(200, "application/fhir+json", body)
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Announces the whole body but sends only its first half, then closes the connection.
+    pub fn truncated(mut self) -> Reply {
+        self.wire = Wire::Truncated;
+        self
     }
 
     /// Sets the status.
@@ -120,9 +162,33 @@ impl Reply {
         self
     }
 
-    /// Writes the answer; false when the peer is gone.
+    /// Writes the answer; false when the connection is done with (the peer is gone, or the reply ends it).
     fn write(&self, stream: &mut TcpStream) -> bool {
         std::thread::sleep(self.delay);
+        match self.wire {
+            Wire::Whole => self.write_whole(stream) && self.after == After::KeepAlive,
+            Wire::Reset => {
+                let _ = stream.shutdown(Shutdown::Both);
+                false
+            }
+            Wire::Hang => {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut buf = [0u8; 256];
+                while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+                false
+            }
+            Wire::Truncated => {
+                let _ = stream.write_all(self.head().as_bytes());
+                let _ = stream.write_all(&self.body[..self.body.len() / 2]);
+                let _ = stream.flush();
+                let _ = stream.shutdown(Shutdown::Both);
+                false
+            }
+        }
+    }
+
+    /// Status line and headers, with the blank line.
+    fn head(&self) -> String {
         let mut head = format!("HTTP/1.1 {} {}\r\n", self.status, reason(self.status));
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
@@ -132,7 +198,12 @@ impl Reply {
             head.push_str("Connection: close\r\n");
         }
         head.push_str("\r\n");
-        if stream.write_all(head.as_bytes()).is_err() {
+        head
+    }
+
+    /// The whole answer, dripped when asked; false when the peer is gone.
+    fn write_whole(&self, stream: &mut TcpStream) -> bool {
+        if stream.write_all(self.head().as_bytes()).is_err() {
             return false;
         }
         match self.drip {
@@ -267,7 +338,7 @@ impl Shared {
                 })
                 .map(|r| (r.handler)(&request))
                 .unwrap_or_else(|| Reply::new(404, "text/plain", "no route"));
-            if !reply.write(&mut writer) || reply.after != After::KeepAlive {
+            if !reply.write(&mut writer) {
                 return;
             }
         }

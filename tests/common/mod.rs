@@ -141,9 +141,17 @@ impl BackendClient {
     /// `[auth]` on, `auth_extra` added to it, with this client allowed `scopes` (to follow the
     /// `[export]` table).
     pub fn auth_toml(&self, auth_extra: &str, scopes: &[&str]) -> String {
+        format!(
+            "\n[auth]\nenabled = true\n{auth_extra}\n\n{}",
+            self.client_toml(scopes)
+        )
+    }
+
+    /// This client's `[[auth.clients]]` table, allowed `scopes`, for an `[auth]` table that registers several.
+    pub fn client_toml(&self, scopes: &[&str]) -> String {
         let scopes: Vec<String> = scopes.iter().map(|s| format!("{s:?}")).collect();
         format!(
-            "\n[auth]\nenabled = true\n{auth_extra}\n\n[[auth.clients]]\nclient_id = {:?}\nscopes = [{}]\n\
+            "[[auth.clients]]\nclient_id = {:?}\nscopes = [{}]\n\
              jwks = {{ keys = [{{ kty = \"EC\", kid = \"k1\", alg = \"ES384\", use = \"sig\", crv = \"P-384\", x = {:?}, y = {:?} }}] }}\n",
             self.client_id,
             scopes.join(", "),
