@@ -28,8 +28,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
@@ -473,43 +472,18 @@ fn unknown_type_scope_is_not_granted() {
 /// A typo in a client's registered scopes is a configuration error: the proxy does not start.
 #[test]
 fn client_scope_on_an_unknown_type_is_a_config_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[upstream]\nbase_url = \"{}\"\n\n\
-             [export]\ndata_dir = \"{}\"\n\n[auth]\nenabled = true\n\n\
+    let upstream = upstream();
+    let exited = Proxy::builder(&upstream)
+        .tables(
+            "[auth]\nenabled = true\n\n\
              [[auth.clients]]\nclient_id = \"typo\"\nscopes = [\"system/Patient.rs\", \"system/Obervation.read\"]\n\
-             jwks = {{ keys = [] }}\n",
-            upstream(),
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let stderr = dir.path().join("stderr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let log = std::fs::read_to_string(&stderr).unwrap();
-    let status =
-        status.unwrap_or_else(|| panic!("the proxy ran with a scope on Obervation: {log}"));
+             jwks = { keys = [] }\n",
+        )
+        .start_expecting_exit(Duration::from_secs(15));
+    let log = exited.log;
+    let status = exited
+        .status
+        .unwrap_or_else(|| panic!("the proxy ran with a scope on Obervation: {log}"));
     assert!(!status.success(), "exit {status}: {log}");
     assert!(
         log.contains("Obervation"),

@@ -338,8 +338,7 @@ fn passthrough_counter_counts_each_request() {
 
 /// Runs `fhir-bulk-proxy jobs --admin ADMIN args...`; returns success, stdout and stderr.
 fn jobs_cli(admin: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
-        .args(["jobs", "--admin", admin])
+    let out = Proxy::command(&["jobs", "--admin", admin])
         .args(args)
         .output()
         .unwrap();
@@ -405,8 +404,7 @@ fn jobs_cli_lists_shows_and_cancels() {
     );
 
     // Through the environment variable instead of the flag.
-    let out = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
-        .args(["jobs", "list"])
+    let out = Proxy::command(&["jobs", "list"])
         .env("FBP_ADMIN_URL", &admin)
         .output()
         .unwrap();

@@ -1,8 +1,9 @@
 //! The proxy process under test: one builder for its config, flags, environment and logs.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
@@ -21,8 +22,18 @@ pub struct Proxy {
     /// Admin base URL `http://127.0.0.1:PORT`, when the builder asked for an admin listener.
     pub admin: Option<String>,
     config: PathBuf,
+    /// What follows `serve` on the command line, again on a restart.
+    serve_args: Vec<OsString>,
     child: Child,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// How a proxy that was expected to refuse to start ended.
+pub struct Exited {
+    /// Its exit status; `None` when it was still running at the deadline (and was killed).
+    pub status: Option<ExitStatus>,
+    /// What it wrote to stderr.
+    pub log: String,
 }
 
 /// How `Proxy::builder(..).start()` configures and runs the process.
@@ -38,6 +49,7 @@ pub struct ProxyBuilder<'a> {
     log_to: Option<&'a Path>,
     rust_log: &'a str,
     open_files: Option<u64>,
+    flags_only: bool,
 }
 
 impl<'a> ProxyBuilder<'a> {
@@ -103,8 +115,59 @@ impl<'a> ProxyBuilder<'a> {
         self
     }
 
+    /// No config file (and no `FBP_CONFIG`): `serve --listen 127.0.0.1:0 --upstream-url U --data-dir D`,
+    /// so only the flags configure it; the TOML fragments, `admin` and `global_args` do not apply.
+    pub fn flags_only(mut self) -> Self {
+        self.flags_only = true;
+        self
+    }
+
     /// Writes the config into a fresh directory and starts the process; panics if it does not listen.
     pub fn start(self) -> Proxy {
+        let (command, prepared) = self.command(None);
+        let (child, base, admin) = spawn(command);
+        Proxy {
+            base,
+            data_dir: prepared.data_dir,
+            admin,
+            config: prepared.config,
+            serve_args: prepared.serve_args,
+            child,
+            _dir: Some(prepared.dir),
+        }
+    }
+
+    /// Starts the process expecting it to exit by itself within `timeout` (a config it must refuse);
+    /// kills it at the deadline. Its stderr goes to the `log_to` file, or to one in its directory.
+    pub fn start_expecting_exit(self, timeout: Duration) -> Exited {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = self
+            .log_to
+            .map(Path::to_owned)
+            .unwrap_or_else(|| dir.path().join("stderr"));
+        let (mut command, _prepared) = self.command(Some(&stderr));
+        let mut child = command.stdout(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Exited {
+            status,
+            log: std::fs::read_to_string(&stderr).unwrap(),
+        }
+    }
+
+    /// The `serve` command with its config (or flags) written into a fresh directory; its stderr goes
+    /// to `stderr`, else to the `log_to` file.
+    fn command(&self, stderr: Option<&Path>) -> (Command, Prepared) {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let config = dir.path().join("proxy.toml");
@@ -129,14 +192,30 @@ impl<'a> ProxyBuilder<'a> {
             ),
         )
         .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        let serve_args: Vec<OsString> = if self.flags_only {
+            vec![
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--upstream-url".into(),
+                self.upstream.into(),
+                "--data-dir".into(),
+                data_dir.clone().into(),
+            ]
+        } else {
+            vec!["--config".into(), config.clone().into()]
+        };
+        let mut command = Proxy::command(&[]);
+        if self.flags_only {
+            command.env_remove("FBP_CONFIG");
+        } else {
+            command.args(self.global_args);
+        }
         command
-            .args(self.global_args)
-            .args(["serve", "--config"])
-            .arg(&config)
+            .arg("serve")
+            .args(&serve_args)
             .env("RUST_LOG", self.rust_log)
             .envs(self.envs.iter().copied());
-        if let Some(file) = self.log_to {
+        if let Some(file) = stderr.or(self.log_to) {
             command.stderr(std::fs::File::create(file).unwrap());
         }
         if let Some(n) = self.open_files {
@@ -156,16 +235,22 @@ impl<'a> ProxyBuilder<'a> {
                 });
             }
         }
-        let (child, base, admin) = spawn(command);
-        Proxy {
-            base,
+        let prepared = Prepared {
+            dir,
             data_dir,
-            admin,
             config,
-            child,
-            _dir: Some(dir),
-        }
+            serve_args,
+        };
+        (command, prepared)
     }
+}
+
+/// The directory of a proxy about to start, and what goes there.
+struct Prepared {
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    config: PathBuf,
+    serve_args: Vec<OsString>,
 }
 
 impl Proxy {
@@ -188,7 +273,16 @@ impl Proxy {
             log_to: None,
             rust_log: DEFAULT_RUST_LOG,
             open_files: None,
+            flags_only: false,
         }
+    }
+
+    /// The binary with `args`, for a one-shot run whose output a test reads (`.output()`): a CLI
+    /// subcommand such as `jobs`, or `serve` that must refuse to start.
+    pub fn command(args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        command.args(args);
+        command
     }
 
     /// The admin base URL; panics when the proxy was started without `admin()`.
@@ -205,10 +299,9 @@ impl Proxy {
     /// Starts the process again on the same config and data directory (new port). The builder's flags,
     /// environment, log file and limits are not reapplied: a log file written so far stays as it was.
     pub fn restart(&mut self) {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        let mut command = Proxy::command(&["serve"]);
         command
-            .args(["serve", "--config"])
-            .arg(&self.config)
+            .args(&self.serve_args)
             .env("RUST_LOG", DEFAULT_RUST_LOG);
         let (child, base, admin) = spawn(command);
         self.child = child;
