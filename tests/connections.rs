@@ -58,28 +58,15 @@ fn sequential_on_one_connection(proxy: &Proxy, count: usize) -> Vec<Value> {
                 "GET /fhir/Basic/{i} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
             )
             .unwrap();
-            let mut status = String::new();
-            reader.read_line(&mut status).unwrap();
-            assert!(status.starts_with("HTTP/1.1 200"), "request {i}: {status}");
-            let mut length = None;
-            loop {
-                let mut header = String::new();
-                reader.read_line(&mut header).unwrap();
-                if header == "\r\n" {
-                    break;
-                }
-                let (name, value) = header.split_once(':').unwrap();
-                assert!(
-                    !name.eq_ignore_ascii_case("connection")
-                        || !value.trim().eq_ignore_ascii_case("close"),
-                    "the upstream's Connection: close must not close the client's connection"
-                );
-                if name.eq_ignore_ascii_case("content-length") {
-                    length = Some(value.trim().parse().unwrap());
-                }
-            }
-            let mut body = vec![0; length.expect("a Content-Length")];
-            reader.read_exact(&mut body).unwrap();
+            let (headers, body) = read_response(&mut reader, &format!("request {i}: "));
+            assert!(
+                !headers
+                    .iter()
+                    .any(|(name, value)| name.eq_ignore_ascii_case("connection")
+                        && value.eq_ignore_ascii_case("close")),
+                "the upstream's Connection: close must not close the client's connection"
+            );
+            content_length(&headers).expect("a Content-Length");
             let answer: Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(
                 answer["request"],
@@ -225,12 +212,16 @@ fn closed_by(stream: &mut TcpStream, deadline: std::time::Instant) -> bool {
     }
 }
 
-/// Reads one response with a `Content-Length` off `reader`; returns its body.
-fn read_response(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
+/// Reads one 200 response off `reader` (`what` names it in failures); returns its header lines and
+/// its body of `Content-Length` bytes (none when the header is absent).
+fn read_response(
+    reader: &mut BufReader<TcpStream>,
+    what: &str,
+) -> (Vec<(String, String)>, Vec<u8>) {
     let mut status = String::new();
     reader.read_line(&mut status).unwrap();
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    let mut length = 0;
+    assert!(status.starts_with("HTTP/1.1 200"), "{what}{status}");
+    let mut headers = Vec::new();
     loop {
         let mut header = String::new();
         reader.read_line(&mut header).unwrap();
@@ -238,13 +229,19 @@ fn read_response(reader: &mut BufReader<TcpStream>) -> Vec<u8> {
             break;
         }
         let (name, value) = header.split_once(':').unwrap();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value.trim().parse().unwrap();
-        }
+        headers.push((name.to_owned(), value.trim().to_owned()));
     }
+    let length = content_length(&headers).unwrap_or(0);
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
-    body
+    (headers, body)
+}
+
+fn content_length(headers: &[(String, String)]) -> Option<usize> {
+    headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .map(|(_, value)| value.parse().unwrap())
 }
 
 #[test]
@@ -303,7 +300,7 @@ fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
             "GET /fhir/Basic/{i} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
         )
         .unwrap();
-        let answer: Value = serde_json::from_slice(&read_response(&mut reader)).unwrap();
+        let answer: Value = serde_json::from_slice(&read_response(&mut reader, "").1).unwrap();
         assert_eq!(answer["request"], format!("GET /fhir/Basic/{i} HTTP/1.1"));
     }
     let idle_since = std::time::Instant::now();

@@ -34,21 +34,6 @@ struct Target {
     bare_4xx: AtomicUsize,
 }
 
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
-    }
-}
-
 impl Target {
     /// Sends one request byte for byte; `Err` describes a dropped connection or garbage answer.
     fn send(
@@ -86,38 +71,7 @@ impl Target {
                 "DROPPED CONNECTION: no answer (write error {write_error:?}, read error {read_error:?})"
             ));
         }
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| {
-                format!(
-                    "answer without end of headers: {:?}",
-                    String::from_utf8_lossy(&response[..response.len().min(300)])
-                )
-            })?;
-        let head = String::from_utf8_lossy(&response[..split]).into_owned();
-        let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line: {head:?}"))?;
-        let headers: Vec<(String, String)> = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
-            .collect();
-        let mut raw = Raw {
-            status,
-            headers,
-            body: response[split + 4..].to_vec(),
-        };
-        if raw
-            .header("Transfer-Encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
-            raw.body = dechunk(&raw.body).ok_or("malformed chunked body")?;
-        }
-        Ok(raw)
+        Raw::parse(&response)
     }
 
     /// The properties every answer must have; `what` describes the request for the failure message.

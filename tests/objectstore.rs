@@ -124,6 +124,22 @@ fn local_ndjson(proxy: &Proxy, id: &str) -> Vec<String> {
     }
 }
 
+/// The downloaded files must hold exactly what a direct search of `TYPE_LIST` finds.
+fn assert_same_as_system(files: &[(OutputFile, Vec<u8>)], upstream: &str) {
+    let only: Vec<OutputFile> = files
+        .iter()
+        .map(|(f, _)| OutputFile {
+            ty: f.ty.clone(),
+            url: f.url.clone(),
+            lines: f.lines.clone(),
+        })
+        .collect();
+    assert_same(
+        &resources_by_type(&only),
+        &direct_system(upstream, Some(TYPE_LIST)),
+    );
+}
+
 /// Raw download of every output file with no headers at all; checks status, `count` and types.
 fn download_raw(manifest: &Value) -> Vec<(OutputFile, Vec<u8>)> {
     manifest["output"]
@@ -202,16 +218,7 @@ fn proxy_serve_streams_files_from_the_bucket() {
     }
 
     let files = download_raw(&manifest);
-    let expected = direct_system(&upstream, Some(TYPE_LIST));
-    let only: Vec<OutputFile> = files
-        .iter()
-        .map(|(f, _)| OutputFile {
-            ty: f.ty.clone(),
-            url: f.url.clone(),
-            lines: f.lines.clone(),
-        })
-        .collect();
-    assert_same(&resources_by_type(&only), &expected);
+    assert_same_as_system(&files, &upstream);
     assert!(
         files.iter().filter(|(f, _)| f.ty == "Observation").count() > 1,
         "expected Observation over several files of 250"
@@ -329,16 +336,7 @@ fn presigned_urls_serve_files_without_the_proxy() {
 
     // A plain GET with no credentials at all returns the NDJSON.
     let files = download_raw(&manifest);
-    let expected = direct_system(&upstream, Some(TYPE_LIST));
-    let only: Vec<OutputFile> = files
-        .iter()
-        .map(|(f, _)| OutputFile {
-            ty: f.ty.clone(),
-            url: f.url.clone(),
-            lines: f.lines.clone(),
-        })
-        .collect();
-    assert_same(&resources_by_type(&only), &expected);
+    assert_same_as_system(&files, &upstream);
     let objects = list_objects(&job_prefix);
     assert_eq!(
         objects.len(),

@@ -40,6 +40,15 @@ fn restart_and_finish(proxy: &mut Proxy, status_path: &str) -> Vec<OutputFile> {
     files
 }
 
+/// `restart_and_finish`, then the files must equal a direct search of every type.
+fn restart_and_match_system(proxy: &mut Proxy, status_path: &str) {
+    let files = restart_and_finish(proxy, status_path);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), None),
+    );
+}
+
 /// A kill after the job finished would test nothing: the export must still be running.
 fn assert_running(proxy: &Proxy, status_path: &str) {
     let status_url = format!("{}{status_path}", origin(&proxy.base));
@@ -77,11 +86,7 @@ fn kill_right_after_kickoff() {
     let mut proxy = slow_proxy();
     let status_path = kickoff(&proxy, "$export");
     proxy.kill9();
-    let files = restart_and_finish(&mut proxy, &status_path);
-    assert_same(
-        &resources_by_type(&files),
-        &direct_system(&upstream(), None),
-    );
+    restart_and_match_system(&mut proxy, &status_path);
 }
 
 #[test]
@@ -96,11 +101,7 @@ fn kill_mid_page_at_seeded_delays() {
         proxy.restart();
     }
     proxy.kill9();
-    let files = restart_and_finish(&mut proxy, &status_path);
-    assert_same(
-        &resources_by_type(&files),
-        &direct_system(&upstream(), None),
-    );
+    restart_and_match_system(&mut proxy, &status_path);
 }
 
 #[test]
@@ -192,11 +193,7 @@ fn kill_repeatedly_during_planning() {
     )
     .unwrap();
     proxy.kill9();
-    let files = restart_and_finish(&mut proxy, &status_path);
-    assert_same(
-        &resources_by_type(&files),
-        &direct_system(&upstream(), None),
-    );
+    restart_and_match_system(&mut proxy, &status_path);
 }
 
 /// Whether a file whose name starts with `prefix` exists under `dir`.

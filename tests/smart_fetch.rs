@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::auth::{ec_jwk, ec_key};
 use common::*;
@@ -188,18 +188,7 @@ fn run_smart_fetch(setup: &Setup, name: &str, args: &[&str]) -> Run {
         .stderr(std::fs::File::create(&stderr).unwrap());
     let what = format!("smart-fetch bulk {}", args.join(" "));
     let mut child = command.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let deadline = Instant::now() + RUN_DEADLINE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_or_kill(&mut child, RUN_DEADLINE);
     let events = log_events(&out);
     let report = || {
         format!(

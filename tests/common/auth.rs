@@ -77,18 +77,25 @@ pub fn hex_bytes(hex: &str) -> Vec<u8> {
         .collect()
 }
 
-pub fn rsa_key(dir: &Path, name: &str) -> RsaKey {
+/// Generates `dir/name.pem` with `openssl genpkey -algorithm ALGORITHM -pkeyopt OPTION`.
+fn genpkey(dir: &Path, name: &str, algorithm: &str, option: &str) -> PathBuf {
     let path = dir.join(format!("{name}.pem"));
-    let p = path.to_str().unwrap();
+    let out = path.to_str().unwrap();
     openssl(&[
         "genpkey",
         "-algorithm",
-        "RSA",
+        algorithm,
         "-pkeyopt",
-        "rsa_keygen_bits:2048",
+        option,
         "-out",
-        p,
+        out,
     ]);
+    path
+}
+
+pub fn rsa_key(dir: &Path, name: &str) -> RsaKey {
+    let path = genpkey(dir, name, "RSA", "rsa_keygen_bits:2048");
+    let p = path.to_str().unwrap();
     let modulus = String::from_utf8(openssl(&["rsa", "-in", p, "-noout", "-modulus"])).unwrap();
     let hex = modulus
         .trim()
@@ -109,17 +116,8 @@ pub fn rsa_key(dir: &Path, name: &str) -> RsaKey {
 }
 
 pub fn ec_key(dir: &Path, name: &str) -> EcKey {
-    let path = dir.join(format!("{name}.pem"));
+    let path = genpkey(dir, name, "EC", "ec_paramgen_curve:P-384");
     let p = path.to_str().unwrap();
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-out",
-        p,
-    ]);
     let der = openssl(&["pkey", "-in", p, "-pubout", "-outform", "DER"]);
     let point = &der[der.len() - 97..];
     assert_eq!(point[0], 4, "EC public key is not an uncompressed point");
@@ -688,17 +686,23 @@ pub fn exported_types(files: &[OutputFile]) -> BTreeSet<String> {
     files.iter().map(|f| f.ty.clone()).collect()
 }
 
-/// Re-signs the claims of a token the proxy issued, edited by `edit`, with `secret` and the token's own
-/// HMAC algorithm.
-pub fn resign(token: &str, secret: &[u8], edit: impl FnOnce(&mut Value)) -> String {
-    let (h, c, _) = jwt_parts(token);
-    let header = decode_part(&h);
-    let alg = header["alg"]
+/// The HMAC algorithm named by a token's encoded header `h`; panics when it is none, since the tests
+/// that forge tokens depend on one.
+fn token_hmac_alg(h: &str) -> Algorithm {
+    let header = decode_part(h);
+    header["alg"]
         .as_str()
         .and_then(hmac_alg)
         .unwrap_or_else(|| {
             panic!("access token header {header}: not HMAC-signed, this test cannot forge it")
-        });
+        })
+}
+
+/// Re-signs the claims of a token the proxy issued, edited by `edit`, with `secret` and the token's own
+/// HMAC algorithm.
+pub fn resign(token: &str, secret: &[u8], edit: impl FnOnce(&mut Value)) -> String {
+    let (h, c, _) = jwt_parts(token);
+    let alg = token_hmac_alg(&h);
     let mut claims = decode_part(&c);
     edit(&mut claims);
     let message = format!("{h}.{}", b64_json(&claims));
@@ -712,13 +716,7 @@ pub fn resign(token: &str, secret: &[u8], edit: impl FnOnce(&mut Value)) -> Stri
 /// from the contents of `signing_key_file` (used raw, trimmed or hex-decoded).
 pub fn proxy_hmac_key(f: &Fixture, token: &str) -> Vec<u8> {
     let (h, c, s) = jwt_parts(token);
-    let header = decode_part(&h);
-    let alg = header["alg"]
-        .as_str()
-        .and_then(hmac_alg)
-        .unwrap_or_else(|| {
-            panic!("access token header {header}: not HMAC-signed, this test cannot forge it")
-        });
+    let alg = token_hmac_alg(&h);
     let text = String::from_utf8(f.signing_key.clone()).unwrap();
     let candidates = [
         f.signing_key.clone(),

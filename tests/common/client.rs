@@ -151,9 +151,15 @@ pub fn wait_manifest(status_url: &str, token: Option<&str>) -> (Value, reqwest::
 
 /// Downloads one file without compression, checking its content type; returns its lines.
 pub fn download_lines(url: &str, token: Option<&str>) -> Vec<String> {
+    let body = get_typed(url, token, "application/fhir+ndjson");
+    body.lines().map(str::to_owned).collect()
+}
+
+/// GETs `url`, insisting on 200 and a Content-Type starting with `content_type`; returns the body.
+fn get_typed(url: &str, token: Option<&str>, content_type: &str) -> String {
     let resp = get_with_token(url, token).send().unwrap();
     let status = resp.status();
-    let content_type = resp
+    let got = resp
         .headers()
         .get("Content-Type")
         .map(|v| v.to_str().unwrap().to_owned())
@@ -161,10 +167,10 @@ pub fn download_lines(url: &str, token: Option<&str>) -> Vec<String> {
     let body = resp.text().unwrap();
     assert_eq!(status, 200, "GET {url} answered {status}: {body}");
     assert!(
-        content_type.starts_with("application/fhir+ndjson"),
-        "GET {url}: Content-Type {content_type:?}, expected application/fhir+ndjson"
+        got.starts_with(content_type),
+        "GET {url}: Content-Type {got:?}, expected {content_type}"
     );
-    body.lines().map(str::to_owned).collect()
+    body
 }
 
 /// Downloads every file of the manifest array `field` (`output` or `error`), checking each `count`
@@ -218,20 +224,11 @@ pub fn prom_value(text: &str, series: &str) -> Option<f64> {
 
 /// GETs `{admin}/metrics`, insisting on 200 and the Prometheus text content type.
 pub fn scrape(admin: &str) -> String {
-    let resp = client().get(format!("{admin}/metrics")).send().unwrap();
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get("Content-Type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp.text().unwrap();
-    assert_eq!(status, 200, "GET {admin}/metrics answered {status}: {body}");
-    assert!(
-        content_type.starts_with("text/plain; version=0.0.4"),
-        "metrics Content-Type {content_type:?}"
-    );
-    body
+    get_typed(
+        &format!("{admin}/metrics"),
+        None,
+        "text/plain; version=0.0.4",
+    )
 }
 
 /// The job id at the end of a status URL.

@@ -147,18 +147,7 @@ impl<'a> ProxyBuilder<'a> {
             .unwrap_or_else(|| dir.path().join("stderr"));
         let (mut command, _prepared) = self.command(Some(&stderr));
         let mut child = command.stdout(Stdio::null()).spawn().unwrap();
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = wait_or_kill(&mut child, timeout);
         Exited {
             status,
             log: std::fs::read_to_string(&stderr).unwrap(),
@@ -320,17 +309,8 @@ impl Proxy {
     }
 
     /// Waits up to `timeout` for the process to exit by itself; `None` if it is still running.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until_exit(&mut self.child, timeout)
     }
 }
 
@@ -339,6 +319,31 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits up to `timeout` for `child` to exit by itself; `None` if it is still running.
+fn wait_until_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits up to `timeout` for `child` (any process a test runs) to exit; kills it at the deadline and
+/// returns `None` then.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let status = wait_until_exit(child, timeout);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    status
 }
 
 /// Whether a TOML fragment sets `key` at the start of a line.
