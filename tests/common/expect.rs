@@ -137,6 +137,10 @@ pub fn group_member_ids(upstream: &str, group: &str) -> Vec<String> {
 /// The FHIR R4 Patient CompartmentDefinition: type and the parameters that tie it to a patient.
 /// `Group` (by `member`) and `Patient` (by `link`) are left out: the proxy exports the patients
 /// themselves and treats a Group as a roster, not part of a patient's record.
+///
+/// This is the oracle's own copy, written from the CompartmentDefinition and not imported from
+/// `fhir_bulk_proxy::export::compartment`: a wrong entry in the library must make the direct searches
+/// disagree with the export, not silently agree with it.
 const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("Account", &["subject"]),
     ("AdverseEvent", &["subject"]),
@@ -213,17 +217,13 @@ const PATIENT_COMPARTMENT: &[(&str, &[&str])] = &[
     ("VisionPrescription", &["patient"]),
 ];
 
-/// R4 types outside the compartment that R4 ties to a patient by their `patient` search parameter.
+/// R4 types outside the compartment that R4 ties to a patient by their `patient` search parameter
+/// (the oracle's own copy, as `PATIENT_COMPARTMENT` is).
 pub const PATIENT_LINKED: &[&str] = &["Contract", "Device", "GuidanceResponse", "Task"];
 
-/// The types a Patient or Group export adds when its resources reference them.
-pub const REFERENCED_TYPES: [&str; 5] = [
-    "Location",
-    "Medication",
-    "Organization",
-    "Practitioner",
-    "PractitionerRole",
-];
+/// The types a Patient or Group export adds when its resources reference them: the library's own list,
+/// since which types it chose to add is its decision, not something a direct search can check.
+pub use fhir_bulk_proxy::export::compartment::REFERENCED_TYPES;
 
 /// The resources of `types` that `resources` reference relatively (`Type/id`, anywhere a `reference`
 /// is), each read directly from the upstream; references the upstream cannot resolve are left out.
