@@ -1,4 +1,48 @@
 //! fhir-bulk-proxy: a reverse proxy that adds FHIR Bulk Data `$export` to a FHIR server lacking it.
+//!
+//! A map for reading the code, in the order a request meets it. The binary (`src/main.rs`) parses the
+//! command line into a [`config`] and hands it to [`server`], which opens the job [`store`], resumes
+//! unfinished jobs and serves until SIGTERM. Every request is then routed once, by [`route`], onto one of
+//! two paths.
+//!
+//! # Pass-through
+//!
+//! Everything the proxy does not own goes to the upstream and back, streamed and unchanged but for the
+//! base URL. [`server`] accepts connections and spreads them over one single-threaded runtime per core
+//! (`server/threads`); [`api`] sends the request to [`proxy`], which forwards it on an upstream
+//! connection of that client connection's own ([`proxy::affinity`]). With
+//! `pass_through = "require-token"`, [`auth::access`] checks the token's scopes first.
+//!
+//! # Export
+//!
+//! kick-off → job → slices → pages → NDJSON files → manifest, all under [`export`]:
+//!
+//! - [`export::kickoff`] validates the request into an export spec, with [`export::filters`] for
+//!   `_typeFilter` and [`fhir_types`] for type names; [`api`] stores it as a job ([`store`]).
+//!   The domain types (`Level`, `ExportSpec`, `Job`, `Slice`) move to `export/model`, and the
+//!   `_lastUpdated` window (`_since`, the client's bound, `transactionTime`) gets a home of its own in
+//!   `export/window`.
+//! - [`export::runner`] admits and drives jobs; [`export::planner`] turns a job into slices (upstream
+//!   searches), by type, by [`export::ranges`] of `_lastUpdated`, by patient batch through
+//!   [`export::compartment`], and later by [`export::references`]. Which slices a job has, how their
+//!   lines go into files and which manifest items those files become is the output layout,
+//!   `export/layout`.
+//! - [`export::worker`] pages through one slice with [`upstream`] (rate-limited, retried;
+//!   [`upstream::bundle`] reads each page as it arrives), renders lines ([`export::elements`]) and
+//!   appends them with [`export::writer`] in the crash-safety order. Why a job failed is a
+//!   `JobFailure` (`export/failure`), turned into a status and OperationOutcome next to `ApiError`
+//!   in [`http`].
+//! - [`export::manifest`] answers status polls; finished files live in [`storage`] (data directory
+//!   or S3) and are served by [`files`].
+//!
+//! # Around both paths
+//!
+//! [`auth`] is SMART Backend Services (token endpoint, [`auth::clients`], [`auth::scopes`],
+//! [`auth::replay`]); [`admin`] is the operators' listener with [`metrics`]; [`telemetry`] sets up logs
+//! and traces; [`outcome`] builds OperationOutcomes and [`http`] turns every error into one.
+//!
+//! `docs/architecture.md` tells the same story with the crash-safety contract and a table of every
+//! file; `cargo doc --open` renders this page with the links.
 
 pub mod admin;
 pub mod api;
