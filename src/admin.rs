@@ -13,11 +13,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::export::manifest;
+use crate::export::model::JobState;
 use crate::export::runner::Runner;
 use crate::http::{full, json, ApiError, Body};
 use crate::metrics::METRICS;
 use crate::server::accept::Acceptor;
-use crate::store::{JobState, Store};
+use crate::store::Store;
 use crate::upstream::Upstream;
 
 /// Most admin connections open at once (probes and scrapes need few).
@@ -135,7 +136,7 @@ impl Admin {
         Ok(response)
     }
 
-    fn summary(&self, job: &crate::store::Job) -> Result<serde_json::Value, ApiError> {
+    fn summary(&self, job: &crate::export::model::Job) -> Result<serde_json::Value, ApiError> {
         let slices = self.store.slices(&job.id)?;
         let mut summary = serde_json::json!({
             "id": job.id,
@@ -198,7 +199,7 @@ impl Admin {
         ))
     }
 
-    fn find(&self, id: &str) -> Result<crate::store::Job, ApiError> {
+    fn find(&self, id: &str) -> Result<crate::export::model::Job, ApiError> {
         self.runner
             .find(id)?
             .ok_or_else(|| ApiError::NotFound(format!("no export job {id}")))

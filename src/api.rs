@@ -12,8 +12,10 @@ use url::Url;
 
 use crate::auth::{access, Auth, AuthError, Principal};
 use crate::config::{Config, PassThroughAuth};
+use crate::export::compartment;
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
+use crate::export::model::{Job, JobState, Level, TypeSelection};
 use crate::export::runner::{now_secs, AdmitError, Runner};
 use crate::files;
 use crate::http::{self, json, ApiError, Body};
@@ -23,7 +25,7 @@ use crate::proxy::affinity::Affinity;
 use crate::proxy::PassThrough;
 use crate::route::{PathError, Route, Router};
 use crate::storage::Storage;
-use crate::store::{Job, JobState, Level, Store, TypeSelection};
+use crate::store::Store;
 use crate::upstream::Upstream;
 
 /// Everything the handlers share.
@@ -316,21 +318,13 @@ impl App {
                 .map(|p| p.as_str())
                 .unwrap_or("/")
         );
-        let now = chrono::Utc::now();
-        let job = Job {
-            id: uuid::Uuid::new_v4().simple().to_string(),
+        let job = Job::new(
+            kickoff,
             request,
-            spec: kickoff.spec,
-            state: JobState::Accepted,
-            transaction_time: now.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-            created: now.timestamp(),
-            expires: None,
-            owner: principal.map(|p| p.client_id),
-            notes: kickoff.notes,
-            error_file: None,
-            stored_remotely: false,
-            gzip: self.config.export.gzip,
-        };
+            principal.map(|p| p.client_id),
+            self.config.export.gzip,
+            chrono::Utc::now(),
+        );
         let (id, notes) = (job.id.clone(), job.notes.join("; "));
         self.runner.submit(job).await.map_err(|e| match e {
             AdmitError::Busy(_) => ApiError::Busy {
@@ -497,7 +491,7 @@ impl App {
     async fn manifest(
         &self,
         job: &Job,
-        slices: &[crate::store::Slice],
+        slices: &[crate::export::model::Slice],
     ) -> Result<serde_json::Value, ApiError> {
         let bucket = self
             .storage
@@ -578,9 +572,9 @@ impl App {
 /// The slices whose resources the caller's token may read: a job's owner may hold several tokens, and the
 /// one it polls or downloads with sees only the types its own scopes allow.
 fn visible(
-    mut slices: Vec<crate::store::Slice>,
+    mut slices: Vec<crate::export::model::Slice>,
     principal: Option<&Principal>,
-) -> Vec<crate::store::Slice> {
+) -> Vec<crate::export::model::Slice> {
     if let Some(principal) = principal {
         slices.retain(|s| principal.grant.allows(&s.resource_type));
     }
@@ -643,8 +637,8 @@ fn restrict_to_grant(
             return Ok(());
         }
         spec.types = TypeSelection::Only(
-            kickoff::level_types(&spec.level, capability)
-                .into_iter()
+            compartment::level_types(&spec.level, capability)
+                .into_keys()
                 .filter(|t| grant.allows(t))
                 .collect(),
         );

@@ -11,9 +11,9 @@ use hyper::Response;
 use tokio::io::BufReader;
 use tokio_util::io::ReaderStream;
 
+use crate::export::model::FilePart;
 use crate::http::{ApiError, Body, BoxError};
 use crate::storage::FileReader;
-use crate::store::FilePart;
 
 /// Whether an `Accept-Encoding` value allows gzip (and does not refuse it with `q=0`).
 pub fn accepts_gzip(accept_encoding: Option<&str>) -> bool {

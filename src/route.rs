@@ -12,7 +12,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
-use crate::store::Level;
+use crate::export::model::Level;
 
 /// What a request is for.
 #[derive(Debug, PartialEq, Eq)]

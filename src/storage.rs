@@ -13,7 +13,7 @@ use object_store::{Attribute, Attributes, ObjectStore};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use crate::config::{S3Serve, StorageConfig, StorageKind};
-use crate::store::FilePart;
+use crate::export::model::FilePart;
 
 /// Part size of multipart uploads: memory per upload stays at about this much.
 const UPLOAD_PART_BYTES: usize = 8 * 1024 * 1024;

@@ -1,6 +1,10 @@
-//! The FHIR R4 Patient compartment: which types belong to a patient, and by which search parameter.
+//! The FHIR R4 Patient compartment: which types belong to a patient, and by which search parameter; and
+//! from it the one rule of which types each export level exports ([`level_types`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::export::model::Level;
+use crate::upstream::Capability;
 
 /// R4 CompartmentDefinition `patient`: each member type with its linking search parameters, in the
 /// definition's order. `Patient` itself (by `_id`) and `Group` (a roster, not a record) are handled apart.
@@ -123,6 +127,42 @@ pub fn patient_param<'a>(
         .iter()
         .chain(params.iter())
         .find_map(|p| upstream_params.get(*p).map(String::as_str))
+}
+
+/// How an export reaches the resources of a type it exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    /// Searched whole: every resource of the type (system level).
+    Whole,
+    /// Searched by patient: `Patient` by `_id`, any other type by its [`patient_param`].
+    ByPatient,
+    /// Fetched by id, once the resources that reference it are written ([`REFERENCED_TYPES`]).
+    ByReference,
+}
+
+/// The types a level may export, each with how it is reached: every searchable type at system level;
+/// at Patient and Group level the types the upstream can search by patient, and the
+/// [`REFERENCED_TYPES`] it can search by id. Kick-off validates against it and the planner plans by it.
+pub fn level_types(level: &Level, capability: &Capability) -> BTreeMap<String, Reach> {
+    capability
+        .types
+        .iter()
+        .filter_map(|(t, params)| {
+            let reach = match level {
+                Level::System => Reach::Whole,
+                Level::Patient | Level::Group { .. } => {
+                    if t == "Patient" || patient_param(t, params).is_some() {
+                        Reach::ByPatient
+                    } else if REFERENCED_TYPES.contains(&t.as_str()) {
+                        Reach::ByReference
+                    } else {
+                        return None;
+                    }
+                }
+            };
+            Some((t.clone(), reach))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -3,9 +3,9 @@
 use std::collections::BTreeSet;
 
 use crate::config::UnsearchableType;
+use crate::export::model::{ExportSpec, Level, TypeSelection};
 use crate::export::{compartment, filters};
 use crate::fhir_types;
-use crate::store::{ExportSpec, Level, TypeSelection};
 use crate::upstream::Capability;
 
 /// Accepted `_outputFormat` values; all mean FHIR NDJSON.
@@ -97,7 +97,9 @@ pub fn parse(
         capability,
         lenient,
         notes: Vec::new(),
-        allowed: level_types(&level, capability),
+        allowed: compartment::level_types(&level, capability)
+            .into_keys()
+            .collect(),
         unsearchable,
         unusable_filters: BTreeSet::new(),
         patient_given: false,
@@ -204,24 +206,6 @@ fn parameters_body(body: &[u8]) -> Result<Vec<(String, String)>, KickoffError> {
         out.push((name.to_owned(), value));
     }
     Ok(out)
-}
-
-/// Types a level may export: every searchable type (system); at Patient and Group level the types the
-/// upstream can search by patient, with the [`compartment::REFERENCED_TYPES`] it can search by id.
-pub fn level_types(level: &Level, capability: &Capability) -> BTreeSet<String> {
-    capability
-        .types
-        .iter()
-        .filter(|(t, params)| match level {
-            Level::System => true,
-            Level::Patient | Level::Group { .. } => {
-                t.as_str() == "Patient"
-                    || compartment::patient_param(t, params).is_some()
-                    || compartment::REFERENCED_TYPES.contains(&t.as_str())
-            }
-        })
-        .map(|(t, _)| t.clone())
-        .collect()
 }
 
 struct Builder<'c> {

@@ -2,7 +2,7 @@
 
 use url::Url;
 
-use crate::store::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
+use crate::export::model::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
 
 /// Name of a job's OperationOutcome NDJSON file.
 pub const ERROR_FILE: &str = "errors.ndjson";
@@ -147,10 +147,10 @@ pub fn error_lines(job: &Job, slices: &[Slice]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::JobState;
+    use crate::export::model::JobState;
 
     fn job() -> Job {
-        let mut job = crate::store::tests::job("j");
+        let mut job = crate::export::model::tests::job("j");
         job.state = JobState::Running;
         job
     }

@@ -5,6 +5,7 @@ pub mod elements;
 pub mod filters;
 pub mod kickoff;
 pub mod manifest;
+pub mod model;
 pub mod planner;
 pub mod ranges;
 pub mod references;

@@ -4,11 +4,10 @@ use std::collections::BTreeSet;
 
 use url::Url;
 
-use crate::export::compartment;
+use crate::export::compartment::{self, Reach};
+use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
 use crate::export::ranges::{self, format_ms, parse_ms, Range, Split};
-use crate::store::{
-    ExportSpec, Job, Level, Planning, Slice, SliceKind, Store, StoreError, TypeSelection,
-};
+use crate::store::{Store, StoreError};
 use crate::upstream::bundle::read_matches;
 use crate::upstream::{Capability, Upstream, UpstreamError};
 
@@ -180,26 +179,14 @@ fn checkpoint(
     }
 }
 
-/// The types a job exports, in a stable order.
+/// The types a job searches, in a stable order: those of its selection that its level searches (the
+/// types reached by reference are planned after the data, by [`crate::export::references`]).
 fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
-    let in_level = |t: &str| match spec.level {
-        Level::System => capability.types.contains_key(t),
-        Level::Patient | Level::Group { .. } => {
-            t == "Patient"
-                || capability
-                    .types
-                    .get(t)
-                    .is_some_and(|p| compartment::patient_param(t, p).is_some())
-        }
-    };
+    let reach = compartment::level_types(&spec.level, capability);
+    let searched = |t: &str| reach.get(t).is_some_and(|r| *r != Reach::ByReference);
     match &spec.types {
-        TypeSelection::All => capability
-            .types
-            .keys()
-            .filter(|t| in_level(t))
-            .cloned()
-            .collect(),
-        TypeSelection::Only(types) => types.iter().filter(|t| in_level(t)).cloned().collect(),
+        TypeSelection::All => reach.keys().filter(|t| searched(t)).cloned().collect(),
+        TypeSelection::Only(types) => types.iter().filter(|t| searched(t)).cloned().collect(),
     }
 }
 
@@ -588,7 +575,7 @@ mod tests {
     /// A store holding job "j" and the upstream client of `fake`.
     fn setup(dir: &std::path::Path, fake: &Fake) -> (Store, Job, Upstream) {
         let store = Store::open(dir).unwrap();
-        let job = crate::store::tests::job("j");
+        let job = crate::export::model::tests::job("j");
         store.put_job(&job).unwrap();
         let cfg: crate::config::UpstreamConfig =
             toml::from_str(&format!("base_url = \"{}\"", fake.base)).unwrap();

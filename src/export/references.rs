@@ -13,10 +13,10 @@ use std::path::Path;
 
 use url::Url;
 
-use crate::export::compartment::REFERENCED_TYPES;
+use crate::export::compartment::{self, Reach, REFERENCED_TYPES};
 use crate::export::kickoff::is_fhir_id;
+use crate::export::model::{ExportSpec, Job, Slice, SliceKind};
 use crate::export::planner::elements_for;
-use crate::store::{ExportSpec, Job, Level, Slice, SliceKind};
 use crate::upstream::{Capability, Upstream};
 
 /// Ids per `_id=` search: long enough lists to save requests, URLs well below common limits (~7 kB).
@@ -29,12 +29,10 @@ pub type Ids = BTreeMap<String, BTreeSet<String>>;
 /// token's grant) includes and the upstream can search. None at system level, whose selection already
 /// says which of them it exports.
 pub fn wanted(spec: &ExportSpec, capability: &Capability) -> Vec<&'static str> {
-    if spec.level == Level::System {
-        return Vec::new();
-    }
+    let reach = compartment::level_types(&spec.level, capability);
     REFERENCED_TYPES
         .into_iter()
-        .filter(|t| spec.types.includes(t) && capability.types.contains_key(*t))
+        .filter(|t| reach.get(*t) == Some(&Reach::ByReference) && spec.types.includes(t))
         .collect()
 }
 
@@ -187,8 +185,8 @@ pub fn slices(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::model::SliceState;
     use crate::export::writer::NdjsonWriter;
-    use crate::store::SliceState;
 
     #[test]
     fn only_relative_references_count() {

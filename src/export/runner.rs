@@ -12,13 +12,14 @@ use tracing::Instrument;
 
 use crate::config::ExportConfig;
 use crate::export::manifest::{self, error_lines, ERROR_FILE};
+use crate::export::model::{FilePart, Job, JobState, Level, Slice, SliceState};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::references;
 use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
-use crate::store::{FilePart, Job, JobState, Level, Slice, SliceState, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::upstream::Upstream;
 
 /// Why a job was not admitted.

@@ -15,10 +15,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{strip_whitespace, write_subset};
+use crate::export::model::{Slice, SliceKind, SliceState};
 use crate::export::writer::NdjsonWriter;
 use crate::http::{storage_full, storage_full_message};
 use crate::metrics::METRICS;
-use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::upstream::bundle::{BundleReader, Entry};
 use crate::upstream::{PageSink, Prefetched, Upstream, UpstreamError};
 
@@ -822,7 +823,7 @@ mod tests {
     /// A job "j" in a fresh store with `slice` as its plan, and the context to run the slice against `base`.
     fn context(tmp: &std::path::Path, base: &str, slice: &Slice) -> (Arc<Store>, SliceContext) {
         let store = Arc::new(Store::open(&tmp.join("store")).unwrap());
-        let job = crate::store::tests::job("j");
+        let job = crate::export::model::tests::job("j");
         store.put_job(&job).unwrap();
         assert!(store
             .commit_plan(&job, std::slice::from_ref(slice))
@@ -874,7 +875,7 @@ mod tests {
         let slice = Slice {
             resource_type: "Observation".into(),
             searches: vec![format!("{base}/Observation?code=x")],
-            ..crate::store::tests::slice("j", 0)
+            ..crate::export::model::tests::slice("j", 0)
         };
         let (_store, ctx) = context(tmp.path(), &base, &slice);
         let ctx = SliceContext { per_file: 1, ..ctx };
@@ -909,7 +910,7 @@ mod tests {
                 format!("{base}/Observation?subject=Patient/a"),
                 format!("{base}/Observation?performer=Patient/a"),
             ],
-            ..crate::store::tests::slice("j", 0)
+            ..crate::export::model::tests::slice("j", 0)
         };
         let (store, ctx) = context(tmp.path(), &base, &slice);
         assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
@@ -949,7 +950,7 @@ mod tests {
             let slice = Slice {
                 resource_type: "Patient".into(),
                 searches: vec![format!("{base}/Patient?{query}")],
-                ..crate::store::tests::slice("j", 0)
+                ..crate::export::model::tests::slice("j", 0)
             };
             let (store, ctx) = context(tmp.path(), &base, &slice);
             assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);
@@ -1026,7 +1027,7 @@ mod tests {
         let slice = Slice {
             resource_type: "Observation".into(),
             searches: vec![format!("{base}/Observation")],
-            ..crate::store::tests::slice("j", 0)
+            ..crate::export::model::tests::slice("j", 0)
         };
         let (store, ctx) = context(tmp.path(), &base, &slice);
         assert_eq!(run_slice(ctx, slice).await.unwrap(), SliceEnd::Finished);

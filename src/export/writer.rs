@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::{Compress, Compression, FlushCompress};
 
-use crate::store::{FilePart, GzipStream};
+use crate::export::model::{FilePart, GzipStream};
 
 /// Every gzip file's header: deflate, no name, no time, unknown OS.
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
