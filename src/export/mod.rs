@@ -10,5 +10,6 @@ pub mod planner;
 pub mod ranges;
 pub mod references;
 pub mod runner;
+pub mod window;
 pub mod worker;
 pub mod writer;

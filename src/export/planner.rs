@@ -6,7 +6,8 @@ use url::Url;
 
 use crate::export::compartment::{self, Reach};
 use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
-use crate::export::ranges::{self, format_ms, parse_ms, Range, Split};
+use crate::export::ranges::{self, parse_ms, Range, Split};
+use crate::export::window::Window;
 use crate::store::{Store, StoreError};
 use crate::upstream::bundle::read_matches;
 use crate::upstream::{Capability, Upstream, UpstreamError};
@@ -70,6 +71,7 @@ pub async fn plan(
     let bounds = Bounds {
         upstream,
         job,
+        window: Window::new(spec.since.as_deref(), None, &job.transaction_time),
         page_size: limits.page_size,
     };
     let mut progress = store.planning(&job.id)?;
@@ -193,6 +195,8 @@ fn export_types(spec: &ExportSpec, capability: &Capability) -> Vec<String> {
 struct Bounds<'a> {
     upstream: &'a Upstream,
     job: &'a Job,
+    /// The job's `_lastUpdated` window, which every search of it renders.
+    window: Window,
     page_size: u32,
 }
 
@@ -228,19 +232,14 @@ impl Bounds<'_> {
     /// The split of a type's resources into `n` ranges, before any probe; `None` when the type is not
     /// worth splitting (or the upstream cannot say how many it has, or since when).
     async fn start_split(&self, resource_type: &str, n: usize) -> Result<Option<Split>, PlanError> {
-        let spec = &self.job.spec;
-        let Some(hi) = parse_ms(&self.job.transaction_time) else {
+        let Some(hi) = self.window.last_ms() else {
             return Ok(None);
         };
         let mut url = self.upstream.url(resource_type);
         url.query_pairs_mut()
             .append_pair("_sort", "_lastUpdated")
-            .append_pair("_count", "1")
-            .append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
-        if let Some(since) = &spec.since {
-            url.query_pairs_mut()
-                .append_pair("_lastUpdated", &format!("gt{since}"));
-        }
+            .append_pair("_count", "1");
+        self.window.apply(&mut url);
         let (total, oldest) = self
             .upstream
             .fetch(url.as_str(), |body| {
@@ -265,21 +264,15 @@ impl Bounds<'_> {
         if n <= 1 {
             return Ok(None);
         }
-        let lo = spec
-            .since
-            .as_deref()
-            .and_then(parse_ms)
-            .unwrap_or(oldest - 1);
+        let lo = self.window.since().and_then(parse_ms).unwrap_or(oldest - 1);
         Ok(Some(Split::new(Range { lo, hi }, total, n)))
     }
 
     /// `Bundle.total` of a type's resources in a range.
     async fn count(&self, resource_type: &str, range: Range) -> Result<u64, UpstreamError> {
         let mut url = self.upstream.url(resource_type);
-        url.query_pairs_mut()
-            .append_pair("_count", "0")
-            .append_pair("_lastUpdated", &format!("gt{}", format_ms(range.lo)))
-            .append_pair("_lastUpdated", &format!("le{}", format_ms(range.hi)));
+        url.query_pairs_mut().append_pair("_count", "0");
+        self.window.narrow(range).apply(&mut url);
         self.upstream
             .fetch(url.as_str(), |body| {
                 read_matches(body, |_| Ok(()))?
@@ -315,21 +308,14 @@ impl Bounds<'_> {
         let elements = elements_for(&spec.elements, resource_type);
         let build = |filter: Option<&str>| {
             let mut url: Url = self.upstream.url(resource_type);
+            url.query_pairs_mut()
+                .append_pair("_count", &self.page_size.to_string());
+            match range {
+                Some(range) => self.window.narrow(range).apply(&mut url),
+                None => self.window.apply(&mut url),
+            }
             {
                 let mut q = url.query_pairs_mut();
-                q.append_pair("_count", &self.page_size.to_string());
-                match range {
-                    Some(r) => {
-                        q.append_pair("_lastUpdated", &format!("gt{}", format_ms(r.lo)));
-                        q.append_pair("_lastUpdated", &format!("le{}", format_ms(r.hi)));
-                    }
-                    None => {
-                        q.append_pair("_lastUpdated", &format!("le{}", self.job.transaction_time));
-                        if let Some(since) = &spec.since {
-                            q.append_pair("_lastUpdated", &format!("gt{since}"));
-                        }
-                    }
-                }
                 if !elements.is_empty() {
                     q.append_pair("_elements", &elements.join(","));
                 }
@@ -427,9 +413,9 @@ fn patient_id(reference: &str) -> Option<String> {
 async fn all_patients(job: &Job, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
     let mut url = upstream.url("Patient");
     url.query_pairs_mut()
-        .append_pair("_count", &ID_PAGE_SIZE.to_string())
-        .append_pair("_lastUpdated", &format!("le{}", job.transaction_time))
-        .append_pair("_elements", "id");
+        .append_pair("_count", &ID_PAGE_SIZE.to_string());
+    Window::snapshot(&job.transaction_time).apply(&mut url);
+    url.query_pairs_mut().append_pair("_elements", "id");
     let mut next = Some(url.to_string());
     let mut ids = BTreeSet::new();
     while let Some(page_url) = next {
@@ -460,6 +446,7 @@ async fn all_patients(job: &Job, upstream: &Upstream) -> Result<BTreeSet<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::ranges::format_ms;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
