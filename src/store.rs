@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::export::failure::JobFailure;
 use crate::export::ranges::Split;
 
 /// sled's page cache. The store holds job records and cursors, rewritten every commit; sled's default
@@ -144,8 +145,9 @@ pub enum JobState {
     Running,
     /// Every slice ended; the manifest is available.
     Completed,
-    /// The job as a whole failed; status answers `status` with `message`.
-    Failed { status: u16, message: String },
+    /// The job as a whole failed, for this cause.
+    #[serde(deserialize_with = "crate::export::failure::decode")]
+    Failed(JobFailure),
 }
 
 /// One export job.

@@ -2,6 +2,7 @@
 
 pub mod compartment;
 pub mod elements;
+pub mod failure;
 pub mod filters;
 pub mod kickoff;
 pub mod manifest;

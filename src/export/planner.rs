@@ -297,7 +297,7 @@ impl Bounds<'_> {
             .fetch(url.as_str(), |body| {
                 read_matches(body, |_| Ok(()))?
                     .total
-                    .ok_or_else(|| "the upstream gives no Bundle.total".to_owned())
+                    .ok_or_else(|| "the upstream gives no Bundle.total".into())
             })
             .await
     }
@@ -401,9 +401,7 @@ fn sorted(ids: &[String]) -> Vec<String> {
 async fn group_members(id: &str, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
     let url = upstream.url(&format!("Group/{id}"));
     let group: serde_json::Value = match upstream
-        .fetch(url.as_str(), |b| {
-            serde_json::from_slice(b).map_err(|e| e.to_string())
-        })
+        .fetch(url.as_str(), |b| Ok(serde_json::from_slice(b)?))
         .await
     {
         Ok(g) => g,

@@ -15,11 +15,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::export::elements::{strip_whitespace, write_subset};
+use crate::export::failure::JobFailure;
 use crate::export::writer::NdjsonWriter;
-use crate::http::{storage_full, storage_full_message};
+use crate::http::storage_full;
 use crate::metrics::METRICS;
 use crate::store::{Slice, SliceKind, SliceState, Store, StoreError};
-use crate::upstream::bundle::{BundleReader, Entry};
+use crate::upstream::bundle::{BundleError, BundleReader, Entry};
 use crate::upstream::{PageSink, Prefetched, Upstream, UpstreamError};
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
@@ -36,25 +37,29 @@ pub enum WorkerError {
     /// Writing the export files failed.
     #[error("writing export files: {0}")]
     Io(#[from] std::io::Error),
-    /// A limit was reached or the upstream is gone: the whole job fails with this status.
-    #[error("{message}")]
-    JobFailed { status: u16, message: String },
+    /// A limit was reached or the upstream is gone: the whole job fails for this cause.
+    #[error(transparent)]
+    Failed(#[from] JobFailure),
 }
 
 impl WorkerError {
-    /// The status and message the job fails with.
-    pub fn failure(self) -> (u16, String) {
+    /// What the job fails with.
+    pub fn failure(self) -> JobFailure {
         let io = match &self {
             WorkerError::Io(e) => Some(e),
             WorkerError::Store(e) => e.io_error(),
-            WorkerError::JobFailed { .. } => None,
+            WorkerError::Failed(_) => None,
         };
         if io.is_some_and(storage_full) {
-            return (507, storage_full_message(&self));
+            return JobFailure::StorageFull {
+                reason: self.to_string(),
+            };
         }
         match self {
-            WorkerError::JobFailed { status, message } => (status, message),
-            e => (500, format!("the export failed inside the proxy: {e}")),
+            WorkerError::Failed(failure) => failure,
+            e => JobFailure::Internal {
+                reason: e.to_string(),
+            },
         }
     }
 }
@@ -105,23 +110,18 @@ impl JobLimits {
     fn admit_page(&self, lines: u64, bytes: u64) -> Result<(), WorkerError> {
         let total = self.resources.fetch_add(lines, Ordering::Relaxed) + lines;
         if self.max_resources > 0 && total > self.max_resources {
-            return Err(WorkerError::JobFailed {
-                status: 413,
-                message: format!(
-                    "the export holds more than max_resources_per_job ({}) resources; narrow it with _type, _since or _typeFilter",
-                    self.max_resources
-                ),
-            });
+            return Err(JobFailure::TooManyResources {
+                max: self.max_resources,
+            }
+            .into());
         }
         let used = self.disk.used.load(Ordering::Relaxed);
         if self.disk.max > 0 && used + bytes > self.disk.max {
-            return Err(WorkerError::JobFailed {
-                status: 507,
-                message: format!(
-                    "the export would pass max_disk_bytes ({} bytes, {used} in use); it was stopped and its files removed",
-                    self.disk.max
-                ),
-            });
+            return Err(JobFailure::DiskLimit {
+                max: self.disk.max,
+                used,
+            }
+            .into());
         }
         Ok(())
     }
@@ -234,17 +234,13 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
         };
         let page = match fetched {
             Ok(page) => page,
-            Err(e @ (UpstreamError::Budget(_) | UpstreamError::Unreachable { .. })) => {
-                let status = if matches!(e, UpstreamError::Budget(_)) {
-                    413
-                } else {
-                    504
-                };
+            Err(UpstreamError::Budget(max)) => {
                 output.settle().await?;
-                return Err(WorkerError::JobFailed {
-                    status,
-                    message: e.to_string(),
-                });
+                return Err(JobFailure::RequestBudget { max }.into());
+            }
+            Err(UpstreamError::Unreachable { secs, detail }) => {
+                output.settle().await?;
+                return Err(JobFailure::UpstreamUnreachable { secs, detail }.into());
             }
             Err(e) => {
                 tracing::warn!(job = %slice.job_id, slice = slice.index, error = %e, "slice failed");
@@ -573,6 +569,29 @@ fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd,
     }
 }
 
+/// Why a page cannot be written as the slice's lines; the fetch retries the page.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// The page is not a usable Bundle.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A search returned a match of another type than it searched.
+    #[error("a {expected} search returned a {found} as a match")]
+    WrongType { expected: String, found: String },
+    /// A resource of a deduplicated slice has no id to deduplicate by.
+    #[error("a resource has no id")]
+    NoId,
+    /// A history entry deletes something other than a resource of the slice's type.
+    #[error("history entry for {url:?} is not a {resource_type} deletion")]
+    NotADeletion { url: String, resource_type: String },
+    /// `_elements` could not be applied to a resource.
+    #[error("{0}")]
+    Elements(String),
+    /// The store could not say whether a resource was written before.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// What converting a page of a slice needs, the same for every attempt at it.
 struct Scope<'s> {
     ctx: &'s SliceContext,
@@ -632,19 +651,20 @@ impl<'s> Converter<'s> {
 
 impl PageSink for Converter<'_> {
     type Page = Page;
+    type Error = PageError;
 
     fn expect(&mut self, bytes: usize) {
         // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
         self.lines.page.data.reserve_exact(bytes + bytes / 8);
     }
 
-    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), PageError> {
         self.reader.feed(bytes, &mut |e| self.lines.add(e))?;
         self.lines.ask_next(self.reader.next_link());
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Page, String> {
+    fn finish(mut self) -> Result<Page, PageError> {
         let summary = self.reader.finish(&mut |e| self.lines.add(e))?;
         self.lines.ask_next(summary.next.as_deref());
         let mut page = self.lines.page;
@@ -668,7 +688,7 @@ impl Lines<'_> {
     }
 
     /// Renders an entry's resource as a line if it is one the slice exports.
-    fn add(&mut self, entry: Entry<'_>) -> Result<(), String> {
+    fn add(&mut self, entry: Entry<'_>) -> Result<(), PageError> {
         let Scope {
             ctx, slice, dedupe, ..
         } = *self.scope;
@@ -683,10 +703,10 @@ impl Lines<'_> {
             return Ok(());
         };
         if resource.resource_type != slice.resource_type {
-            return Err(format!(
-                "a {} search returned a {} as a match",
-                slice.resource_type, resource.resource_type
-            ));
+            return Err(PageError::WrongType {
+                expected: slice.resource_type.clone(),
+                found: resource.resource_type.into_owned(),
+            });
         }
         // A page is known by its first resource: a later page starting with the same one is the same
         // page served again (or an overlap), which would duplicate resources either way.
@@ -694,21 +714,22 @@ impl Lines<'_> {
             out.fingerprint = Some(fnv(FNV_OFFSET, resource.json));
         }
         if dedupe {
-            let id = resource.id.as_deref().ok_or("a resource has no id")?;
+            let id = resource.id.as_deref().ok_or(PageError::NoId)?;
             if !self.page_ids.insert(id.to_owned())
                 || self.scope.batch_ids.contains(id)
                 || self
                     .scope
                     .committing_ids
                     .is_some_and(|ids| ids.contains(id))
-                || ctx.store.seen(slice, id).map_err(|e| e.to_string())?
+                || ctx.store.seen(slice, id)?
             {
                 return Ok(());
             }
             out.ids.push(id.to_owned());
         }
         if !ctx.elements.is_empty() {
-            write_subset(resource.json, &ctx.elements, &mut out.data)?;
+            write_subset(resource.json, &ctx.elements, &mut out.data)
+                .map_err(PageError::Elements)?;
         } else if resource.compact {
             out.data.extend_from_slice(resource.json);
         } else {
@@ -727,7 +748,7 @@ fn deletion(
     slice: &Slice,
     snapshot: DateTime<Utc>,
     out: &mut Page,
-) -> Result<(), String> {
+) -> Result<(), PageError> {
     let Some(request) = entry.request()?.filter(|r| r.method == "DELETE") else {
         return Ok(());
     };
@@ -736,11 +757,9 @@ fn deletion(
         .url
         .strip_prefix(&prefix)
         .filter(|id| !id.is_empty() && !id.contains(['/', '?']))
-        .ok_or_else(|| {
-            format!(
-                "history entry for {:?} is not a {} deletion",
-                request.url, slice.resource_type
-            )
+        .ok_or_else(|| PageError::NotADeletion {
+            url: request.url.clone(),
+            resource_type: slice.resource_type.clone(),
         })?;
     let after_snapshot = entry
         .response()?
@@ -886,7 +905,8 @@ mod tests {
             matches!(&error, WorkerError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC)),
             "not the kernel's ENOSPC: {error:?}"
         );
-        let (status, message) = error.failure();
+        let failure = error.failure();
+        let (status, message) = (crate::http::failure_status(&failure), failure.to_string());
         assert_eq!(status, 507, "{message}");
         assert!(message.contains("disk is full"), "{message}");
     }
