@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment;
+use crate::export::layout::{Layout, Searches};
 use crate::export::ranges::{self, format_ms, parse_ms, Range, Split};
 use crate::store::{
     ExportSpec, Job, Level, Planning, Slice, SliceKind, Store, StoreError, TypeSelection,
@@ -121,6 +122,7 @@ pub async fn plan(
         Level::Patient | Level::Group { .. } => {
             let patients = patients(job, upstream).await?;
             for batch in patients.chunks(limits.patient_batch_size) {
+                let mut per_type = Vec::new();
                 for t in &types {
                     let by_patient = if t == "Patient" {
                         ("_id".to_owned(), batch.join(","))
@@ -132,11 +134,22 @@ pub async fn plan(
                         (param.to_owned(), refs.join(","))
                     };
                     let searches = bounds.searches(t, &[by_patient], None);
+                    per_type.push(Searches {
+                        resource_type: t.clone(),
+                        searches,
+                    });
+                }
+                for group in Layout::ByType.group(per_type) {
+                    let Searches {
+                        resource_type,
+                        searches,
+                    } = group;
+                    let kind = SliceKind::Resources;
                     slices.push(new_slice(
                         job,
                         &mut progress,
-                        t,
-                        SliceKind::Resources,
+                        &resource_type,
+                        kind,
                         searches,
                     ));
                 }

@@ -12,10 +12,11 @@ use tracing::Instrument;
 
 use crate::config::ExportConfig;
 use crate::export::failure::JobFailure;
+use crate::export::limits::{DiskUsage, JobLimits};
 use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::references;
-use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
+use crate::export::worker::{run_slice, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
