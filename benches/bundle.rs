@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::time::Instant;
 
 use fhir_bulk_proxy::export::elements::{strip_whitespace, write_compact};
-use fhir_bulk_proxy::upstream::bundle::{BundleReader, Entry};
+use fhir_bulk_proxy::upstream::bundle::{BundleError, BundleReader, Entry};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -95,7 +95,7 @@ fn by_reader(body: &[u8], out: &mut Vec<u8>) {
             }
             out.push(b'\n');
         }
-        Ok(())
+        Ok::<_, BundleError>(())
     };
     for chunk in body.chunks(CHUNK) {
         reader.feed(chunk, &mut each).expect("valid page");

@@ -40,7 +40,7 @@ fn state_name(state: &JobState) -> &'static str {
         JobState::Accepted => "accepted",
         JobState::Running => "running",
         JobState::Completed => "completed",
-        JobState::Failed { .. } => "failed",
+        JobState::Failed(_) => "failed",
     }
 }
 
@@ -149,8 +149,10 @@ impl Admin {
             "progress": manifest::progress(job, &slices),
             "resources": slices.iter().map(|s| s.lines()).sum::<u64>(),
         });
-        if let JobState::Failed { status, message } = &job.state {
-            summary["failure"] = serde_json::json!({"status": status, "message": message});
+        if let JobState::Failed(failure) = &job.state {
+            let status = crate::http::failure_status(failure).as_u16();
+            summary["failure"] =
+                serde_json::json!({"status": status, "message": failure.to_string()});
         }
         Ok(summary)
     }

@@ -480,10 +480,7 @@ impl App {
                 }
                 Ok(response)
             }
-            JobState::Failed { status, message } => Err(ApiError::JobFailed {
-                status: *status,
-                message: message.clone(),
-            }),
+            JobState::Failed(failure) => Err(ApiError::JobFailed(failure.clone())),
         }
     }
 

@@ -7,6 +7,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_A
 use hyper::{Method, Response, StatusCode};
 
 use crate::auth::AuthError;
+use crate::export::failure::JobFailure;
 use crate::export::kickoff::KickoffError;
 use crate::outcome::outcome;
 use crate::route::PathError;
@@ -40,6 +41,27 @@ pub fn storage_full_message(e: &dyn std::fmt::Display) -> String {
     format!(
         "the proxy's local disk is full ({e}); an operator must free space before exports can run"
     )
+}
+
+/// The status a poll of a job that failed for `failure` answers.
+pub fn failure_status(failure: &JobFailure) -> StatusCode {
+    match failure {
+        JobFailure::TooManyResources { .. } | JobFailure::RequestBudget { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        JobFailure::DiskLimit { .. } | JobFailure::StorageFull { .. } => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
+        JobFailure::UpstreamUnreachable { .. } => StatusCode::GATEWAY_TIMEOUT,
+        JobFailure::GroupNotFound { .. } => StatusCode::NOT_FOUND,
+        JobFailure::PlanningFailed { .. }
+        | JobFailure::ReferencesUnplanned { .. }
+        | JobFailure::UploadFailed { .. } => StatusCode::BAD_GATEWAY,
+        JobFailure::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        JobFailure::Legacy { status, .. } => {
+            StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        }
+    }
 }
 
 /// A JSON response with the given content type.
@@ -120,8 +142,8 @@ pub enum ApiError {
     #[error("reading the request body failed: {0}")]
     BodyRead(String),
     /// The export job failed as a whole.
-    #[error("{message}")]
-    JobFailed { status: u16, message: String },
+    #[error(transparent)]
+    JobFailed(JobFailure),
     /// The job store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -171,10 +193,7 @@ impl ApiError {
                 (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too-long")
             }
             ApiError::BodyRead(_) => (StatusCode::BAD_REQUEST, "invalid"),
-            ApiError::JobFailed { status, .. } => (
-                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-                "exception",
-            ),
+            ApiError::JobFailed(failure) => (failure_status(failure), "exception"),
             ApiError::Store(_) | ApiError::Io(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "exception")
             }

@@ -1,5 +1,6 @@
 //! What status polling reports: progress of a running job and the manifest of a finished one.
 
+use crate::export::layout::Layout;
 use url::Url;
 
 use crate::export::model::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
@@ -81,20 +82,15 @@ pub fn manifest(
     requires_token: bool,
 ) -> serde_json::Value {
     let mut ordered: Vec<&Slice> = slices.iter().collect();
-    ordered.sort_by(|a, b| (&a.resource_type, a.index).cmp(&(&b.resource_type, b.index)));
+    let layout = ordered.first().map(|s| Layout::of(s)).unwrap_or_default();
+    layout.order(&mut ordered);
     let files = |kind: SliceKind, file_type: Option<&str>| -> Vec<serde_json::Value> {
         ordered
             .iter()
             .filter(|s| s.kind == kind)
             .flat_map(|s| s.files.iter().map(move |f| (s, f)))
             .filter(|(_, f)| f.lines > 0)
-            .map(|(s, f)| {
-                serde_json::json!({
-                    "type": file_type.unwrap_or(&s.resource_type),
-                    "url": url_of(&f.name),
-                    "count": f.lines,
-                })
-            })
+            .map(|(s, f)| Layout::of(s).output_item(s, f, url_of(&f.name), file_type))
             .collect()
     };
     let output = files(SliceKind::Resources, None);

@@ -2,11 +2,17 @@
 
 pub mod compartment;
 pub mod elements;
+pub mod failure;
 pub mod filters;
 pub mod kickoff;
+pub mod layout;
+pub mod limits;
 pub mod manifest;
 pub mod model;
+pub mod output;
+pub mod page;
 pub mod planner;
+pub mod prefetch;
 pub mod ranges;
 pub mod references;
 pub mod runner;

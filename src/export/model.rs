@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::export::failure::JobFailure;
 use crate::export::kickoff::Kickoff;
 use crate::export::ranges::Split;
 
@@ -106,8 +107,9 @@ pub enum JobState {
     Running,
     /// Every slice ended; the manifest is available.
     Completed,
-    /// The job as a whole failed; status answers `status` with `message`.
-    Failed { status: u16, message: String },
+    /// The job as a whole failed, for this cause.
+    #[serde(deserialize_with = "crate::export::failure::decode")]
+    Failed(JobFailure),
 }
 
 /// One export job.

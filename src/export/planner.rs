@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment::{self, Reach};
+use crate::export::layout::{Layout, Searches};
 use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
 use crate::export::ranges::{self, parse_ms, Range, Split};
 use crate::export::window::Window;
@@ -122,6 +123,7 @@ pub async fn plan(
         Level::Patient | Level::Group { .. } => {
             let patients = patients(job, upstream).await?;
             for batch in patients.chunks(limits.patient_batch_size) {
+                let mut per_type = Vec::new();
                 for t in &types {
                     let by_patient = if t == "Patient" {
                         ("_id".to_owned(), batch.join(","))
@@ -133,11 +135,22 @@ pub async fn plan(
                         (param.to_owned(), refs.join(","))
                     };
                     let searches = bounds.searches(t, &[by_patient], None);
+                    per_type.push(Searches {
+                        resource_type: t.clone(),
+                        searches,
+                    });
+                }
+                for group in Layout::ByType.group(per_type) {
+                    let Searches {
+                        resource_type,
+                        searches,
+                    } = group;
+                    let kind = SliceKind::Resources;
                     slices.push(new_slice(
                         job,
                         &mut progress,
-                        t,
-                        SliceKind::Resources,
+                        &resource_type,
+                        kind,
                         searches,
                     ));
                 }
@@ -277,7 +290,7 @@ impl Bounds<'_> {
             .fetch(url.as_str(), |body| {
                 read_matches(body, |_| Ok(()))?
                     .total
-                    .ok_or_else(|| "the upstream gives no Bundle.total".to_owned())
+                    .ok_or_else(|| "the upstream gives no Bundle.total".into())
             })
             .await
     }
@@ -374,9 +387,7 @@ fn sorted(ids: &[String]) -> Vec<String> {
 async fn group_members(id: &str, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
     let url = upstream.url(&format!("Group/{id}"));
     let group: serde_json::Value = match upstream
-        .fetch(url.as_str(), |b| {
-            serde_json::from_slice(b).map_err(|e| e.to_string())
-        })
+        .fetch(url.as_str(), |b| Ok(serde_json::from_slice(b)?))
         .await
     {
         Ok(g) => g,

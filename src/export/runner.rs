@@ -11,11 +11,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::ExportConfig;
+use crate::export::failure::JobFailure;
+use crate::export::limits::{DiskUsage, JobLimits};
 use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::model::{FilePart, Job, JobState, Level, Slice, SliceState};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::references;
-use crate::export::worker::{run_slice, DiskUsage, JobLimits, SliceContext, SliceEnd, WorkerError};
+use crate::export::worker::{run_slice, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
 use crate::storage::Storage;
@@ -261,8 +263,7 @@ impl Runner {
             async move {
                 if let Err(e) = runner.run(&task_id, &task_cancel).await {
                     tracing::error!(job = %task_id, error = %e, "job failed");
-                    let (status, message) = e.failure();
-                    let failed = JobState::Failed { status, message };
+                    let failed = JobState::Failed(e.failure());
                     if let Err(e) = runner.finish(&task_id, failed).await {
                         tracing::error!(job = %task_id, error = %e, "could not record job failure");
                     }
@@ -292,13 +293,14 @@ impl Runner {
                 Ok(plan) => plan,
                 Err(PlanError::JobGone) => return Ok(()),
                 Err(PlanError::Store(e)) => return Err(e.into()),
-                Err(e) => {
-                    let status = match &e {
-                        PlanError::GroupNotFound(_) => 404,
-                        PlanError::Upstream(_) | PlanError::Store(_) | PlanError::JobGone => 502,
-                    };
-                    let message = format!("the export could not be planned: {e}");
-                    return self.finish(id, JobState::Failed { status, message }).await;
+                Err(PlanError::GroupNotFound(group)) => {
+                    let failure = JobFailure::GroupNotFound { group };
+                    return self.finish(id, JobState::Failed(failure)).await;
+                }
+                Err(e @ PlanError::Upstream(_)) => {
+                    let reason = e.to_string();
+                    let failure = JobFailure::PlanningFailed { reason };
+                    return self.finish(id, JobState::Failed(failure)).await;
                 }
             };
             job.state = JobState::Running;
@@ -405,14 +407,13 @@ impl Runner {
         if job.spec.level == Level::System || slices.iter().any(references::is_reference_slice) {
             return Ok(Some(Vec::new()));
         }
-        let capability = self
-            .upstream
-            .capability()
-            .await
-            .map_err(|e| WorkerError::JobFailed {
-                status: 502,
-                message: format!("the referenced resources could not be planned: {e}"),
-            })?;
+        let capability =
+            self.upstream
+                .capability()
+                .await
+                .map_err(|e| JobFailure::ReferencesUnplanned {
+                    reason: e.to_string(),
+                })?;
         let wanted = references::wanted(&job.spec, &capability);
         if wanted.is_empty() {
             return Ok(Some(Vec::new()));
@@ -467,14 +468,13 @@ impl Runner {
             match bucket.upload(id, &self.job_dir(id), &files).await {
                 Ok(()) => job.stored_remotely = true,
                 Err(e) => {
-                    state = JobState::Failed {
-                        status: 502,
-                        message: format!("storing the export files failed: {e}"),
-                    }
+                    state = JobState::Failed(JobFailure::UploadFailed {
+                        reason: e.to_string(),
+                    })
                 }
             }
         }
-        if matches!(state, JobState::Failed { .. }) {
+        if matches!(state, JobState::Failed(_)) {
             // A failed job has no manifest: its partial files would only take disk until it expires.
             self.remove_files(id, local_bytes);
             self.store.delete_slices(id)?;

@@ -3,30 +3,32 @@
 //! Per page the order is the crash-safety contract: fetch, write, fsync the files, then commit the cursor
 //! that covers them. A crash anywhere leaves a cursor whose files hold at least its committed bytes; resume
 //! truncates them back to exactly that and refetches the page after it.
+//!
+//! This module is the slice run, a small state machine (`SliceRun`: fetch, accept, advance,
+//! checkpoint); the page converter, the background writer, the limits and the prefetch are modules of
+//! their own beside it, and the layout decides file names and units. It passes 700 lines only with its
+//! tests, which run whole slices against a local HTTP server and so sit with the run they test.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::export::elements::{strip_whitespace, write_subset};
+use crate::export::failure::JobFailure;
+use crate::export::layout::Layout;
+use crate::export::limits::JobLimits;
 use crate::export::model::{Slice, SliceKind, SliceState};
+use crate::export::output::{Batch, Output, Pending};
+use crate::export::page::{url_hash, Converter, Page, Scope};
+use crate::export::prefetch::Prefetch;
 use crate::export::writer::NdjsonWriter;
-use crate::http::{storage_full, storage_full_message};
+use crate::http::storage_full;
 use crate::metrics::METRICS;
 use crate::store::{Store, StoreError};
-use crate::upstream::bundle::{BundleReader, Entry};
-use crate::upstream::{PageSink, Prefetched, Upstream, UpstreamError};
-
-/// How often a running slice commits its cursor: pages are written as they come, fsynced and
-/// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
-/// per page.
-const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+use crate::upstream::{Upstream, UpstreamError};
 
 /// Failures that stop the whole job (the local disk or store), as opposed to a slice's upstream failure.
 #[derive(Debug, thiserror::Error)]
@@ -37,94 +39,30 @@ pub enum WorkerError {
     /// Writing the export files failed.
     #[error("writing export files: {0}")]
     Io(#[from] std::io::Error),
-    /// A limit was reached or the upstream is gone: the whole job fails with this status.
-    #[error("{message}")]
-    JobFailed { status: u16, message: String },
+    /// A limit was reached or the upstream is gone: the whole job fails for this cause.
+    #[error(transparent)]
+    Failed(#[from] JobFailure),
 }
 
 impl WorkerError {
-    /// The status and message the job fails with.
-    pub fn failure(self) -> (u16, String) {
+    /// What the job fails with.
+    pub fn failure(self) -> JobFailure {
         let io = match &self {
             WorkerError::Io(e) => Some(e),
             WorkerError::Store(e) => e.io_error(),
-            WorkerError::JobFailed { .. } => None,
+            WorkerError::Failed(_) => None,
         };
         if io.is_some_and(storage_full) {
-            return (507, storage_full_message(&self));
+            return JobFailure::StorageFull {
+                reason: self.to_string(),
+            };
         }
         match self {
-            WorkerError::JobFailed { status, message } => (status, message),
-            e => (500, format!("the export failed inside the proxy: {e}")),
+            WorkerError::Failed(failure) => failure,
+            e => JobFailure::Internal {
+                reason: e.to_string(),
+            },
         }
-    }
-}
-
-/// Bytes all export files take, against `max_disk_bytes`; shared by every job.
-#[derive(Debug, Default)]
-pub struct DiskUsage {
-    /// Limit in bytes (0: none).
-    pub max: u64,
-    /// Committed bytes of every job's files.
-    pub used: AtomicU64,
-}
-
-/// A job's limits and what it has used of them, shared by its slices.
-#[derive(Debug)]
-pub struct JobLimits {
-    /// Most resources the job may export (0: no limit).
-    pub max_resources: u64,
-    /// Most upstream requests the job may make (0: no limit).
-    pub max_requests: u64,
-    /// Resources written so far.
-    pub resources: AtomicU64,
-    /// Upstream requests made so far.
-    pub requests: AtomicU64,
-    /// Disk used by all jobs.
-    pub disk: Arc<DiskUsage>,
-}
-
-impl JobLimits {
-    /// Counts a request the job may do without: none when the budget is spent.
-    fn spare_request(&self) -> bool {
-        self.requests
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |made| {
-                (self.max_requests == 0 || made < self.max_requests).then_some(made + 1)
-            })
-            .is_ok()
-    }
-
-    fn spend_request(&self) -> Result<(), UpstreamError> {
-        let made = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.max_requests > 0 && made > self.max_requests {
-            return Err(UpstreamError::Budget(self.max_requests));
-        }
-        Ok(())
-    }
-
-    /// Reserves room for a page of `lines` resources and `bytes` bytes, or fails the job.
-    fn admit_page(&self, lines: u64, bytes: u64) -> Result<(), WorkerError> {
-        let total = self.resources.fetch_add(lines, Ordering::Relaxed) + lines;
-        if self.max_resources > 0 && total > self.max_resources {
-            return Err(WorkerError::JobFailed {
-                status: 413,
-                message: format!(
-                    "the export holds more than max_resources_per_job ({}) resources; narrow it with _type, _since or _typeFilter",
-                    self.max_resources
-                ),
-            });
-        }
-        let used = self.disk.used.load(Ordering::Relaxed);
-        if self.disk.max > 0 && used + bytes > self.disk.max {
-            return Err(WorkerError::JobFailed {
-                status: 507,
-                message: format!(
-                    "the export would pass max_disk_bytes ({} bytes, {used} in use); it was stopped and its files removed",
-                    self.disk.max
-                ),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -159,150 +97,199 @@ pub struct SliceContext {
     pub gzip: bool,
 }
 
-/// One page, converted to output lines.
-struct Page {
-    /// The lines, each ending in a newline.
-    data: Vec<u8>,
-    /// Offset just past each line's newline in `data`.
-    ends: Vec<usize>,
-    /// Ids written, for deduplicated slices.
-    ids: Vec<String>,
-    next: Option<String>,
-    total: Option<u64>,
-    /// `Bundle.link[self]`.
-    self_link: Option<String>,
-    /// Hash of the page's first resource (`None` for an empty page), to recognise a page served
-    /// again under another URL.
-    fingerprint: Option<u64>,
+/// How often a running slice commits its cursor: pages are written as they come, fsynced and
+/// committed at most this often, so a crash costs at most this much refetching and fsync is not paid
+/// per page.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Whether a slice run goes on with its next page or has ended.
+enum Step {
+    /// Fetch the next page.
+    Continue,
+    /// The run has ended this way; nothing is left to do.
+    Stop(SliceEnd),
 }
 
 /// Runs `slice` to its end (or until cancelled), resuming from its committed cursor.
-pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, WorkerError> {
-    let ctx = &ctx;
-    let stem = match slice.kind {
-        SliceKind::Resources => format!("{}.{:04}", slice.resource_type, slice.index),
-        SliceKind::Deleted => format!("{}.deleted.{:04}", slice.resource_type, slice.index),
-    };
-    let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
-    let parts = slice.files.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        NdjsonWriter::resume(&dir, stem, per_file, gzip, parts)
-    })
-    .await
-    .expect("writer task panicked")?;
-    let mut output = Output {
-        writer: Some(writer),
-        writing: None,
-        spare: Mutex::new(Vec::new()),
-    };
-    let dedupe = slice.searches.len() > 1;
-    let mut batch = Batch::default();
-    let prefetch = Prefetch::default();
-    let mut pending = None;
-    while slice.state == SliceState::Pending {
-        let url = slice
+pub async fn run_slice(ctx: SliceContext, slice: Slice) -> Result<SliceEnd, WorkerError> {
+    let mut run = SliceRun::open(&ctx, slice).await?;
+    while run.slice.state == SliceState::Pending {
+        if let Step::Stop(end) = run.step().await? {
+            return Ok(end);
+        }
+    }
+    Ok(SliceEnd::Finished)
+}
+
+/// One slice being run: its cursor, its files, what was written since the last commit, the commit under
+/// way and the page asked for ahead.
+struct SliceRun<'c> {
+    ctx: &'c SliceContext,
+    /// The cursor, ahead of the committed one by what `batch` and `pending` hold.
+    slice: Slice,
+    output: Output,
+    batch: Batch,
+    /// The checkpoint whose fsync is under way.
+    pending: Option<Pending>,
+    prefetch: Prefetch,
+    /// Whether resources found before are left out (a slice of several OR-ed searches).
+    dedupe: bool,
+}
+
+impl<'c> SliceRun<'c> {
+    /// Resumes the slice's files at its committed cursor.
+    async fn open(ctx: &'c SliceContext, slice: Slice) -> Result<Self, WorkerError> {
+        let stem = Layout::of(&slice).file_stem(&slice);
+        let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
+        let parts = slice.files.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            NdjsonWriter::resume(&dir, stem, per_file, gzip, parts)
+        })
+        .await
+        .expect("writer task panicked")?;
+        Ok(Self {
+            ctx,
+            dedupe: slice.searches.len() > 1,
+            slice,
+            output: Output::new(writer),
+            batch: Batch::default(),
+            pending: None,
+            prefetch: Prefetch::default(),
+        })
+    }
+
+    /// Fetches the page at the cursor and takes it in.
+    async fn step(&mut self) -> Result<Step, WorkerError> {
+        let url = self
+            .slice
             .next
             .clone()
-            .unwrap_or_else(|| slice.searches[slice.search_index].clone());
-        let fetched = tokio::select! {
-            _ = ctx.cancel.cancelled() => {
+            .unwrap_or_else(|| self.slice.searches[self.slice.search_index].clone());
+        match self.fetch(&url).await {
+            None => {
                 // Nothing may write into the job's files once the caller goes on to remove them.
-                output.settle().await?;
-                return Ok(SliceEnd::Stopped);
+                self.output.settle().await?;
+                Ok(Step::Stop(SliceEnd::Stopped))
             }
+            Some(Ok(page)) => self.accept(&url, page).await,
+            Some(Err(e)) => self.upstream_failed(e).await,
+        }
+    }
+
+    /// The page at `url`, converted as it arrives; `None` when the job is cancelled first.
+    async fn fetch(&self, url: &str) -> Option<Result<Page, UpstreamError>> {
+        let ctx = self.ctx;
+        tokio::select! {
+            _ = ctx.cancel.cancelled() => None,
             r = async {
-                let early = prefetch.take(&url).await;
+                let early = self.prefetch.take(url).await;
                 let scope = Scope {
                     ctx,
-                    slice: &slice,
-                    url: &url,
-                    dedupe,
-                    batch_ids: &batch.ids,
+                    slice: &self.slice,
+                    url,
+                    dedupe: self.dedupe,
+                    batch_ids: &self.batch.ids,
                     // Ids of a checkpoint still syncing are in neither the batch nor the store.
-                    committing_ids: pending.as_ref().map(|p: &Pending| &p.batch.ids),
-                    prefetch: &prefetch,
-                    spare: &output.spare,
+                    committing_ids: self.pending.as_ref().map(|p| &p.batch.ids),
+                    prefetch: &self.prefetch,
+                    spare: &self.output.spare,
                 };
                 ctx.upstream
-                    .fetch_streamed(
-                        &url,
-                        early,
-                        || Converter::new(&scope),
-                        || ctx.limits.spend_request(),
-                    )
+                    .fetch_streamed(url, early, || Converter::new(&scope), || ctx.limits.spend_request())
                     .await
-            } => r,
-        };
-        let page = match fetched {
-            Ok(page) => page,
-            Err(e @ (UpstreamError::Budget(_) | UpstreamError::Unreachable { .. })) => {
-                let status = if matches!(e, UpstreamError::Budget(_)) {
-                    413
-                } else {
-                    504
-                };
-                output.settle().await?;
-                return Err(WorkerError::JobFailed {
-                    status,
-                    message: e.to_string(),
-                });
+            } => Some(r),
+        }
+    }
+
+    /// A fetch that failed after its retries: the job's budget or the upstream is gone (the job fails),
+    /// or only this slice's search failed (the slice fails).
+    async fn upstream_failed(&mut self, e: UpstreamError) -> Result<Step, WorkerError> {
+        let failure = match e {
+            UpstreamError::Budget(max) => JobFailure::RequestBudget { max },
+            UpstreamError::Unreachable { secs, detail } => {
+                JobFailure::UpstreamUnreachable { secs, detail }
             }
-            Err(e) => {
+            e => {
+                let slice = &self.slice;
                 tracing::warn!(job = %slice.job_id, slice = slice.index, error = %e, "slice failed");
-                slice.state = SliceState::Failed {
-                    message: e.to_string(),
-                };
-                return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
+                return self.fail(e.to_string()).await;
             }
         };
-        if let Some(message) = ignored_parameters(&slice, &url, &page) {
-            slice.state = SliceState::Failed { message };
-            return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
+        self.output.settle().await?;
+        Err(failure.into())
+    }
+
+    /// Takes in a fetched page: judges it, writes it, moves the cursor past it and checkpoints.
+    async fn accept(&mut self, url: &str, page: Page) -> Result<Step, WorkerError> {
+        if let Some(message) = self.untrusted(url, &page) {
+            return self.fail(message).await;
         }
-        remember(&mut slice.visited, url_hash(&url));
-        if let Some(fingerprint) = page.fingerprint {
-            if slice.visited.contains(&fingerprint) {
-                slice.state = SliceState::Failed {
-                    message: format!(
-                        "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
-                    ),
-                };
-                return checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await;
-            }
-            remember(&mut slice.visited, fingerprint);
-        }
-        let next = match page.next.as_deref().map(|n| ctx.upstream.check_own(n)) {
-            Some(Err(e)) => Err(e.to_string()),
-            Some(Ok(_)) if page.next.as_deref().is_some_and(|n| slice.visited.contains(&url_hash(n))) => Err(format!(
-                "the upstream's next link after {url} leads back to a page already fetched (a paging loop)"
-            )),
-            _ => Ok(page.next.clone()),
-        };
+        let next = self.next_link(url, &page);
         let lines = page.ends.len() as u64;
         let page_bytes = page.data.len() as u64;
-        if let Err(e) = ctx.limits.admit_page(lines, batch.bytes + page_bytes) {
-            output.settle().await?;
+        let admitted = self
+            .ctx
+            .limits
+            .admit_page(lines, self.batch.bytes + page_bytes);
+        if let Err(e) = admitted {
+            self.output.settle().await?;
             return Err(e);
         }
-        batch.ids.extend(page.ids);
-        batch.bytes += page_bytes;
+        self.batch.ids.extend(page.ids);
+        self.batch.bytes += page_bytes;
         // Written in the background while the next page is fetched and converted.
-        output.start(page.data, page.ends).await?;
-        slice.pages += 1;
+        self.output.start(page.data, page.ends, page.units).await?;
+        self.slice.pages += 1;
         METRICS.exported_resources.inc_by(lines);
         METRICS.exported_bytes.inc_by(page_bytes);
-        if slice.next.is_none() {
+        if self.slice.next.is_none() {
             if let Some(t) = page.total {
-                slice.total = Some(slice.total.unwrap_or(0) + t);
+                self.slice.total = Some(self.slice.total.unwrap_or(0) + t);
             }
         }
         if let Ok(None) = next {
             // The count of written lines must include the page just handed to the writer.
-            slice.files = output.settle().await?.parts().to_vec();
+            self.slice.files = self.output.settle().await?.parts().to_vec();
         }
+        self.advance(next);
+        self.checkpoint().await
+    }
+
+    /// Why the page at `url` must not be written, if it must not; remembers it as fetched otherwise.
+    fn untrusted(&mut self, url: &str, page: &Page) -> Option<String> {
+        if let Some(message) = ignored_parameters(&self.slice, url, page) {
+            return Some(message);
+        }
+        let visited = &mut self.slice.visited;
+        remember(visited, url_hash(url));
+        let fingerprint = page.fingerprint?;
+        if visited.contains(&fingerprint) {
+            return Some(format!(
+                "the upstream served the same page again at {url} (a paging loop); nothing of it was written twice"
+            ));
+        }
+        remember(visited, fingerprint);
+        None
+    }
+
+    /// The page after the one at `url`, `None` at the end of its search, or why its link is refused.
+    fn next_link(&self, url: &str, page: &Page) -> Result<Option<String>, String> {
+        let visited = &self.slice.visited;
+        match page.next.as_deref().map(|n| self.ctx.upstream.check_own(n)) {
+            Some(Err(e)) => Err(e.to_string()),
+            Some(Ok(_)) if page.next.as_deref().is_some_and(|n| visited.contains(&url_hash(n))) => Err(format!(
+                "the upstream's next link after {url} leads back to a page already fetched (a paging loop)"
+            )),
+            _ => Ok(page.next.clone()),
+        }
+    }
+
+    /// Moves the cursor to `next`, to the next search, or to the slice's end (done or failed).
+    fn advance(&mut self, next: Result<Option<String>, String>) {
+        let slice = &mut self.slice;
         match next {
             Ok(Some(n)) => slice.next = Some(n),
-            Ok(None) => match short_of_total(&slice) {
+            Ok(None) => match short_of_total(slice) {
                 Some(message) => slice.state = SliceState::Failed { message },
                 None => {
                     slice.next = None;
@@ -315,203 +302,89 @@ pub async fn run_slice(ctx: SliceContext, mut slice: Slice) -> Result<SliceEnd, 
             },
             Err(message) => slice.state = SliceState::Failed { message },
         }
-        let end = if slice.state != SliceState::Pending {
-            checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await?
-        } else if batch.started.elapsed() >= COMMIT_INTERVAL {
-            begin_checkpoint(ctx, &mut slice, &mut output, &mut batch, &mut pending).await?
-        } else if pending.as_ref().is_some_and(|p| p.synced.is_finished()) {
-            end_checkpoint(ctx, &mut pending).await?
-        } else {
-            SliceEnd::Finished
-        };
-        if end == SliceEnd::Stopped {
-            output.settle().await?;
-            return Ok(SliceEnd::Stopped);
-        }
     }
-    Ok(SliceEnd::Finished)
-}
 
-/// Pages written since the last commit.
-struct Batch {
-    /// Ids written (deduplicated slices), not yet in the store.
-    ids: HashSet<String>,
-    /// Bytes written.
-    bytes: u64,
-    started: Instant,
-}
-
-impl Default for Batch {
-    fn default() -> Self {
-        Self {
-            ids: HashSet::new(),
-            bytes: 0,
-            started: Instant::now(),
-        }
-    }
-}
-
-/// A slice's next page, asked for as soon as the current page's `next` link is read, before the rest of
-/// the page is: the upstream prepares it while the proxy converts, instead of each waiting for the other.
-/// At most one per slice; one still in flight when the slice ends is aborted.
-#[derive(Default)]
-struct Prefetch(Mutex<Option<Asked>>);
-
-/// A page asked for: its URL, and the attempt at it.
-type Asked = (String, JoinHandle<Prefetched>);
-
-impl Prefetch {
-    /// Asks for `next`, the page after `url`, unless it is asked for already, leads back to a page
-    /// fetched before, or the job's request budget has no request to spare.
-    fn start(&self, ctx: &SliceContext, slice: &Slice, url: &str, next: &str) {
-        let mut slot = self.0.lock().expect("prefetch lock");
-        if slot.as_ref().is_some_and(|(asked, _)| *asked == next)
-            || next == url
-            || slice.visited.contains(&url_hash(next))
-            || !ctx.limits.spare_request()
+    /// After a page: the last checkpoint if the slice ended, a new one if the interval has passed, the
+    /// commit of the one under way if its sync is done.
+    async fn checkpoint(&mut self) -> Result<Step, WorkerError> {
+        let step = if self.slice.state != SliceState::Pending {
+            self.last_checkpoint().await?
+        } else if self.batch.started.elapsed() >= COMMIT_INTERVAL {
+            self.begin_checkpoint().await?
+        } else if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.synced.is_finished())
         {
-            return;
+            self.end_checkpoint().await?
+        } else {
+            Step::Continue
+        };
+        if let Step::Stop(SliceEnd::Stopped) = step {
+            self.output.settle().await?;
         }
-        if let Some(handle) = ctx.upstream.prefetch(next) {
-            if let Some((_, stale)) = slot.replace((next.to_owned(), handle)) {
-                stale.abort();
-            }
+        Ok(step)
+    }
+
+    /// Fails the slice with `message`, keeping what it wrote, and commits that.
+    async fn fail(&mut self, message: String) -> Result<Step, WorkerError> {
+        self.slice.state = SliceState::Failed { message };
+        self.last_checkpoint().await
+    }
+
+    /// Starts a checkpoint of everything written so far, once the one before it is committed (cursors
+    /// are committed in order).
+    async fn begin_checkpoint(&mut self) -> Result<Step, WorkerError> {
+        self.output.settle().await?;
+        if let Step::Stop(end) = self.end_checkpoint().await? {
+            return Ok(Step::Stop(end));
         }
+        let writer = self.output.settle().await?;
+        let (parts, durable) = writer.detach_sync()?;
+        self.slice.files = parts;
+        self.pending = Some(Pending {
+            cursor: self.slice.clone(),
+            batch: std::mem::take(&mut self.batch),
+            synced: tokio::task::spawn_blocking(move || durable.sync()),
+        });
+        Ok(Step::Continue)
     }
 
-    /// The attempt at `url` if that is the page asked for; any other is dropped.
-    async fn take(&self, url: &str) -> Option<Prefetched> {
-        let asked = self.0.lock().expect("prefetch lock").take();
-        match asked {
-            Some((asked, handle)) if asked == url => handle.await.ok(),
-            Some((_, handle)) => {
-                handle.abort();
-                None
-            }
-            None => None,
+    /// Waits for the checkpoint in progress, if any, and commits its cursor.
+    async fn end_checkpoint(&mut self) -> Result<Step, WorkerError> {
+        let Some(Pending {
+            cursor,
+            batch,
+            synced,
+        }) = self.pending.take()
+        else {
+            return Ok(Step::Continue);
+        };
+        synced.await.expect("sync task panicked")?;
+        let ids: Vec<String> = batch.ids.into_iter().collect();
+        if !self.ctx.store.commit_slice(&cursor, &ids)? {
+            return Ok(Step::Stop(SliceEnd::Stopped));
         }
-    }
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        if let Some((_, handle)) = self.0.get_mut().ok().and_then(Option::take) {
-            handle.abort();
-        }
-    }
-}
-
-/// A page written: the writer and the page's buffer, handed back.
-type Written = (NdjsonWriter, Vec<u8>);
-
-/// A slice's files: at most one page is being written (on a blocking thread) while the slice fetches the
-/// next, so that fetching and writing overlap even in a single slice; memory stays at two pages.
-struct Output {
-    /// The writer, while no page is being written.
-    writer: Option<NdjsonWriter>,
-    /// The page being written; it hands the writer and the page's buffer back.
-    writing: Option<JoinHandle<std::io::Result<Written>>>,
-    /// A written page's buffer, for the next page to fill: a slice allocates two, not one per page.
-    spare: Mutex<Vec<u8>>,
-}
-
-impl Output {
-    /// Waits for the page being written, if any.
-    async fn settle(&mut self) -> Result<&mut NdjsonWriter, WorkerError> {
-        if let Some(writing) = self.writing.take() {
-            let (writer, mut data) = writing.await.expect("writer task panicked")?;
-            data.clear();
-            *self.spare.lock().expect("spare buffer lock") = data;
-            self.writer = Some(writer);
-        }
-        Ok(self
-            .writer
-            .as_mut()
-            .expect("the writer is back once nothing is being written"))
-    }
-
-    /// Starts writing a page, once the previous one is written.
-    async fn start(&mut self, data: Vec<u8>, ends: Vec<usize>) -> Result<(), WorkerError> {
-        self.settle().await?;
-        let mut writer = self.writer.take().expect("settled");
-        self.writing = Some(tokio::task::spawn_blocking(move || {
-            writer.write_page(&data, &ends)?;
-            Ok((writer, data))
-        }));
-        Ok(())
-    }
-}
-
-/// A checkpoint whose fsync runs on a blocking thread while the slice goes on fetching: the cursor, as
-/// it stood when the sync began, is committed once the sync is done, so a slice never waits for the disk.
-struct Pending {
-    cursor: Slice,
-    batch: Batch,
-    synced: JoinHandle<std::io::Result<()>>,
-}
-
-/// Starts a checkpoint of everything written so far, once the one before it is committed (cursors are
-/// committed in order).
-async fn begin_checkpoint(
-    ctx: &SliceContext,
-    slice: &mut Slice,
-    output: &mut Output,
-    batch: &mut Batch,
-    pending: &mut Option<Pending>,
-) -> Result<SliceEnd, WorkerError> {
-    let writer = output.settle().await?;
-    if end_checkpoint(ctx, pending).await? == SliceEnd::Stopped {
-        return Ok(SliceEnd::Stopped);
-    }
-    let (parts, durable) = writer.detach_sync()?;
-    slice.files = parts;
-    *pending = Some(Pending {
-        cursor: slice.clone(),
-        batch: std::mem::take(batch),
-        synced: tokio::task::spawn_blocking(move || durable.sync()),
-    });
-    Ok(SliceEnd::Finished)
-}
-
-/// Waits for the checkpoint in progress, if any, and commits its cursor.
-async fn end_checkpoint(
-    ctx: &SliceContext,
-    pending: &mut Option<Pending>,
-) -> Result<SliceEnd, WorkerError> {
-    let Some(Pending {
-        cursor,
-        batch,
-        synced,
-    }) = pending.take()
-    else {
-        return Ok(SliceEnd::Finished);
-    };
-    synced.await.expect("sync task panicked")?;
-    let ids: Vec<String> = batch.ids.into_iter().collect();
-    let end = commit(ctx, &cursor, &ids)?;
-    if end == SliceEnd::Finished {
-        ctx.limits
+        self.ctx
+            .limits
             .disk
             .used
             .fetch_add(batch.bytes, Ordering::Relaxed);
+        Ok(Step::Continue)
     }
-    Ok(end)
-}
 
-/// Completes the slice's last file, makes everything written durable, then commits the cursor that
-/// covers it: a slice's last checkpoint.
-async fn checkpoint(
-    ctx: &SliceContext,
-    slice: &mut Slice,
-    output: &mut Output,
-    batch: &mut Batch,
-    pending: &mut Option<Pending>,
-) -> Result<SliceEnd, WorkerError> {
-    output.settle().await?.finish()?;
-    if begin_checkpoint(ctx, slice, output, batch, pending).await? == SliceEnd::Stopped {
-        return Ok(SliceEnd::Stopped);
+    /// Completes the slice's last file, makes everything written durable, then commits the cursor that
+    /// covers it: a slice's last checkpoint, after which the run has ended.
+    async fn last_checkpoint(&mut self) -> Result<Step, WorkerError> {
+        self.output.settle().await?.finish()?;
+        if let Step::Stop(end) = self.begin_checkpoint().await? {
+            return Ok(Step::Stop(end));
+        }
+        Ok(match self.end_checkpoint().await? {
+            Step::Continue => Step::Stop(SliceEnd::Finished),
+            stop => stop,
+        })
     }
-    end_checkpoint(ctx, pending).await
 }
 
 /// Pages remembered per search for loop detection: enough for any real loop, and it keeps cursors
@@ -523,19 +396,6 @@ fn remember(visited: &mut Vec<u64>, hash: u64) {
         visited.drain(..visited.len() - 2 * REMEMBERED_PAGES + 1);
     }
     visited.push(hash);
-}
-
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-
-/// FNV-1a: a hash that stays the same across builds, since it is stored in cursors.
-fn fnv(seed: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(seed, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn url_hash(url: &str) -> u64 {
-    fnv(FNV_OFFSET, url.as_bytes())
 }
 
 /// Why a finished search must not count as complete: it returned fewer resources than its
@@ -566,205 +426,11 @@ fn short_of_total(slice: &Slice) -> Option<String> {
     })
 }
 
-fn commit(ctx: &SliceContext, slice: &Slice, ids: &[String]) -> Result<SliceEnd, WorkerError> {
-    if ctx.store.commit_slice(slice, ids)? {
-        Ok(SliceEnd::Finished)
-    } else {
-        Ok(SliceEnd::Stopped)
-    }
-}
-
-/// What converting a page of a slice needs, the same for every attempt at it.
-struct Scope<'s> {
-    ctx: &'s SliceContext,
-    slice: &'s Slice,
-    /// The page's URL.
-    url: &'s str,
-    /// Whether resources found before are left out (a slice of several OR-ed searches).
-    dedupe: bool,
-    /// Ids written since the last checkpoint.
-    batch_ids: &'s HashSet<String>,
-    /// Ids of the checkpoint being committed, if one is.
-    committing_ids: Option<&'s HashSet<String>>,
-    prefetch: &'s Prefetch,
-    spare: &'s Mutex<Vec<u8>>,
-}
-
-/// A page converted as it arrives: each entry is checked and rendered as an output line as soon as its
-/// last byte is in, and the page after it is asked for as soon as its `next` link is read. An `Err`
-/// makes the fetch retry the page, whose lines are then dropped with it: nothing is written twice.
-struct Converter<'s> {
-    reader: BundleReader,
-    lines: Lines<'s>,
-}
-
-/// The page's output lines, rendered entry by entry.
-struct Lines<'s> {
-    scope: &'s Scope<'s>,
-    page: Page,
-    /// Ids on this page so far (deduplicated slices).
-    page_ids: HashSet<String>,
-    /// Whether the page after this one has been asked for.
-    asked: bool,
-}
-
-impl<'s> Converter<'s> {
-    fn new(scope: &'s Scope<'s>) -> Self {
-        let data = std::mem::take(&mut *scope.spare.lock().expect("spare buffer lock"));
-        Self {
-            reader: BundleReader::new(),
-            lines: Lines {
-                scope,
-                page: Page {
-                    data,
-                    ends: Vec::new(),
-                    ids: Vec::new(),
-                    next: None,
-                    total: None,
-                    self_link: None,
-                    fingerprint: None,
-                },
-                page_ids: HashSet::new(),
-                asked: false,
-            },
-        }
-    }
-}
-
-impl PageSink for Converter<'_> {
-    type Page = Page;
-
-    fn expect(&mut self, bytes: usize) {
-        // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
-        self.lines.page.data.reserve_exact(bytes + bytes / 8);
-    }
-
-    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.reader.feed(bytes, &mut |e| self.lines.add(e))?;
-        self.lines.ask_next(self.reader.next_link());
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<Page, String> {
-        let summary = self.reader.finish(&mut |e| self.lines.add(e))?;
-        self.lines.ask_next(summary.next.as_deref());
-        let mut page = self.lines.page;
-        page.next = summary.next;
-        page.total = summary.total;
-        page.self_link = summary.self_link;
-        Ok(page)
-    }
-}
-
-impl Lines<'_> {
-    /// Asks for the page after this one, once.
-    fn ask_next(&mut self, next: Option<&str>) {
-        let scope = self.scope;
-        if let Some(next) = next.filter(|_| !self.asked) {
-            self.asked = true;
-            scope
-                .prefetch
-                .start(scope.ctx, scope.slice, scope.url, next);
-        }
-    }
-
-    /// Renders an entry's resource as a line if it is one the slice exports.
-    fn add(&mut self, entry: Entry<'_>) -> Result<(), String> {
-        let Scope {
-            ctx, slice, dedupe, ..
-        } = *self.scope;
-        let out = &mut self.page;
-        if slice.kind == SliceKind::Deleted {
-            return deletion(&entry, slice, ctx.snapshot, out);
-        }
-        if !entry.is_match()? {
-            return Ok(());
-        }
-        let Some(resource) = entry.resource else {
-            return Ok(());
-        };
-        if resource.resource_type != slice.resource_type {
-            return Err(format!(
-                "a {} search returned a {} as a match",
-                slice.resource_type, resource.resource_type
-            ));
-        }
-        // A page is known by its first resource: a later page starting with the same one is the same
-        // page served again (or an overlap), which would duplicate resources either way.
-        if out.fingerprint.is_none() {
-            out.fingerprint = Some(fnv(FNV_OFFSET, resource.json));
-        }
-        if dedupe {
-            let id = resource.id.as_deref().ok_or("a resource has no id")?;
-            if !self.page_ids.insert(id.to_owned())
-                || self.scope.batch_ids.contains(id)
-                || self
-                    .scope
-                    .committing_ids
-                    .is_some_and(|ids| ids.contains(id))
-                || ctx.store.seen(slice, id).map_err(|e| e.to_string())?
-            {
-                return Ok(());
-            }
-            out.ids.push(id.to_owned());
-        }
-        if !ctx.elements.is_empty() {
-            write_subset(resource.json, &ctx.elements, &mut out.data)?;
-        } else if resource.compact {
-            out.data.extend_from_slice(resource.json);
-        } else {
-            strip_whitespace(resource.json, &mut out.data);
-        }
-        out.data.push(b'\n');
-        out.ends.push(out.data.len());
-        Ok(())
-    }
-}
-
-/// Renders a history entry that deletes a resource of the slice's type, up to the snapshot, as the spec's
-/// deleted-resource line: a transaction Bundle of that one deletion.
-fn deletion(
-    entry: &Entry<'_>,
-    slice: &Slice,
-    snapshot: DateTime<Utc>,
-    out: &mut Page,
-) -> Result<(), String> {
-    let Some(request) = entry.request()?.filter(|r| r.method == "DELETE") else {
-        return Ok(());
-    };
-    let prefix = format!("{}/", slice.resource_type);
-    let id = request
-        .url
-        .strip_prefix(&prefix)
-        .filter(|id| !id.is_empty() && !id.contains(['/', '?']))
-        .ok_or_else(|| {
-            format!(
-                "history entry for {:?} is not a {} deletion",
-                request.url, slice.resource_type
-            )
-        })?;
-    let after_snapshot = entry
-        .response()?
-        .and_then(|r| r.last_modified)
-        .and_then(|w| DateTime::parse_from_rfc3339(&w).ok())
-        .is_some_and(|w| w > snapshot);
-    if after_snapshot {
-        return Ok(());
-    }
-    let bundle = serde_json::json!({
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [{"request": {"method": "DELETE", "url": format!("{prefix}{id}")}}],
-    });
-    out.data.extend_from_slice(bundle.to_string().as_bytes());
-    out.data.push(b'\n');
-    out.ends.push(out.data.len());
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::export::limits::DiskUsage;
+    use std::sync::atomic::AtomicU64;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A request's head, read byte by byte (no body follows a GET); `None` if the connection closes first.
@@ -887,7 +553,8 @@ mod tests {
             matches!(&error, WorkerError::Io(e) if e.raw_os_error() == Some(libc::ENOSPC)),
             "not the kernel's ENOSPC: {error:?}"
         );
-        let (status, message) = error.failure();
+        let failure = error.failure();
+        let (status, message) = (crate::http::failure_status(&failure), failure.to_string());
         assert_eq!(status, 507, "{message}");
         assert!(message.contains("disk is full"), "{message}");
     }

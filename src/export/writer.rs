@@ -18,6 +18,31 @@ const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 /// Bytes of compressed output handed to the file at a time.
 const DEFLATE_CHUNK: usize = 128 * 1024;
 
+/// The runs of a page's lines that must stay in one file, as its layout declares them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Units {
+    /// Every line is a unit: files roll over at any line.
+    #[default]
+    Lines,
+    /// Each entry is the number of the page's lines up to the end of a unit, ascending; the page ends
+    /// with a unit.
+    Ends(Vec<usize>),
+}
+
+impl Units {
+    /// How many of the lines from `line` on, at most `room`, end on a unit boundary (0: not one unit fits).
+    fn fit(&self, line: usize, room: usize) -> usize {
+        match self {
+            Units::Lines => room,
+            Units::Ends(ends) => ends
+                .iter()
+                .rev()
+                .find(|&&end| end > line && end <= line + room)
+                .map_or(0, |end| end - line),
+        }
+    }
+}
+
 /// Writer of one slice's files, positioned at the slice's committed end.
 ///
 /// Each page is written with one call per file it touches. With `gzip`, a file is one gzip stream, as
@@ -86,10 +111,16 @@ impl NdjsonWriter {
         format!("{}.{part:03}.{ext}", self.stem)
     }
 
-    /// Appends one page of lines: `page` holds them back to back, each ending in a newline, and
+    /// Appends one page of lines, every line a unit of its own: `page` holds them back to back, each ending in a newline, and
     /// `ends[i]` is the offset just past line `i`'s newline. Written at once (one gzip member per file
     /// the page touches), straight from the page: lines are never copied into a buffer of the writer's.
     pub fn write_page(&mut self, page: &[u8], ends: &[usize]) -> io::Result<()> {
+        self.write_units(page, ends, &Units::Lines)
+    }
+
+    /// [`NdjsonWriter::write_page`] rolling over only between `units`: a unit that does not fit in the
+    /// current file starts the next one, and only a unit longer than a whole file is split.
+    pub fn write_units(&mut self, page: &[u8], ends: &[usize], units: &Units) -> io::Result<()> {
         let (mut start, mut line) = (0, 0);
         while line < ends.len() {
             if !self.parts.last().is_some_and(|p| self.appendable(p)) {
@@ -97,9 +128,17 @@ impl NdjsonWriter {
             }
             let part = self.parts.last().expect("roll added a part");
             let room = (self.per_file - part.lines).min((ends.len() - line) as u64) as usize;
-            let end = ends[line + room - 1];
-            self.append(&page[start..end], room as u64)?;
-            (start, line) = (end, line + room);
+            let take = match units.fit(line, room) {
+                0 if part.lines > 0 => {
+                    self.roll()?;
+                    continue;
+                }
+                0 => room,
+                whole => whole,
+            };
+            let end = ends[line + take - 1];
+            self.append(&page[start..end], take as u64)?;
+            (start, line) = (end, line + take);
         }
         Ok(())
     }
@@ -364,6 +403,27 @@ mod tests {
 
     fn read(dir: &Path, name: &str) -> String {
         std::fs::read_to_string(dir.join(name)).unwrap()
+    }
+
+    /// A unit that does not fit in the current file starts the next one whole; only a unit longer than
+    /// a file is split; every-line units roll exactly as `write_page` does.
+    #[test]
+    fn a_unit_is_never_split_across_files_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w =
+            NdjsonWriter::resume(dir.path(), "block.0000".into(), 4, false, vec![]).unwrap();
+        let (mut data, mut ends) = (Vec::new(), Vec::new());
+        for i in 0..11 {
+            data.extend_from_slice(format!("{{\"id\":\"{i}\"}}\n").as_bytes());
+            ends.push(data.len());
+        }
+        // Units of 3, 2, 5 (longer than a file) and 1 lines.
+        w.write_units(&data, &ends, &Units::Ends(vec![3, 5, 10, 11]))
+            .unwrap();
+        let counts: Vec<u64> = sync(&mut w).iter().map(|p| p.lines).collect();
+        assert_eq!(counts, [3, 2, 4, 2]);
+        assert_eq!(Units::Lines.fit(3, 2), 2);
+        assert_eq!(Units::Ends(vec![3, 5]).fit(3, 1), 0);
     }
 
     #[test]

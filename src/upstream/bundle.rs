@@ -9,8 +9,33 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
+use crate::upstream::ParseError;
+
 /// Nesting deeper than this is refused (serde_json's own limit), so hostile input cannot exhaust the stack.
 const MAX_DEPTH: usize = 128;
+
+/// Why a page is not a usable searchset Bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// An entry's `search`, `request` or `response` is not what FHIR defines.
+    #[error("entry.{member}: {source}")]
+    Entry {
+        member: &'static str,
+        source: serde_json::Error,
+    },
+    /// Not valid JSON, or not a Bundle's shape, at `at`.
+    #[error("not a JSON Bundle: {why} at byte {at}")]
+    Invalid { why: &'static str, at: usize },
+    /// The body ends before the Bundle does.
+    #[error("not a JSON Bundle: the body ends early (after {0} bytes)")]
+    EndsEarly(usize),
+    /// The body is a resource of another type.
+    #[error("expected a Bundle, got {0}")]
+    NotABundle(String),
+    /// The body has no `resourceType`.
+    #[error("not a JSON Bundle: it has no resourceType")]
+    NoResourceType,
+}
 
 /// `Bundle.link`.
 #[derive(Debug, Deserialize)]
@@ -68,28 +93,37 @@ pub struct Entry<'a> {
 
 impl Entry<'_> {
     /// Whether the entry is a search result (`search.mode` is `match` or absent), not an include or an outcome.
-    pub fn is_match(&self) -> Result<bool, String> {
+    pub fn is_match(&self) -> Result<bool, BundleError> {
         match self.search {
             None => Ok(true),
             Some(br#"{"mode":"match"}"#) => Ok(true),
             Some(raw) => {
                 let search: Option<EntrySearch> =
-                    serde_json::from_slice(raw).map_err(|e| format!("entry.search: {e}"))?;
+                    serde_json::from_slice(raw).map_err(|source| BundleError::Entry {
+                        member: "search",
+                        source,
+                    })?;
                 Ok(search.and_then(|s| s.mode).is_none_or(|m| m == "match"))
             }
         }
     }
 
     /// `entry.request` (history Bundles).
-    pub fn request(&self) -> Result<Option<EntryRequest>, String> {
+    pub fn request(&self) -> Result<Option<EntryRequest>, BundleError> {
         let raw = self.request.unwrap_or(b"null");
-        serde_json::from_slice(raw).map_err(|e| format!("entry.request: {e}"))
+        serde_json::from_slice(raw).map_err(|source| BundleError::Entry {
+            member: "request",
+            source,
+        })
     }
 
     /// `entry.response` (history Bundles).
-    pub fn response(&self) -> Result<Option<EntryResponse>, String> {
+    pub fn response(&self) -> Result<Option<EntryResponse>, BundleError> {
         let raw = self.response.unwrap_or(b"null");
-        serde_json::from_slice(raw).map_err(|e| format!("entry.response: {e}"))
+        serde_json::from_slice(raw).map_err(|source| BundleError::Entry {
+            member: "response",
+            source,
+        })
     }
 }
 
@@ -165,11 +199,11 @@ impl BundleReader {
     }
 
     /// Reads `chunk`, handing every entry it completes to `on`; an error from `on` stops the read.
-    pub fn feed(
+    pub fn feed<E: From<BundleError>>(
         &mut self,
         chunk: &[u8],
-        on: &mut impl FnMut(Entry<'_>) -> Result<(), String>,
-    ) -> Result<(), String> {
+        on: &mut impl FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         if self.pending.is_empty() {
             // Most of a body is read where it arrived; only an entry cut by the chunk's end is copied.
             let used = self.advance(chunk, on)?;
@@ -187,18 +221,15 @@ impl BundleReader {
     }
 
     /// Reads what is left once the body has ended: the Bundle must be complete.
-    pub fn finish(
+    pub fn finish<E: From<BundleError>>(
         mut self,
-        on: &mut impl FnMut(Entry<'_>) -> Result<(), String>,
-    ) -> Result<Summary, String> {
+        on: &mut impl FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<Summary, E> {
         if !self.pending.is_empty() {
             self.rescan(on)?;
         }
         if self.state != State::End {
-            return Err(format!(
-                "not a JSON Bundle: the body ends early (after {} bytes)",
-                self.offset + self.pending.len()
-            ));
+            return Err(BundleError::EndsEarly(self.offset + self.pending.len()).into());
         }
         match self.resource_type.as_deref() {
             Some("Bundle") => Ok(Summary {
@@ -206,15 +237,15 @@ impl BundleReader {
                 next: self.next,
                 self_link: self.self_link,
             }),
-            Some(other) => Err(format!("expected a Bundle, got {other}")),
-            None => Err("not a JSON Bundle: it has no resourceType".into()),
+            Some(other) => Err(BundleError::NotABundle(other.to_owned()).into()),
+            None => Err(BundleError::NoResourceType.into()),
         }
     }
 
-    fn rescan(
+    fn rescan<E: From<BundleError>>(
         &mut self,
-        on: &mut impl FnMut(Entry<'_>) -> Result<(), String>,
-    ) -> Result<(), String> {
+        on: &mut impl FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut pending = std::mem::take(&mut self.pending);
         let used = self.advance(&pending, on)?;
         self.offset += used;
@@ -224,33 +255,33 @@ impl BundleReader {
     }
 
     /// Reads as many whole members and entries of `data` as it holds; returns the bytes consumed.
-    fn advance(
+    fn advance<E: From<BundleError>>(
         &mut self,
         data: &[u8],
-        on: &mut impl FnMut(Entry<'_>) -> Result<(), String>,
-    ) -> Result<usize, String> {
+        on: &mut impl FnMut(Entry<'_>) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let mut scan = Scan::new(data);
+        let mut refused = None;
         loop {
             let mark = scan.i;
-            match self.step(&mut scan, on) {
+            match self.step(&mut scan, on, &mut refused) {
                 Ok(()) => {}
                 Err(Stop::Incomplete) => return Ok(mark),
                 Err(Stop::Invalid(why)) => {
-                    return Err(format!(
-                        "not a JSON Bundle: {why} at byte {}",
-                        self.offset + scan.i
-                    ))
+                    let at = self.offset + scan.i;
+                    return Err(BundleError::Invalid { why, at }.into());
                 }
-                Err(Stop::Rejected(why)) => return Err(why),
+                Err(Stop::Rejected) => return Err(refused.expect("a refusal is kept")),
             }
         }
     }
 
-    /// Reads one member or entry, whole or not at all.
-    fn step(
+    /// Reads one member or entry, whole or not at all; what `on` refuses an entry with goes to `refused`.
+    fn step<E>(
         &mut self,
         scan: &mut Scan<'_>,
-        on: &mut impl FnMut(Entry<'_>) -> Result<(), String>,
+        on: &mut impl FnMut(Entry<'_>) -> Result<(), E>,
+        refused: &mut Option<E>,
     ) -> Result<(), Stop> {
         match self.state {
             State::Start => {
@@ -330,7 +361,10 @@ impl BundleReader {
                     scan.expect(b',', "expected , or ] between entries")?;
                 }
                 let entry = scan.entry()?;
-                on(entry).map_err(Stop::Rejected)?;
+                on(entry).map_err(|e| {
+                    *refused = Some(e);
+                    Stop::Rejected
+                })?;
                 self.state = State::Entry;
             }
             State::End => {
@@ -349,8 +383,8 @@ enum Stop {
     Incomplete,
     /// Not valid JSON, or not a Bundle's shape.
     Invalid(&'static str),
-    /// The receiver of an entry refused it.
-    Rejected(String),
+    /// The receiver of an entry refused it (with the error the caller keeps).
+    Rejected,
 }
 
 /// Words of a string scanned eight bytes at a time before the rest of it is taken for long.
@@ -759,8 +793,8 @@ fn unescape(quoted: &[u8]) -> Result<String, Stop> {
 /// Reads a whole page at once (the planner's small searches), handing its search results to `on`.
 pub fn read_matches(
     body: &[u8],
-    mut on: impl FnMut(Resource<'_>) -> Result<(), String>,
-) -> Result<Summary, String> {
+    mut on: impl FnMut(Resource<'_>) -> Result<(), ParseError>,
+) -> Result<Summary, ParseError> {
     let mut reader = BundleReader::new();
     let mut each = |entry: Entry<'_>| {
         if !entry.is_match()? {
@@ -783,7 +817,7 @@ mod tests {
     type Read = (Vec<(String, bool)>, Option<u64>, Option<String>);
 
     /// Reads `body` fed in pieces cut at `cuts`.
-    fn read(body: &[u8], cuts: &[usize]) -> Result<Read, String> {
+    fn read(body: &[u8], cuts: &[usize]) -> Result<Read, BundleError> {
         let mut reader = BundleReader::new();
         let mut seen = Vec::new();
         let mut each = |e: Entry<'_>| {
@@ -900,8 +934,10 @@ mod tests {
     fn the_self_link_is_kept() {
         let body = br#"{"resourceType":"Bundle","link":[{"relation":"next","url":"n"},{"relation":"self","url":"s?a=1"}],"entry":[]}"#;
         let mut reader = BundleReader::new();
-        reader.feed(body, &mut |_| Ok(())).unwrap();
-        let summary = reader.finish(&mut |_| Ok(())).unwrap();
+        reader
+            .feed(body, &mut |_| Ok::<_, BundleError>(()))
+            .unwrap();
+        let summary = reader.finish(&mut |_| Ok::<_, BundleError>(())).unwrap();
         assert_eq!(summary.self_link.as_deref(), Some("s?a=1"));
         assert_eq!(summary.next.as_deref(), Some("n"));
     }
@@ -965,7 +1001,7 @@ mod tests {
             "[".repeat(100_000),
             "]".repeat(100_000)
         );
-        let err = read(deep.as_bytes(), &[]).unwrap_err();
+        let err = read(deep.as_bytes(), &[]).unwrap_err().to_string();
         assert!(err.contains("nested too deeply"), "{err}");
     }
 
@@ -982,7 +1018,7 @@ mod tests {
         let mut each = |e: Entry<'_>| {
             ids.borrow_mut()
                 .push(e.resource.unwrap().id.unwrap().into_owned());
-            Ok(())
+            Ok::<_, BundleError>(())
         };
         let first_entry = body.windows(7).position(|w| w == br#""entry""#).unwrap();
         reader.feed(&body[..first_entry], &mut each).unwrap();
@@ -999,7 +1035,7 @@ mod tests {
         let body =
             serde_json::to_vec(&bundle(&[json!({"resource": {"resourceType": "P"}})])).unwrap();
         let err = read_matches(&body, |_| Err("no thanks".into())).unwrap_err();
-        assert_eq!(err, "no thanks");
+        assert_eq!(err.to_string(), "no thanks");
     }
 
     /// Any JSON value, strings with escapes, control characters and non-ASCII text.

@@ -940,8 +940,8 @@ mod tests {
         let upstream =
             super::super::Upstream::new(&server.config("client_secret_basic", &extra, 30)).unwrap();
         let metadata = upstream.url("metadata");
-        let token = |b: &[u8]| -> Result<String, String> {
-            let v: serde_json::Value = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+        let token = |b: &[u8]| -> Result<String, super::super::ParseError> {
+            let v: serde_json::Value = serde_json::from_slice(b)?;
             Ok(v["token"].as_str().unwrap_or_default().to_owned())
         };
 

@@ -253,9 +253,7 @@ impl Upstream {
         }
         let url = self.url("metadata");
         let statement: serde_json::Value = self
-            .fetch(url.as_str(), |b| {
-                serde_json::from_slice(b).map_err(|e| e.to_string())
-            })
+            .fetch(url.as_str(), |b| Ok(serde_json::from_slice(b)?))
             .await?;
         let cap = Arc::new(Capability::from_statement(&statement));
         *self.capability.write().await = Some((Instant::now(), cap.clone()));
@@ -269,7 +267,7 @@ impl Upstream {
     pub async fn fetch<T>(
         &self,
         url: &str,
-        parse: impl Fn(&[u8]) -> Result<T, String>,
+        parse: impl Fn(&[u8]) -> Result<T, ParseError>,
     ) -> Result<T, UpstreamError> {
         let whole = || Whole {
             body: Vec::new(),
@@ -440,10 +438,10 @@ impl Upstream {
                 ))));
             }
             sink.chunk(&chunk)
-                .map_err(|detail| Attempt::Retry(invalid(detail), None))?;
+                .map_err(|e| Attempt::Retry(invalid(e.to_string()), None))?;
         }
         sink.finish()
-            .map_err(|detail| Attempt::Retry(invalid(detail), None))
+            .map_err(|e| Attempt::Retry(invalid(e.to_string()), None))
     }
 
     /// Sends one GET with the current credentials; returns the `Authorization` it carried.
@@ -522,16 +520,38 @@ struct Opened {
     _permit: OwnedSemaphorePermit,
 }
 
+/// Why a whole body handed to [`Upstream::fetch`] could not be parsed; the fetch retries it.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// Not a usable searchset Bundle.
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    /// Not the JSON the caller expects.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Valid, but without what the caller needs from it.
+    #[error("{0}")]
+    Content(&'static str),
+}
+
+impl From<&'static str> for ParseError {
+    fn from(missing: &'static str) -> Self {
+        ParseError::Content(missing)
+    }
+}
+
 /// Takes a page body chunk by chunk as it arrives; a new one serves every attempt.
 pub trait PageSink {
     /// What a complete body gives.
     type Page;
+    /// Why a body is unusable; it fails the attempt, which is retried.
+    type Error: std::fmt::Display;
     /// The body's announced length (at most `max_page_bytes`), before its first chunk.
     fn expect(&mut self, _bytes: usize) {}
     /// The next chunk of the body; an error fails the attempt, which is retried.
-    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String>;
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
     /// The body has ended; an error fails the attempt, which is retried.
-    fn finish(self) -> Result<Self::Page, String>;
+    fn finish(self) -> Result<Self::Page, Self::Error>;
 }
 
 /// The whole body, parsed once it is in: for small responses (metadata, the planner's probes).
@@ -540,13 +560,14 @@ struct Whole<'p, F> {
     parse: &'p F,
 }
 
-impl<T, F: Fn(&[u8]) -> Result<T, String>> PageSink for Whole<'_, F> {
+impl<T, F: Fn(&[u8]) -> Result<T, ParseError>> PageSink for Whole<'_, F> {
     type Page = T;
-    fn chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+    type Error = ParseError;
+    fn chunk(&mut self, bytes: &[u8]) -> Result<(), ParseError> {
         self.body.extend_from_slice(bytes);
         Ok(())
     }
-    fn finish(self) -> Result<T, String> {
+    fn finish(self) -> Result<T, ParseError> {
         (self.parse)(&self.body)
     }
 }
