@@ -68,103 +68,147 @@ pub async fn plan(
     store: &Store,
 ) -> Result<Plan, PlanError> {
     let spec = &job.spec;
-    let types = export_types(spec, capability);
-    let bounds = Bounds {
-        upstream,
+    let mut planning = Planner {
         job,
-        window: Window::new(spec.since.as_deref(), None, &job.transaction_time),
-        page_size: limits.page_size,
+        capability,
+        limits,
+        store,
+        types: export_types(spec, capability),
+        bounds: Bounds {
+            upstream,
+            job,
+            window: Window::new(spec.since.as_deref(), None, &job.transaction_time),
+            page_size: limits.page_size,
+        },
+        progress: store.planning(&job.id)?,
+        plan: Plan {
+            slices: Vec::new(),
+            notes: Vec::new(),
+        },
     };
-    let mut progress = store.planning(&job.id)?;
-    let mut slices = Vec::new();
-    let mut notes = Vec::new();
     match &spec.level {
         Level::System => {
-            for t in &types {
-                if progress.done.contains(t) {
-                    continue;
-                }
-                let ranges = bounds
-                    .time_ranges(t, limits.time_slices, &mut progress, store)
-                    .await?;
-                let planned: Vec<Slice> = ranges
-                    .into_iter()
-                    .map(|range| bounds.searches(t, &[], range))
-                    .map(|searches| {
-                        new_slice(job, &mut progress, t, SliceKind::Resources, searches)
-                    })
-                    .collect();
-                progress.done.push(t.clone());
-                progress.split = None;
-                checkpoint(store, job, &progress, &planned)?;
-            }
+            planning.system().await?;
             if let Some(since) = &spec.since {
-                let (with, without): (Vec<&String>, Vec<&String>) =
-                    types.iter().partition(|t| capability.history.contains(*t));
-                for t in with {
-                    let searches = vec![bounds.history(t, since)];
-                    slices.push(new_slice(
-                        job,
-                        &mut progress,
-                        t,
-                        SliceKind::Deleted,
-                        searches,
-                    ));
-                }
-                if !without.is_empty() {
-                    let list: Vec<&str> = without.iter().map(|t| t.as_str()).collect();
-                    notes.push(format!(
-                        "deleted resources are not reported for {}: the upstream offers no type history for them",
-                        list.join(", ")
-                    ));
-                }
+                planning.deletions(since);
             }
         }
         Level::Patient | Level::Group { .. } => {
             let patients = patients(job, upstream).await?;
             for batch in patients.chunks(limits.patient_batch_size) {
-                let mut per_type = Vec::new();
-                for t in &types {
-                    let by_patient = if t == "Patient" {
-                        ("_id".to_owned(), batch.join(","))
-                    } else {
-                        let param = compartment::patient_param(t, &capability.types[t])
-                            .expect("export_types keeps compartment types only");
-                        let refs: Vec<String> =
-                            batch.iter().map(|id| format!("Patient/{id}")).collect();
-                        (param.to_owned(), refs.join(","))
-                    };
-                    let searches = bounds.searches(t, &[by_patient], None);
-                    per_type.push(Searches {
-                        resource_type: t.clone(),
-                        searches,
-                    });
-                }
-                for group in Layout::ByType.group(per_type) {
-                    let Searches {
-                        resource_type,
-                        searches,
-                    } = group;
-                    let kind = SliceKind::Resources;
-                    slices.push(new_slice(
-                        job,
-                        &mut progress,
-                        &resource_type,
-                        kind,
-                        searches,
-                    ));
-                }
+                planning.patient_batch(batch);
             }
             if spec.since.is_some() {
                 // A deleted resource's history entry no longer says whose compartment it was in.
-                notes.push(
+                planning.plan.notes.push(
                     "deleted resources are not reported for Patient and Group exports: a deletion no longer shows which patient it belonged to"
                         .into(),
                 );
             }
         }
     }
-    Ok(Plan { slices, notes })
+    Ok(planning.plan)
+}
+
+/// A plan being made: the job, what it searches, and the planning progress stored so far.
+struct Planner<'a> {
+    job: &'a Job,
+    capability: &'a Capability,
+    limits: PlanLimits,
+    store: &'a Store,
+    /// The types the job searches.
+    types: Vec<String>,
+    bounds: Bounds<'a>,
+    progress: Planning,
+    /// The slices not yet stored, and the notes.
+    plan: Plan,
+}
+
+impl Planner<'_> {
+    /// Each type's slices at system level, one per `_lastUpdated` range, stored type by type.
+    async fn system(&mut self) -> Result<(), PlanError> {
+        for t in &self.types {
+            if self.progress.done.contains(t) {
+                continue;
+            }
+            let ranges = self
+                .bounds
+                .time_ranges(t, self.limits.time_slices, &mut self.progress, self.store)
+                .await?;
+            let planned: Vec<Slice> = ranges
+                .into_iter()
+                .map(|range| self.bounds.searches(t, &[], range))
+                .map(|searches| {
+                    new_slice(
+                        self.job,
+                        &mut self.progress,
+                        t,
+                        SliceKind::Resources,
+                        searches,
+                    )
+                })
+                .collect();
+            self.progress.done.push(t.clone());
+            self.progress.split = None;
+            checkpoint(self.store, self.job, &self.progress, &planned)?;
+        }
+        Ok(())
+    }
+
+    /// The type histories since `since` whose DELETE entries become the manifest's `deleted` files.
+    fn deletions(&mut self, since: &str) {
+        let (with, without): (Vec<&String>, Vec<&String>) = self
+            .types
+            .iter()
+            .partition(|t| self.capability.history.contains(*t));
+        for t in with {
+            let searches = vec![self.bounds.history(t, since)];
+            let slice = new_slice(
+                self.job,
+                &mut self.progress,
+                t,
+                SliceKind::Deleted,
+                searches,
+            );
+            self.plan.slices.push(slice);
+        }
+        if !without.is_empty() {
+            let list: Vec<&str> = without.iter().map(|t| t.as_str()).collect();
+            self.plan.notes.push(format!(
+                "deleted resources are not reported for {}: the upstream offers no type history for them",
+                list.join(", ")
+            ));
+        }
+    }
+
+    /// One batch of patients: every type searched by patient, grouped into slices by the layout.
+    fn patient_batch(&mut self, batch: &[String]) {
+        let mut per_type = Vec::new();
+        for t in &self.types {
+            let by_patient = if t == "Patient" {
+                ("_id".to_owned(), batch.join(","))
+            } else {
+                let param = compartment::patient_param(t, &self.capability.types[t])
+                    .expect("export_types keeps compartment types only");
+                let refs: Vec<String> = batch.iter().map(|id| format!("Patient/{id}")).collect();
+                (param.to_owned(), refs.join(","))
+            };
+            per_type.push(Searches {
+                resource_type: t.clone(),
+                searches: self.bounds.searches(t, &[by_patient], None),
+            });
+        }
+        for group in Layout::ByType.group(per_type) {
+            let slice = new_slice(
+                self.job,
+                &mut self.progress,
+                &group.resource_type,
+                SliceKind::Resources,
+                group.searches,
+            );
+            self.plan.slices.push(slice);
+        }
+    }
 }
 
 /// The next slice of a job's plan, numbered after those planned so far.
