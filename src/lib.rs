@@ -18,20 +18,23 @@
 //! kick-off → job → slices → pages → NDJSON files → manifest, all under [`export`]:
 //!
 //! - [`export::kickoff`] validates the request into an export spec, with [`export::filters`] for
-//!   `_typeFilter` and [`fhir_types`] for type names; [`api`] stores it as a job ([`store`]).
-//!   The domain types (`Level`, `ExportSpec`, `Job`, `Slice`) move to `export/model`, and the
-//!   `_lastUpdated` window (`_since`, the client's bound, `transactionTime`) gets a home of its own in
-//!   `export/window`.
+//!   `_typeFilter` and [`fhir_types`] for type names; [`api`] makes it a job and the runner stores it
+//!   ([`store`], persistence only). The domain types (`Level`, `ExportSpec`, `Job`, `Slice`) are in
+//!   [`export::model`]; which types each level exports, and how each is reached, is
+//!   [`export::compartment::level_types`]; the `_lastUpdated` window (`_since`, the client's bound,
+//!   `transactionTime`) is [`export::window`].
 //! - [`export::runner`] admits and drives jobs; [`export::planner`] turns a job into slices (upstream
 //!   searches), by type, by [`export::ranges`] of `_lastUpdated`, by patient batch through
 //!   [`export::compartment`], and later by [`export::references`]. Which slices a job has, how their
 //!   lines go into files and which manifest items those files become is the output layout,
-//!   `export/layout`.
-//! - [`export::worker`] pages through one slice with [`upstream`] (rate-limited, retried;
-//!   [`upstream::bundle`] reads each page as it arrives), renders lines ([`export::elements`]) and
-//!   appends them with [`export::writer`] in the crash-safety order. Why a job failed is a
-//!   `JobFailure` (`export/failure`), turned into a status and OperationOutcome next to `ApiError`
-//!   in [`http`].
+//!   [`export::layout`].
+//! - [`export::worker`] runs one slice as a small state machine: it pages through it with [`upstream`]
+//!   (rate-limited, retried; [`upstream::bundle`] reads each page as it arrives, [`export::prefetch`]
+//!   asks for the next one early), converts each page into lines ([`export::page`],
+//!   [`export::elements`]) and appends them through [`export::output`] and [`export::writer`] in the
+//!   crash-safety order, within the job's [`export::limits`]. Why a job failed is a
+//!   [`export::failure::JobFailure`], turned into a status and OperationOutcome next to `ApiError` in
+//!   [`http`].
 //! - [`export::manifest`] answers status polls; finished files live in [`storage`] (data directory
 //!   or S3) and are served by [`files`].
 //!

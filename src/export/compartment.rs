@@ -103,7 +103,7 @@ pub const REFERENCED_TYPES: [&str; 5] = [
 ///
 /// `patient`, then `subject`, are preferred wherever the upstream has them: they are the record's own
 /// patient (e.g. `Observation.subject`), whereas `performer`, `author`… would pull in records where the
-/// patient only acted. For a [`PATIENT_LINKED`] type only `patient` qualifies: R4 defines no other
+/// patient only acted. For a `PATIENT_LINKED` type only `patient` qualifies: R4 defines no other
 /// parameter of it that means the patient. `None` when the type is not linked to a patient or the
 /// upstream has no linking parameter for it.
 pub fn patient_param<'a>(

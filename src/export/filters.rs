@@ -106,7 +106,7 @@ pub fn parse_query(query: &str) -> Result<Vec<Param>, String> {
         .collect()
 }
 
-/// `name` taken apart; `None` if it is malformed or chains more than [`MAX_LINKS`] deep.
+/// `name` taken apart; `None` if it is malformed or chains more than `MAX_LINKS` deep.
 pub fn parse_key(name: &str) -> Option<Key> {
     key_at(name, 0)
 }

@@ -50,7 +50,7 @@ const PROBES_PER_SLICE: usize = 16;
 const MIN_PAGES_PER_SLICE: u64 = 2;
 
 /// How many of the `n` slices asked for a type of `total` resources is worth: none smaller than
-/// [`MIN_PAGES_PER_SLICE`] pages, since every slice costs requests of its own and a small type gains
+/// `MIN_PAGES_PER_SLICE` pages, since every slice costs requests of its own and a small type gains
 /// nothing from being fetched in parallel with itself.
 pub fn worth_splitting(total: u64, page_size: u32, n: usize) -> usize {
     let pages_per_slice = MIN_PAGES_PER_SLICE * u64::from(page_size.max(1));
