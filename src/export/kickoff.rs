@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::config::UnsearchableType;
+use crate::export::layout::Layout;
 use crate::export::model::{ExportSpec, Level, TypeSelection};
 use crate::export::{compartment, filters};
 use crate::fhir_types;
@@ -112,6 +113,7 @@ pub fn parse(
             type_filters: Vec::new(),
             elements: Vec::new(),
             patients: Vec::new(),
+            layout: Layout::ByType,
         },
     };
     // `_type` first: `_typeFilter` and `_elements` are checked against the chosen types.

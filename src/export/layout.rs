@@ -6,9 +6,9 @@
 //! Today's output, one slice per type (and per patient batch or time range), one file series per slice,
 //! every line a unit, manifest items `type` + `url` + `count` ordered by type, is [`Layout::ByType`].
 //!
-//! Adding `organizeOutputBy=Patient` is a second variant, `ByPatient`, and touches only this module,
-//! the kick-off (to accept the parameter) and a `#[serde(default)]` layout field on `Slice` that
-//! [`Layout::of`] reads:
+//! The layout is the job's ([`crate::export::model::ExportSpec::layout`], stored with it); the runner hands
+//! it to every slice run. Adding `organizeOutputBy=Patient` is a second variant, `ByPatient`, and touches
+//! only this module and the kick-off (to accept the parameter and set the job's layout):
 //! - [`Layout::group`] gives one slice per patient batch, holding every type's searches of the batch;
 //! - [`Layout::file_stem`] names its files after the batch, not a type; [`Layout::admits`] accepts
 //!   a match of any of the batch's types;
@@ -20,12 +20,15 @@
 //!
 //! The slice run itself (fetch, convert, write, checkpoint) does not change: it asks the layout.
 
+use serde::{Deserialize, Serialize};
+
 use crate::export::model::{FilePart, Slice, SliceKind};
 
 use crate::export::writer::Units;
 
 /// How a job's files are organized.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub enum Layout {
     /// One file series per resource type (Bulk Data 2.0.0, and 3.0.0 without `organizeOutputBy`).
     #[default]
@@ -42,11 +45,6 @@ pub struct Searches {
 }
 
 impl Layout {
-    /// The layout `slice` is written in.
-    pub fn of(_slice: &Slice) -> Layout {
-        Layout::ByType
-    }
-
     /// (a) The planner's searches of one patient batch or time range, grouped into slices: by type,
     /// each type's searches are a slice.
     pub fn group(self, per_type: Vec<Searches>) -> Vec<Searches> {
@@ -121,7 +119,7 @@ mod tests {
             resource_type: "Observation".into(),
             ..crate::export::model::tests::slice("j", 7)
         };
-        let layout = Layout::of(&slice);
+        let layout = Layout::default();
         assert_eq!(layout, Layout::ByType);
         assert_eq!(layout.file_stem(&slice), "Observation.0007");
         let deleted = Slice {

@@ -1,6 +1,5 @@
 //! What status polling reports: progress of a running job and the manifest of a finished one.
 
-use crate::export::layout::Layout;
 use url::Url;
 
 use crate::export::model::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
@@ -82,7 +81,7 @@ pub fn manifest(
     requires_token: bool,
 ) -> serde_json::Value {
     let mut ordered: Vec<&Slice> = slices.iter().collect();
-    let layout = ordered.first().map(|s| Layout::of(s)).unwrap_or_default();
+    let layout = job.spec.layout;
     layout.order(&mut ordered);
     let files = |kind: SliceKind, file_type: Option<&str>| -> Vec<serde_json::Value> {
         ordered
@@ -90,7 +89,7 @@ pub fn manifest(
             .filter(|s| s.kind == kind)
             .flat_map(|s| s.files.iter().map(move |f| (s, f)))
             .filter(|(_, f)| f.lines > 0)
-            .map(|(s, f)| Layout::of(s).output_item(s, f, url_of(&f.name), file_type))
+            .map(|(s, f)| layout.output_item(s, f, url_of(&f.name), file_type))
             .collect()
     };
     let output = files(SliceKind::Resources, None);

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::failure::JobFailure;
 use crate::export::kickoff::Kickoff;
+use crate::export::layout::Layout;
 use crate::export::ranges::Split;
 
 /// Which population a job exports.
@@ -39,6 +40,9 @@ pub struct ExportSpec {
     pub elements: Vec<String>,
     /// `patient` references (ids only), Patient and Group level.
     pub patients: Vec<String>,
+    /// How the output files are organized.
+    #[serde(default)]
+    pub layout: Layout,
 }
 
 /// The resource types a job exports.
@@ -319,6 +323,7 @@ pub(crate) mod tests {
                 type_filters: vec![],
                 elements: vec![],
                 patients: vec![],
+                layout: Layout::ByType,
             },
             state: JobState::Accepted,
             transaction_time: "2026-01-01T00:00:00.000Z".into(),

@@ -6,7 +6,6 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 
 use crate::export::elements::{strip_whitespace, write_subset};
-use crate::export::layout::Layout;
 use crate::export::model::{Slice, SliceKind};
 use crate::export::prefetch::Prefetch;
 use crate::export::worker::SliceContext;
@@ -122,7 +121,7 @@ impl<'s> Converter<'s> {
                 page: Page {
                     data,
                     ends: Vec::new(),
-                    units: Layout::of(scope.slice).units(),
+                    units: scope.ctx.layout.units(),
                     ids: Vec::new(),
                     next: None,
                     total: None,
@@ -189,7 +188,7 @@ impl Lines<'_> {
         let Some(resource) = entry.resource else {
             return Ok(());
         };
-        if !Layout::of(slice).admits(slice, &resource.resource_type) {
+        if !ctx.layout.admits(slice, &resource.resource_type) {
             return Err(PageError::WrongType {
                 expected: slice.resource_type.clone(),
                 found: resource.resource_type.into_owned(),

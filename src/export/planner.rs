@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment::{self, Reach};
-use crate::export::layout::{Layout, Searches};
+use crate::export::layout::Searches;
 use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
 use crate::export::ranges::{self, parse_ms, Range, Split};
 use crate::export::window::Window;
@@ -198,7 +198,7 @@ impl Planner<'_> {
                 searches: self.bounds.searches(t, &[by_patient], None),
             });
         }
-        for group in Layout::ByType.group(per_type) {
+        for group in self.job.spec.layout.group(per_type) {
             let slice = new_slice(
                 self.job,
                 &mut self.progress,

@@ -361,6 +361,7 @@ impl Runner {
                     limits: limits.clone(),
                     snapshot,
                     gzip: job.gzip,
+                    layout: job.spec.layout,
                 };
                 (ctx, slice)
             });

@@ -95,6 +95,8 @@ pub struct SliceContext {
     pub snapshot: DateTime<Utc>,
     /// Whether files are written gzip-compressed.
     pub gzip: bool,
+    /// The job's output layout.
+    pub layout: Layout,
 }
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
@@ -139,7 +141,7 @@ struct SliceRun<'c> {
 impl<'c> SliceRun<'c> {
     /// Resumes the slice's files at its committed cursor.
     async fn open(ctx: &'c SliceContext, slice: Slice) -> Result<Self, WorkerError> {
-        let stem = Layout::of(&slice).file_stem(&slice);
+        let stem = ctx.layout.file_stem(&slice);
         let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
         let parts = slice.files.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -512,6 +514,7 @@ mod tests {
             }),
             snapshot: Utc::now(),
             gzip: false,
+            layout: Layout::ByType,
         };
         (store, ctx)
     }
