@@ -109,6 +109,7 @@ pub fn parse(
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
             since: None,
+            until: None,
             types: TypeSelection::All,
             type_filters: Vec::new(),
             elements: Vec::new(),
@@ -120,7 +121,7 @@ pub fn parse(
     params.sort_by_key(|(name, _)| name != "_type");
     let mut seen = BTreeSet::new();
     for (name, value) in params {
-        let once = matches!(name.as_str(), "_outputFormat" | "_since");
+        let once = matches!(name.as_str(), "_outputFormat" | "_since" | "_until");
         if once && !seen.insert(name.clone()) {
             b.reject(&name, "may be given only once")?;
             continue;
@@ -128,6 +129,7 @@ pub fn parse(
         match name.as_str() {
             "_outputFormat" => b.output_format(&value)?,
             "_since" => b.since(&value)?,
+            "_until" => b.until(&value)?,
             "_type" => b.types(&value)?,
             "_typeFilter" => b.type_filter(&value)?,
             "_elements" => b.elements(&value)?,
@@ -254,32 +256,39 @@ impl Builder<'_> {
     }
 
     fn since(&mut self, value: &str) -> Result<(), KickoffError> {
-        match chrono::DateTime::parse_from_rfc3339(value.trim()) {
-            // Ignoring it would export everything, so even lenient handling refuses it.
-            Ok(t) if t > chrono::Utc::now() => Err(KickoffError::Param {
+        let t = instant("_since", value)?;
+        // Ignoring it would export everything, so even lenient handling refuses it.
+        if t > chrono::Utc::now() {
+            return Err(KickoffError::Param {
                 name: "_since".into(),
                 reason: format!("{value:?} is in the future"),
-            }),
-            Ok(t) => {
-                self.spec.since = Some(
-                    t.with_timezone(&chrono::Utc)
-                        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
-                        .to_string(),
-                );
-                Ok(())
-            }
-            // Ignored, it would export every change ever made: lenient handling refuses it too.
-            Err(_) => Err(KickoffError::Param {
-                name: "_since".into(),
-                reason: format!("{value:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z)"),
-            }),
+            });
         }
+        self.spec.since = Some(format_instant(t));
+        Ok(())
+    }
+
+    /// `_until` (3.0.0): a bound in the future is no bound, since the transaction time cuts every export.
+    fn until(&mut self, value: &str) -> Result<(), KickoffError> {
+        self.spec.until = Some(format_instant(instant("_until", value)?));
+        Ok(())
     }
 
     /// Ends the kick-off. What lenient handling ignored may only narrow the export: a type that loses
     /// every filter is left out rather than exported unfiltered, and a `_type` or `patient` selection
     /// left with nothing in it is refused rather than taken to mean everything.
     fn finish(mut self) -> Result<Kickoff, KickoffError> {
+        if let (Some(since), Some(until)) = (&self.spec.since, &self.spec.until) {
+            // Instants formatted alike compare as text.
+            if until <= since {
+                return Err(KickoffError::Param {
+                    name: "_until".into(),
+                    reason: format!(
+                        "{until} is not after _since ({since}): nothing could be exported"
+                    ),
+                });
+            }
+        }
         let filtered: BTreeSet<&str> = self
             .spec
             .type_filters
@@ -510,6 +519,22 @@ impl Builder<'_> {
             ),
         }
     }
+}
+
+/// A FHIR instant parameter, in UTC. Ignoring a bound would widen the export, so even lenient
+/// handling refuses one it cannot read.
+fn instant(name: &str, value: &str) -> Result<chrono::DateTime<chrono::Utc>, KickoffError> {
+    chrono::DateTime::parse_from_rfc3339(value.trim())
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| KickoffError::Param {
+            name: name.into(),
+            reason: format!("{value:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z)"),
+        })
+}
+
+/// An instant as the proxy writes it into searches and records: UTC, milliseconds.
+fn format_instant(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// Whether `id` is a FHIR logical id (`[A-Za-z0-9\-\.]{1,64}`).
@@ -919,6 +944,46 @@ mod tests {
             assert_eq!(param_error(k), "_since");
         }
         assert!(get(Level::System, "_since=2020-01-01T00:00:00Z").is_ok());
+    }
+
+    #[test]
+    fn until_bounds_the_export_and_is_checked_like_since() {
+        let k = get(Level::System, "_until=2024-01-01T10:00:00%2B02:00").unwrap();
+        assert_eq!(k.spec.until.as_deref(), Some("2024-01-01T08:00:00.000Z"));
+        // A bound past the transaction time is no bound, not an error.
+        assert!(get(Level::System, "_until=2099-01-01T00:00:00Z").is_ok());
+        let k = get(
+            Level::System,
+            "_since=2023-01-01T00:00:00Z&_until=2024-01-01T00:00:00Z",
+        )
+        .unwrap();
+        assert_eq!(
+            (k.spec.since.as_deref(), k.spec.until.as_deref()),
+            (
+                Some("2023-01-01T00:00:00.000Z"),
+                Some("2024-01-01T00:00:00.000Z")
+            )
+        );
+        assert_eq!(
+            param_error(get(
+                Level::System,
+                "_until=2024-01-01T00:00:00Z&_until=2025-01-01T00:00:00Z"
+            )),
+            "_until"
+        );
+        // Ignoring any of these would widen the export: refused also when lenient.
+        for query in [
+            "_until=yesterday",
+            "_since=2024-01-01T00:00:00Z&_until=2024-01-01T00:00:00Z",
+            "_until=2023-01-01T00:00:00Z&_since=2024-01-01T00:00:00Z",
+        ] {
+            assert_eq!(param_error(get(Level::System, query)), "_until", "{query}");
+            assert_eq!(
+                param_error(lenient(Level::System, query)),
+                "_until",
+                "{query}"
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct ExportSpec {
     pub output_format: String,
     /// `_since` as a FHIR instant.
     pub since: Option<String>,
+    /// `_until` (Bulk Data 3.0.0) as a FHIR instant: only resources changed before it.
+    #[serde(default)]
+    pub until: Option<String>,
     /// `_type`, or every type the level allows.
     pub types: TypeSelection,
     /// `_typeFilter` queries by type: each a query string without the leading `Type?`.
@@ -319,6 +322,7 @@ pub(crate) mod tests {
                 level: Level::System,
                 output_format: "application/fhir+ndjson".into(),
                 since: None,
+                until: None,
                 types: TypeSelection::All,
                 type_filters: vec![],
                 elements: vec![],

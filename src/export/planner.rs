@@ -77,7 +77,11 @@ pub async fn plan(
         bounds: Bounds {
             upstream,
             job,
-            window: Window::new(spec.since.as_deref(), None, &job.transaction_time),
+            window: Window::new(
+                spec.since.as_deref(),
+                spec.until.as_deref(),
+                &job.transaction_time,
+            ),
             page_size: limits.page_size,
         },
         progress: store.planning(&job.id)?,

@@ -17,6 +17,7 @@ use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::model::{FilePart, Job, JobState, Level, Slice, SliceState};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::references;
+use crate::export::window::Window;
 use crate::export::worker::{run_slice, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
 use crate::metrics::METRICS;
@@ -344,9 +345,16 @@ impl Runner {
     ) -> Result<bool, WorkerError> {
         let id = job.id.as_str();
         let dir = self.job_dir(id);
-        let snapshot = chrono::DateTime::parse_from_rfc3339(&job.transaction_time)
-            .map(|t| t.with_timezone(&chrono::Utc))
-            .unwrap_or_else(|_| chrono::Utc::now());
+        let spec = &job.spec;
+        let window = Window::new(
+            spec.since.as_deref(),
+            spec.until.as_deref(),
+            &job.transaction_time,
+        );
+        let snapshot = window
+            .last_ms()
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .unwrap_or_else(chrono::Utc::now);
         let mut queue = slices
             .into_iter()
             .filter(|s| s.state == SliceState::Pending)

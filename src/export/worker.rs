@@ -91,7 +91,8 @@ pub struct SliceContext {
     pub cancel: CancellationToken,
     /// The job's limits, shared by its slices.
     pub limits: Arc<JobLimits>,
-    /// The job's transaction time: later changes are not part of the export.
+    /// The last instant of the job's window (its transaction time, or just before `_until`): later
+    /// changes are not part of the export.
     pub snapshot: DateTime<Utc>,
     /// Whether files are written gzip-compressed.
     pub gzip: bool,
