@@ -325,7 +325,8 @@ impl App {
             self.config.export.gzip,
             chrono::Utc::now(),
         );
-        let (id, notes) = (job.id.clone(), job.notes.join("; "));
+        let (id, notes, separate_status) =
+            (job.id.clone(), job.notes.join("; "), job.separate_status);
         self.runner.submit(job).await.map_err(|e| match e {
             AdmitError::Busy(_) => ApiError::Busy {
                 message: e.to_string(),
@@ -352,6 +353,12 @@ impl App {
             CONTENT_LOCATION,
             HeaderValue::from_str(&status_url).expect("URL is a header value"),
         );
+        if separate_status {
+            response.headers_mut().insert(
+                "preference-applied",
+                HeaderValue::from_static("respond-async, separate-export-status"),
+            );
+        }
         Ok(response)
     }
 
@@ -451,12 +458,28 @@ impl App {
             }
             self.recent_polls.insert(id.to_owned(), ());
         }
+        let answer = self.job_status(&job, principal.as_ref()).await;
+        if job.separate_status {
+            return Ok(http::separate_status(
+                answer.unwrap_or_else(ApiError::into_response),
+            ));
+        }
+        answer
+    }
+
+    /// The job's own status: 202 with progress, 200 with the manifest, or its failure.
+    async fn job_status(
+        &self,
+        job: &Job,
+        principal: Option<&Principal>,
+    ) -> Result<Response<Body>, ApiError> {
+        let (id, retry_after) = (job.id.as_str(), self.config.export.retry_after_secs);
         match &job.state {
             JobState::Accepted | JobState::Running => {
                 let slices = self.store.slices(id)?;
                 let mut response = Response::new(crate::http::full(bytes::Bytes::new()));
                 *response.status_mut() = StatusCode::ACCEPTED;
-                let progress = manifest::progress(&job, &slices);
+                let progress = manifest::progress(job, &slices);
                 let headers = response.headers_mut();
                 headers.insert(
                     "x-progress",
@@ -466,8 +489,8 @@ impl App {
                 Ok(response)
             }
             JobState::Completed => {
-                let slices = visible(self.store.slices(id)?, principal.as_ref());
-                let body = self.manifest(&job, &slices).await?;
+                let slices = visible(self.store.slices(id)?, principal);
+                let body = self.manifest(job, &slices).await?;
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
                     .expires

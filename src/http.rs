@@ -78,6 +78,17 @@ pub fn json(
     response
 }
 
+/// A status poll's answer under 3.0.0's `Prefer: separate-export-status`: the poll itself succeeded (200),
+/// and the job's status (202, 200, or its failure) moves to `X-Export-Status`; headers and body stay.
+pub fn separate_status(mut response: Response<Body>) -> Response<Body> {
+    let job_status = response.status();
+    response
+        .headers_mut()
+        .insert("x-export-status", HeaderValue::from(job_status.as_u16()));
+    *response.status_mut() = StatusCode::OK;
+    response
+}
+
 /// Whether `Accept` asks for `application/json` rather than `application/fhir+json` (Bulk Data clients
 /// poll the status endpoint with either).
 pub fn accepts_plain_json(headers: &hyper::HeaderMap) -> bool {

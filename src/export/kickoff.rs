@@ -63,6 +63,9 @@ pub struct Kickoff {
     pub notes: Vec<String>,
     /// Whether the client asked for `Prefer: handling=lenient`.
     pub lenient: bool,
+    /// Whether the client asked for `Prefer: separate-export-status` (3.0.0): status polls then answer
+    /// 200 and carry the job's own status in `X-Export-Status`.
+    pub separate_status: bool,
 }
 
 /// Checks headers and parameters; `body` is the POST body, `None` for GET.
@@ -144,7 +147,11 @@ pub fn parse(
             _ => b.reject(&name, "is not a parameter of $export")?,
         }
     }
-    b.finish()
+    let separate_status = prefer.iter().any(|p| p == "separate-export-status");
+    Ok(Kickoff {
+        separate_status,
+        ..b.finish()?
+    })
 }
 
 fn check_headers(accept: Option<&str>, prefer: &[String]) -> Result<(), KickoffError> {
@@ -331,6 +338,7 @@ impl Builder<'_> {
             spec: self.spec,
             notes: self.notes,
             lenient: self.lenient,
+            separate_status: false,
         })
     }
 

@@ -148,6 +148,10 @@ pub struct Job {
     /// Whether the job's NDJSON files are written gzip-compressed.
     #[serde(default)]
     pub gzip: bool,
+    /// Whether status polls answer 200 with the job's status in `X-Export-Status` (3.0.0's
+    /// `Prefer: separate-export-status`).
+    #[serde(default)]
+    pub separate_status: bool,
 }
 
 impl Job {
@@ -172,6 +176,7 @@ impl Job {
             error_file: None,
             stored_remotely: false,
             gzip,
+            separate_status: kickoff.separate_status,
         }
     }
 
@@ -338,6 +343,7 @@ pub(crate) mod tests {
             error_file: None,
             stored_remotely: false,
             gzip: false,
+            separate_status: false,
         }
     }
 

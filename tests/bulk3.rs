@@ -1,5 +1,6 @@
-//! Bulk Data 3.0.0 `_until`: only resources changed before it are exported, at system and Patient level,
-//! exactly as a direct search of the real upstream bounded the same way returns them.
+//! Bulk Data 3.0.0's additions, against the real upstream: `_until` (only resources changed before it, at
+//! system and Patient level, exactly as a direct search bounded the same way returns them) and
+//! `Prefer: separate-export-status` (polls answer 200; the job's status is in `X-Export-Status`).
 
 mod common;
 
@@ -32,21 +33,10 @@ fn create(resource: Value) -> (String, String) {
 
 /// The ids a direct search of the writable upstream returns (every page).
 fn direct_ids(path_and_query: &str) -> BTreeSet<String> {
-    let mut next = Some(format!("{}/{path_and_query}", upstream_rw()));
-    let mut ids = BTreeSet::new();
-    while let Some(url) = next {
-        let page: Value = client().get(&url).send().unwrap().json().unwrap();
-        for entry in page["entry"].as_array().into_iter().flatten() {
-            ids.insert(entry["resource"]["id"].as_str().unwrap().to_owned());
-        }
-        next = page["link"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["relation"] == "next")
-            .map(|l| l["url"].as_str().unwrap().to_owned());
-    }
-    ids
+    search_all(&format!("{}/{path_and_query}", upstream_rw()))
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn exported_ids(proxy: &Proxy, resp: reqwest::blocking::Response) -> BTreeSet<String> {
@@ -62,10 +52,6 @@ fn exported_ids(proxy: &Proxy, resp: reqwest::blocking::Response) -> BTreeSet<St
                 .to_owned()
         })
         .collect()
-}
-
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 #[test]
@@ -138,4 +124,93 @@ fn until_bounds_a_patient_export() {
         enc(&until)
     )));
     assert_eq!(got, oracle, "the export differs from the direct searches");
+}
+
+/// A kick-off asking for separate export status.
+fn kickoff_separate(proxy: &Proxy, path_and_query: &str) -> reqwest::blocking::Response {
+    client()
+        .get(format!("{}/{path_and_query}", proxy.base))
+        .header("Accept", "application/fhir+json")
+        .header("Prefer", "respond-async, separate-export-status")
+        .send()
+        .unwrap()
+}
+
+/// Polls until `X-Export-Status` is no longer 202; every poll must itself answer 200.
+fn poll_separate(status_url: &str) -> (String, reqwest::header::HeaderMap, String) {
+    let deadline = std::time::Instant::now() + EXPORT_DEADLINE;
+    loop {
+        let resp = client().get(status_url).send().unwrap();
+        assert_eq!(
+            resp.status(),
+            200,
+            "a poll with separate export status answered {}",
+            resp.status()
+        );
+        let headers = resp.headers().clone();
+        let body = resp.text().unwrap();
+        let job = headers["x-export-status"].to_str().unwrap().to_owned();
+        if job != "202" {
+            return (job, headers, body);
+        }
+        assert!(
+            headers.contains_key("x-progress"),
+            "running job without X-Progress: {headers:?}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "export did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn separate_export_status_moves_the_job_status_to_a_header() {
+    let proxy = Proxy::builder(&upstream()).start();
+    let resp = kickoff_separate(&proxy, "$export?_type=Patient");
+    assert_eq!(
+        resp.headers()
+            .get("preference-applied")
+            .map(|v| v.to_str().unwrap()),
+        Some("respond-async, separate-export-status")
+    );
+    let status = accepted_status_url(&proxy.base, resp);
+    let (job, _, body) = poll_separate(&status);
+    assert_eq!(job, "200");
+    let manifest: Value = serde_json::from_str(&body).unwrap();
+    let lines: usize = download_all(&manifest, "output", None)
+        .iter()
+        .map(|f| f.lines.len())
+        .sum();
+    assert_eq!(
+        lines,
+        all_patient_ids(&upstream()).len(),
+        "every Patient, as without the preference"
+    );
+
+    // Without the preference nothing changes.
+    let plain = kickoff_get(&proxy.base, "$export?_type=Patient", None);
+    assert!(plain.headers().get("preference-applied").is_none());
+    let (manifest, headers) = wait_manifest(&accepted_status_url(&proxy.base, plain), None);
+    assert!(headers.get("x-export-status").is_none());
+    assert_eq!(
+        manifest["output"].as_array().map(Vec::len).map(|n| n > 0),
+        Some(true)
+    );
+}
+
+#[test]
+fn separate_export_status_reports_a_failed_job_in_the_header() {
+    let proxy = Proxy::builder(&upstream())
+        .export_toml("max_resources_per_job = 1")
+        .start();
+    let status = accepted_status_url(
+        &proxy.base,
+        kickoff_separate(&proxy, "$export?_type=Patient"),
+    );
+    let (job, _, body) = poll_separate(&status);
+    assert_eq!(job, "413", "{body}");
+    let outcome: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(outcome["resourceType"], "OperationOutcome", "{body}");
 }
