@@ -44,6 +44,8 @@ pub struct App {
     pub pass_through: PassThrough,
     /// Jobs polled within the last `min_poll_interval_ms`.
     pub recent_polls: moka::sync::Cache<String, ()>,
+    /// Held while a poll adds manifest pages, so that two polls never store pages over each other.
+    pub manifest_pages_lock: tokio::sync::Mutex<()>,
     /// Authorization.
     pub auth: Arc<Auth>,
     /// Where finished files are kept.
@@ -76,6 +78,7 @@ impl App {
         );
         let poll_window = Duration::from_millis(config.export.min_poll_interval_ms.max(1));
         Self {
+            manifest_pages_lock: tokio::sync::Mutex::new(()),
             recent_polls: moka::sync::Cache::builder()
                 .time_to_live(poll_window)
                 .build(),
@@ -452,13 +455,15 @@ impl App {
         let job = self.job(id, principal.as_ref())?;
         self.check_job_scope(&job, principal.as_ref())?;
         let retry_after = self.config.export.retry_after_secs;
-        if self.config.export.min_poll_interval_ms > 0 {
+        let page = manifest_page_number(req.uri().query())?;
+        // Following a manifest's `next` link is reading it, not polling.
+        if self.config.export.min_poll_interval_ms > 0 && page == 0 {
             if self.recent_polls.contains_key(id) {
                 return Err(ApiError::PollTooSoon(retry_after));
             }
             self.recent_polls.insert(id.to_owned(), ());
         }
-        let answer = self.job_status(&job, principal.as_ref()).await;
+        let answer = self.job_status(&job, principal.as_ref(), page).await;
         if job.separate_status {
             return Ok(http::separate_status(
                 answer.unwrap_or_else(ApiError::into_response),
@@ -467,17 +472,30 @@ impl App {
         answer
     }
 
-    /// The job's own status: 202 with progress, 200 with the manifest, or its failure.
+    /// The job's own status: 202 with progress (and, with partial manifests, the files complete so
+    /// far), 200 with the manifest, or its failure; `page` is the manifest wanted (0: the first).
     async fn job_status(
         &self,
         job: &Job,
         principal: Option<&Principal>,
+        page: usize,
     ) -> Result<Response<Body>, ApiError> {
         let (id, retry_after) = (job.id.as_str(), self.config.export.retry_after_secs);
         match &job.state {
             JobState::Accepted | JobState::Running => {
                 let slices = self.store.slices(id)?;
-                let mut response = Response::new(crate::http::full(bytes::Bytes::new()));
+                let pages = match job.partial_manifests {
+                    true => self.served_pages(job, &slices).await?,
+                    false => Vec::new(),
+                };
+                let mut response = match pages.is_empty() && page == 0 {
+                    true => Response::new(crate::http::full(bytes::Bytes::new())),
+                    false => {
+                        let slices = visible(slices.clone(), principal);
+                        let body = self.manifest_page(job, &slices, &pages, page).await?;
+                        json(StatusCode::OK, "application/json", &body)
+                    }
+                };
                 *response.status_mut() = StatusCode::ACCEPTED;
                 let progress = manifest::progress(job, &slices);
                 let headers = response.headers_mut();
@@ -489,8 +507,16 @@ impl App {
                 Ok(response)
             }
             JobState::Completed => {
-                let slices = visible(self.store.slices(id)?, principal);
-                let body = self.manifest(job, &slices).await?;
+                let all = self.store.slices(id)?;
+                let pages = match job.partial_manifests {
+                    true => self.served_pages(job, &all).await?,
+                    false => {
+                        let slices = visible(all.clone(), principal);
+                        manifest::pages(job, &slices, self.config.export.manifest_page_files)
+                    }
+                };
+                let slices = visible(all, principal);
+                let body = self.manifest_page(job, &slices, &pages, page).await?;
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
                     .expires
@@ -507,11 +533,52 @@ impl App {
         }
     }
 
-    /// The manifest, with presigned bucket URLs when files are served from the bucket directly.
+    /// The manifest pages of a job with partial manifests: those served before, and new ones for the
+    /// files completed since, stored before they are served so that a restart serves them the same.
+    async fn served_pages(
+        &self,
+        job: &Job,
+        slices: &[crate::export::model::Slice],
+    ) -> Result<Vec<Vec<String>>, ApiError> {
+        let _one_at_a_time = self.manifest_pages_lock.lock().await;
+        let mut pages = self.store.manifest_pages(&job.id)?;
+        let per_page = self.config.export.manifest_page_files;
+        if manifest::extend_pages(&mut pages, job, slices, per_page) {
+            self.store.put_manifest_pages(&job.id, &pages).await?;
+        }
+        Ok(pages)
+    }
+
+    /// Manifest `page` of `pages`, linked to the next one if there is one.
+    async fn manifest_page(
+        &self,
+        job: &Job,
+        slices: &[crate::export::model::Slice],
+        pages: &[Vec<String>],
+        page: usize,
+    ) -> Result<serde_json::Value, ApiError> {
+        let names = pages.get(page).ok_or_else(|| {
+            ApiError::NotFound(format!("export job {} has no manifest {page}", job.id))
+        })?;
+        let next = (page + 1 < pages.len()).then(|| {
+            format!(
+                "{}/$bulk-status/{}?page={}",
+                self.public_base.as_str().trim_end_matches('/'),
+                job.id,
+                page + 1
+            )
+        });
+        self.manifest(job, slices, names, next.as_deref()).await
+    }
+
+    /// The manifest listing `names`, with presigned bucket URLs when files are served from the bucket
+    /// directly.
     async fn manifest(
         &self,
         job: &Job,
         slices: &[crate::export::model::Slice],
+        names: &[String],
+        next: Option<&str>,
     ) -> Result<serde_json::Value, ApiError> {
         let bucket = self
             .storage
@@ -519,7 +586,15 @@ impl App {
             .filter(|b| job.stored_remotely && b.presigned());
         let Some(bucket) = bucket else {
             let url = |name: &str| manifest::file_url(&self.public_base, &job.id, name);
-            return Ok(manifest::manifest(job, slices, &url, self.auth.enabled()));
+            let requires_token = self.auth.enabled();
+            return Ok(manifest::manifest(
+                job,
+                slices,
+                &url,
+                requires_token,
+                Some(names),
+                next,
+            ));
         };
         let remaining = std::time::Duration::from_secs(
             job.expires.map_or(1, |e| (e - now_secs()).max(1)) as u64,
@@ -537,7 +612,14 @@ impl App {
             urls.insert(part.name.clone(), url);
         }
         let url = |name: &str| urls.get(name).cloned().unwrap_or_default();
-        Ok(manifest::manifest(job, slices, &url, false))
+        Ok(manifest::manifest(
+            job,
+            slices,
+            &url,
+            false,
+            Some(names),
+            next,
+        ))
     }
 
     async fn file(
@@ -552,8 +634,18 @@ impl App {
         let principal = self.principal(req.headers()).await?;
         let job = self.job(id, principal.as_ref())?;
         let missing = || ApiError::NotFound(format!("export job {id} has no file {name:?}"));
-        if job.state != JobState::Completed || job.expires.is_some_and(|e| e <= now_secs()) {
+        if job.expires.is_some_and(|e| e <= now_secs()) {
             return Err(missing());
+        }
+        // A running job's files may be read once a partial manifest has listed them: they are complete.
+        let listed_early = || -> Result<bool, ApiError> {
+            let pages = self.store.manifest_pages(id)?;
+            Ok(pages.iter().flatten().any(|n| n == name))
+        };
+        match job.state {
+            JobState::Completed => {}
+            JobState::Accepted | JobState::Running if job.partial_manifests && listed_early()? => {}
+            _ => return Err(missing()),
         }
         let slices = self.store.slices(id)?;
         // Only names the job recorded are served: a client-chosen path never reaches the file system.
@@ -586,6 +678,19 @@ impl App {
             }
             None => files::serve(&self.runner.job_dir(id).join(&part.name), encoding).await,
         }
+    }
+}
+
+/// The manifest a status request asks for: `?page=K` (from a manifest's `next` link), else the first.
+fn manifest_page_number(query: Option<&str>) -> Result<usize, ApiError> {
+    let page = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "page")
+        .map(|(_, v)| v.into_owned());
+    match page {
+        None => Ok(0),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::NotFound(format!("no manifest {v:?}"))),
     }
 }
 

@@ -381,6 +381,8 @@ pub struct ExportConfig {
     pub page_size: u32,
     /// Resources per NDJSON file before it is rolled over to the next.
     pub resources_per_file: u64,
+    /// Files per manifest: a longer list is paged into manifests chained by `link` `next`.
+    pub manifest_page_files: usize,
     /// Patients per `patient=` search in Patient and Group exports.
     pub patient_batch_size: usize,
     /// Jobs running at once; past it kick-off answers 429.
@@ -429,6 +431,7 @@ impl Default for ExportConfig {
             data_dir: PathBuf::from("./data"),
             page_size: 500,
             resources_per_file: 100_000,
+            manifest_page_files: 1000,
             patient_batch_size: 50,
             max_concurrent_jobs: 4,
             slice_concurrency: 2,
@@ -656,6 +659,10 @@ impl Config {
         )?;
         positive("export.page_size", self.export.page_size.into())?;
         positive("export.resources_per_file", self.export.resources_per_file)?;
+        positive(
+            "export.manifest_page_files",
+            self.export.manifest_page_files as u64,
+        )?;
         positive(
             "export.patient_batch_size",
             self.export.patient_batch_size as u64,

@@ -54,6 +54,8 @@ pub struct Store {
     slices: sled::Tree,
     seen: sled::Tree,
     planning: sled::Tree,
+    /// Manifest pages served while a job ran (partial manifests), by job: they never change once served.
+    manifests: sled::Tree,
 }
 
 fn slice_key(job_id: &str, index: u32) -> String {
@@ -96,6 +98,7 @@ impl Store {
                 slices: db.open_tree("slices")?,
                 seen: db.open_tree("seen")?,
                 planning: db.open_tree("planning")?,
+                manifests: db.open_tree("manifests")?,
                 db,
             })
         };
@@ -242,7 +245,26 @@ impl Store {
     /// Removes a job with its slices and dedup sets.
     pub fn delete_job(&self, id: &str) -> Result<(), StoreError> {
         self.jobs.remove(id.as_bytes())?;
+        self.manifests.remove(id.as_bytes())?;
         self.delete_slices(id)
+    }
+
+    /// The manifest pages a job has served, each the names of the files it lists, in order.
+    pub fn manifest_pages(&self, job_id: &str) -> Result<Vec<Vec<String>>, StoreError> {
+        match self.manifests.get(job_id.as_bytes())? {
+            Some(v) => decode(job_id.as_bytes(), &v),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Records a job's manifest pages, durably: callers only ever add pages, so what was served stays.
+    pub async fn put_manifest_pages(
+        &self,
+        job_id: &str,
+        pages: &[Vec<String>],
+    ) -> Result<(), StoreError> {
+        self.manifests.insert(job_id.as_bytes(), encode(&pages))?;
+        self.flush().await
     }
 
     /// Removes a job's slices, planning progress and dedup sets, keeping the job record (a failed

@@ -214,3 +214,148 @@ fn separate_export_status_reports_a_failed_job_in_the_header() {
     let outcome: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(outcome["resourceType"], "OperationOutcome", "{body}");
 }
+
+/// Every manifest of a chain, from the first (the status response) along its `next` links.
+fn manifest_chain(first: Value) -> Vec<Value> {
+    let mut chain = vec![first];
+    while let Some(next) = chain.last().unwrap()["link"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+        .map(|l| l["url"].as_str().unwrap().to_owned())
+    {
+        let resp = client().get(&next).send().unwrap();
+        assert!(
+            resp.status().is_success(),
+            "{next} answered {}",
+            resp.status()
+        );
+        chain.push(resp.json().unwrap());
+    }
+    chain
+}
+
+/// The `output` items of a chain of manifests, as one manifest.
+fn joined(chain: &[Value]) -> Value {
+    let output: Vec<Value> = chain
+        .iter()
+        .flat_map(|m| m["output"].as_array().unwrap().clone())
+        .collect();
+    json!({ "output": output })
+}
+
+#[test]
+fn a_long_file_list_is_paged_into_linked_manifests() {
+    let proxy = Proxy::builder(&upstream())
+        .export_toml("resources_per_file = 25\nmanifest_page_files = 2")
+        .start();
+    let status = accepted_status_url(
+        &proxy.base,
+        kickoff_get(&proxy.base, "$export?_type=Patient,Observation", None),
+    );
+    let (first, _) = wait_manifest(&status, None);
+    let chain = manifest_chain(first);
+    assert!(
+        chain.len() > 2,
+        "expected several manifests, got {}",
+        chain.len()
+    );
+    for manifest in &chain {
+        assert!(
+            manifest["output"].as_array().unwrap().len() <= 2,
+            "{manifest}"
+        );
+        for field in ["transactionTime", "request", "requiresAccessToken", "error"] {
+            assert_eq!(
+                manifest[field], chain[0][field],
+                "{field} differs between linked manifests"
+            );
+        }
+    }
+    let files = download_all(&joined(&chain), "output", None);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), Some(&["Patient", "Observation"])),
+    );
+}
+
+#[test]
+fn partial_manifests_list_complete_files_early_and_never_change_them() {
+    let mut proxy = Proxy::builder(&upstream())
+        .export_toml("page_size = 10\nresources_per_file = 10\nslice_concurrency = 1")
+        .upstream_toml("requests_per_second = 8")
+        .start();
+    let resp = kickoff_get(
+        &proxy.base,
+        "$export?_type=Observation&allowPartialManifests=true",
+        None,
+    );
+    let status_path = url_path(&accepted_status_url(&proxy.base, resp));
+    let status = |proxy: &Proxy| format!("{}{status_path}", origin(&proxy.base));
+    // Poll until a running job's 202 carries a manifest; keep it and its files as served.
+    let deadline = std::time::Instant::now() + EXPORT_DEADLINE;
+    let early = loop {
+        let resp = client().get(status(&proxy)).send().unwrap();
+        assert_eq!(
+            resp.status(),
+            202,
+            "the export ended before a partial manifest was seen"
+        );
+        assert!(resp.headers().contains_key("x-progress"));
+        let body = resp.text().unwrap();
+        if !body.is_empty() {
+            let manifest: Value = serde_json::from_str(&body).unwrap();
+            if !manifest["output"].as_array().unwrap().is_empty() {
+                break manifest;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no partial manifest");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let early_files = download_all(&early, "output", None);
+    // What was served survives a crash: the restarted proxy serves the same manifest (on its new port).
+    let old_base = proxy.base.clone();
+    proxy.kill9();
+    proxy.restart();
+    let (first, _) = wait_manifest(&status(&proxy), None);
+    let chain = manifest_chain(first);
+    let mut again = chain[0].clone();
+    again.as_object_mut().unwrap().remove("link");
+    let mut early_now = early.clone();
+    early_now.as_object_mut().unwrap().remove("link");
+    replace_base(&mut early_now, &old_base, &proxy.base);
+    assert_eq!(
+        again, early_now,
+        "the first manifest changed after it was served"
+    );
+    assert!(
+        chain.len() > 1,
+        "the files completed later are in linked manifests"
+    );
+    for (before, after) in early_files
+        .iter()
+        .zip(download_all(&chain[0], "output", None))
+    {
+        assert_eq!(
+            before.lines, after.lines,
+            "{} changed after it was listed",
+            before.url
+        );
+    }
+    let files = download_all(&joined(&chain), "output", None);
+    assert_same(
+        &resources_by_type(&files),
+        &direct_system(&upstream(), Some(&["Observation"])),
+    );
+}
+
+/// Moves every file URL of `value` from base `from` to base `to` (a restarted proxy's new port); the
+/// kick-off URL in `request` stays as the job recorded it.
+fn replace_base(value: &mut Value, from: &str, to: &str) {
+    let files = format!("{from}/$bulk-files/");
+    match value {
+        Value::String(s) if s.starts_with(&files) => *s = format!("{to}{}", &s[from.len()..]),
+        Value::Array(items) => items.iter_mut().for_each(|v| replace_base(v, from, to)),
+        Value::Object(map) => map.values_mut().for_each(|v| replace_base(v, from, to)),
+        _ => {}
+    }
+}

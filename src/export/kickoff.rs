@@ -66,6 +66,9 @@ pub struct Kickoff {
     /// Whether the client asked for `Prefer: separate-export-status` (3.0.0): status polls then answer
     /// 200 and carry the job's own status in `X-Export-Status`.
     pub separate_status: bool,
+    /// Whether the client sent `allowPartialManifests=true` (3.0.0): polls of the running job may list
+    /// the files already complete.
+    pub partial_manifests: bool,
 }
 
 /// Checks headers and parameters; `body` is the POST body, `None` for GET.
@@ -108,6 +111,7 @@ pub fn parse(
         unusable_filters: BTreeSet::new(),
         patient_given: false,
         elements_given: false,
+        partial_manifests: false,
         spec: ExportSpec {
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
@@ -124,7 +128,10 @@ pub fn parse(
     params.sort_by_key(|(name, _)| name != "_type");
     let mut seen = BTreeSet::new();
     for (name, value) in params {
-        let once = matches!(name.as_str(), "_outputFormat" | "_since" | "_until");
+        let once = matches!(
+            name.as_str(),
+            "_outputFormat" | "_since" | "_until" | "allowPartialManifests"
+        );
         if once && !seen.insert(name.clone()) {
             b.reject(&name, "may be given only once")?;
             continue;
@@ -141,7 +148,8 @@ pub fn parse(
                 b.reject(&name, "is supported with POST only")?
             }
             "patient" => b.patient(&value)?,
-            "includeAssociatedData" | "organizeOutputBy" | "allowPartialManifests" => {
+            "allowPartialManifests" => b.allow_partial_manifests(&value)?,
+            "includeAssociatedData" | "organizeOutputBy" => {
                 b.reject(&name, "is not supported by this server")?
             }
             _ => b.reject(&name, "is not a parameter of $export")?,
@@ -233,6 +241,8 @@ struct Builder<'c> {
     patient_given: bool,
     /// Whether any `_elements` parameter was given, usable or not.
     elements_given: bool,
+    /// `allowPartialManifests`.
+    partial_manifests: bool,
 }
 
 impl Builder<'_> {
@@ -272,6 +282,16 @@ impl Builder<'_> {
             });
         }
         self.spec.since = Some(format_instant(t));
+        Ok(())
+    }
+
+    /// `allowPartialManifests` (3.0.0): a FHIR boolean.
+    fn allow_partial_manifests(&mut self, value: &str) -> Result<(), KickoffError> {
+        match value.trim() {
+            "true" => self.partial_manifests = true,
+            "false" => self.partial_manifests = false,
+            _ => self.reject("allowPartialManifests", "must be true or false")?,
+        }
         Ok(())
     }
 
@@ -339,6 +359,7 @@ impl Builder<'_> {
             notes: self.notes,
             lenient: self.lenient,
             separate_status: false,
+            partial_manifests: self.partial_manifests,
         })
     }
 

@@ -1,5 +1,7 @@
 //! What status polling reports: progress of a running job and the manifest of a finished one.
 
+use std::collections::HashSet;
+
 use url::Url;
 
 use crate::export::model::{FilePart, Job, JobState, Slice, SliceKind, SliceState};
@@ -73,13 +75,18 @@ pub fn find_file<'a>(job: &'a Job, slices: &'a [Slice], name: &str) -> Option<&'
         .find(|f| f.name == name)
 }
 
-/// The completion manifest (Bulk Data Access 2.0 `$export` status response).
+/// A manifest of the job (the Bulk Data `$export` status response) listing the files named in `names`,
+/// every file when `None`, with a `link` to the `next` manifest when the list goes on there.
 pub fn manifest(
     job: &Job,
     slices: &[Slice],
     url_of: &dyn Fn(&str) -> String,
     requires_token: bool,
+    names: Option<&[String]>,
+    next: Option<&str>,
 ) -> serde_json::Value {
+    let names: Option<HashSet<&str>> = names.map(|n| n.iter().map(String::as_str).collect());
+    let listed = |f: &FilePart| names.as_ref().is_none_or(|n| n.contains(f.name.as_str()));
     let mut ordered: Vec<&Slice> = slices.iter().collect();
     let layout = job.spec.layout;
     layout.order(&mut ordered);
@@ -88,7 +95,7 @@ pub fn manifest(
             .iter()
             .filter(|s| s.kind == kind)
             .flat_map(|s| s.files.iter().map(move |f| (s, f)))
-            .filter(|(_, f)| f.lines > 0)
+            .filter(|(_, f)| f.lines > 0 && listed(f))
             .map(|(s, f)| layout.output_item(s, f, url_of(&f.name), file_type))
             .collect()
     };
@@ -97,6 +104,7 @@ pub fn manifest(
     let error: Vec<serde_json::Value> = job
         .error_file
         .iter()
+        .filter(|f| listed(f))
         .map(|f| {
             serde_json::json!({
                 "type": "OperationOutcome",
@@ -115,7 +123,71 @@ pub fn manifest(
     if job.spec.since.is_some() {
         manifest["deleted"] = deleted.into();
     }
+    if let Some(next) = next {
+        manifest["link"] = serde_json::json!([{"relation": "next", "url": next}]);
+    }
     manifest
+}
+
+/// Names of the output and deleted files a job's manifests list, in manifest order; with
+/// `complete_only`, only those that will not change any more: rolled over, or of a slice that ended.
+fn data_files(job: &Job, slices: &[Slice], complete_only: bool) -> Vec<String> {
+    let mut ordered: Vec<&Slice> = slices.iter().collect();
+    job.spec.layout.order(&mut ordered);
+    let mut names = Vec::new();
+    for kind in [SliceKind::Resources, SliceKind::Deleted] {
+        for slice in ordered.iter().filter(|s| s.kind == kind) {
+            let ended = slice.state != SliceState::Pending;
+            let last = slice.files.len().saturating_sub(1);
+            let complete = |i: usize| !complete_only || ended || i < last;
+            names.extend(
+                (slice.files.iter().enumerate())
+                    .filter(|(i, f)| f.lines > 0 && complete(*i))
+                    .map(|(_, f)| f.name.clone()),
+            );
+        }
+    }
+    names
+}
+
+/// A finished job's manifests when none was served before it finished: its files in pages of
+/// `per_page`, each also listing the error file (linked manifests repeat every field but `output`,
+/// `deleted` and `link`).
+pub fn pages(job: &Job, slices: &[Slice], per_page: usize) -> Vec<Vec<String>> {
+    let names = data_files(job, slices, false);
+    let mut pages: Vec<Vec<String>> = names.chunks(per_page).map(<[String]>::to_vec).collect();
+    if pages.is_empty() {
+        pages.push(Vec::new());
+    }
+    if let Some(error) = &job.error_file {
+        pages.iter_mut().for_each(|p| p.push(error.name.clone()));
+    }
+    pages
+}
+
+/// Adds pages for the files complete now that no page of `served` lists yet (3.0.0 partial manifests):
+/// a page once served never changes, so new files go to new pages, and a finished job's error file
+/// to its last. True if a page was added.
+pub fn extend_pages(
+    served: &mut Vec<Vec<String>>,
+    job: &Job,
+    slices: &[Slice],
+    per_page: usize,
+) -> bool {
+    let listed: HashSet<&String> = served.iter().flatten().collect();
+    let mut fresh: Vec<String> = data_files(job, slices, job.is_active())
+        .into_iter()
+        .filter(|n| !listed.contains(n))
+        .collect();
+    if !job.is_active() {
+        fresh.extend(job.error_file.iter().map(|f| f.name.clone()));
+    }
+    let before = served.len();
+    served.extend(fresh.chunks(per_page).map(<[String]>::to_vec));
+    if served.is_empty() && !job.is_active() {
+        served.push(Vec::new());
+    }
+    served.len() > before
 }
 
 /// The lines of the job's error file: one OperationOutcome per failed slice or note.
@@ -185,5 +257,87 @@ mod tests {
         let unknown = [slice(SliceState::Pending, 3, 7, None)];
         assert!(progress(&job(), &unknown).starts_with("3 pages fetched (7 resources"));
         assert_eq!(progress(&job(), &[]), "accepted (planning)");
+    }
+
+    fn part(name: &str, lines: u64) -> FilePart {
+        FilePart {
+            name: name.into(),
+            lines,
+            bytes: 0,
+            gzip: false,
+            stream: None,
+        }
+    }
+
+    fn files_slice(index: u32, state: SliceState, files: &[(&str, u64)]) -> Slice {
+        Slice {
+            index,
+            state,
+            files: files.iter().map(|(n, l)| part(n, *l)).collect(),
+            ..slice(SliceState::Pending, 0, 0, None)
+        }
+    }
+
+    fn names(pages: &[&[&str]]) -> Vec<Vec<String>> {
+        pages
+            .iter()
+            .map(|p| p.iter().map(|n| n.to_string()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn a_finished_job_is_paged_with_the_error_file_on_every_page() {
+        let mut job = job();
+        job.state = JobState::Completed;
+        job.error_file = Some(part(ERROR_FILE, 1));
+        let slices = [
+            files_slice(0, SliceState::Done, &[("a", 8), ("b", 8), ("c", 2)]),
+            files_slice(1, SliceState::Done, &[("d", 1), ("empty", 0)]),
+        ];
+        assert_eq!(
+            pages(&job, &slices, 2),
+            names(&[&["a", "b", ERROR_FILE], &["c", "d", ERROR_FILE]])
+        );
+        let first = manifest(
+            &job,
+            &slices,
+            &|n| format!("u/{n}"),
+            false,
+            Some(&pages(&job, &slices, 2)[0]),
+            Some("next"),
+        );
+        assert_eq!(first["output"].as_array().unwrap().len(), 2);
+        assert_eq!(first["error"][0]["url"], "u/errors.ndjson");
+        assert_eq!(
+            first["link"],
+            serde_json::json!([{"relation": "next", "url": "next"}])
+        );
+        job.error_file = None;
+        assert_eq!(
+            pages(&job, &[], 2),
+            names(&[&[]]),
+            "an empty export has one manifest"
+        );
+    }
+
+    #[test]
+    fn partial_pages_only_grow_and_list_complete_files() {
+        let mut job = job();
+        let mut served = Vec::new();
+        // The last file of a running slice may still grow: not listed.
+        let running = [files_slice(0, SliceState::Pending, &[("a", 8), ("b", 3)])];
+        assert!(extend_pages(&mut served, &job, &running, 10));
+        assert_eq!(served, names(&[&["a"]]));
+        assert!(
+            !extend_pages(&mut served, &job, &running, 10),
+            "nothing new, no new page"
+        );
+        let done = [files_slice(0, SliceState::Done, &[("a", 8), ("b", 5)])];
+        assert!(extend_pages(&mut served, &job, &done, 10));
+        assert_eq!(served, names(&[&["a"], &["b"]]));
+        job.state = JobState::Completed;
+        job.error_file = Some(part(ERROR_FILE, 1));
+        assert!(extend_pages(&mut served, &job, &done, 10));
+        assert_eq!(served, names(&[&["a"], &["b"], &[ERROR_FILE]]));
     }
 }

@@ -152,6 +152,10 @@ pub struct Job {
     /// `Prefer: separate-export-status`).
     #[serde(default)]
     pub separate_status: bool,
+    /// Whether polls of the running job may answer with a manifest of the files already complete
+    /// (3.0.0's `allowPartialManifests`).
+    #[serde(default)]
+    pub partial_manifests: bool,
 }
 
 impl Job {
@@ -177,6 +181,7 @@ impl Job {
             stored_remotely: false,
             gzip,
             separate_status: kickoff.separate_status,
+            partial_manifests: kickoff.partial_manifests,
         }
     }
 
@@ -344,6 +349,7 @@ pub(crate) mod tests {
             stored_remotely: false,
             gzip: false,
             separate_status: false,
+            partial_manifests: false,
         }
     }
 
