@@ -200,15 +200,21 @@ fn separate_export_status_moves_the_job_status_to_a_header() {
     );
 }
 
+/// A proxy on the read-only upstream with `export_toml`, and the status URL of the export `kickoff` starts.
+fn export_on(
+    export_toml: &str,
+    kickoff: impl FnOnce(&Proxy) -> reqwest::blocking::Response,
+) -> (Proxy, String) {
+    let proxy = Proxy::builder(&upstream()).export_toml(export_toml).start();
+    let status = accepted_status_url(&proxy.base, kickoff(&proxy));
+    (proxy, status)
+}
+
 #[test]
 fn separate_export_status_reports_a_failed_job_in_the_header() {
-    let proxy = Proxy::builder(&upstream())
-        .export_toml("max_resources_per_job = 1")
-        .start();
-    let status = accepted_status_url(
-        &proxy.base,
-        kickoff_separate(&proxy, "$export?_type=Patient"),
-    );
+    let (_proxy, status) = export_on("max_resources_per_job = 1", |p| {
+        kickoff_separate(p, "$export?_type=Patient")
+    });
     let (job, _, body) = poll_separate(&status);
     assert_eq!(job, "413", "{body}");
     let outcome: Value = serde_json::from_str(&body).unwrap();
@@ -245,13 +251,9 @@ fn joined(chain: &[Value]) -> Value {
 
 #[test]
 fn a_long_file_list_is_paged_into_linked_manifests() {
-    let proxy = Proxy::builder(&upstream())
-        .export_toml("resources_per_file = 25\nmanifest_page_files = 2")
-        .start();
-    let status = accepted_status_url(
-        &proxy.base,
-        kickoff_get(&proxy.base, "$export?_type=Patient,Observation", None),
-    );
+    let (_proxy, status) = export_on("resources_per_file = 25\nmanifest_page_files = 2", |p| {
+        kickoff_get(&p.base, "$export?_type=Patient,Observation", None)
+    });
     let (first, _) = wait_manifest(&status, None);
     let chain = manifest_chain(first);
     assert!(

@@ -159,11 +159,13 @@ fn upstream_gone_between_requests_is_a_bad_gateway_then_recovers() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let proxy = Proxy::start(&format!("http://{addr}/fhir"), "");
-    let client = common::client();
-    let response = client
-        .get(format!("{}/Basic/1", proxy.base))
-        .send()
-        .unwrap();
+    let basic = |id: u32| {
+        common::client()
+            .get(format!("{}/Basic/{id}", proxy.base))
+            .send()
+            .unwrap()
+    };
+    let response = basic(1);
     assert_eq!(response.status(), 502);
     let outcome: Value = response.json().unwrap();
     assert_eq!(outcome["resourceType"], "OperationOutcome");
@@ -173,10 +175,7 @@ fn upstream_gone_between_requests_is_a_bad_gateway_then_recovers() {
         After::KeepAlive,
         Duration::ZERO,
     );
-    let response = client
-        .get(format!("{}/Basic/2", proxy.base))
-        .send()
-        .unwrap();
+    let response = basic(2);
     assert_eq!(response.status(), 200);
     let answer: Value = response.json().unwrap();
     assert_eq!(answer["request"], "GET /fhir/Basic/2 HTTP/1.1");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::mock::{After, Mock, Reply};
 use common::*;
@@ -28,15 +28,6 @@ fn start(server: &str, upstream_toml: &str, export: &str) -> Proxy {
         .upstream_toml(upstream_toml)
         .export_toml(export)
         .start()
-}
-
-/// A token unique to this test run, for ids written to the shared read-write upstream.
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
 /// The job id at the end of a status URL.
@@ -181,12 +172,7 @@ fn max_jobs_per_client_refuses_only_that_client() {
     );
 
     let resp = kickoff_get(&proxy.base, "$export?_type=Patient", Some(&token_a));
-    let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get("Retry-After")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = resp.text().unwrap();
+    let (status, retry_after, body) = status_header_body(resp, "Retry-After");
     assert_eq!(
         status, 429,
         "client A's second kick-off over max_jobs_per_client = 1: {body}"

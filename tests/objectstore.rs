@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
@@ -33,11 +33,7 @@ fn bucket() -> String {
 
 /// A key prefix of its own for each test, so tests sharing the bucket never see each other's objects.
 fn unique_prefix(test: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("fbp-{test}-{}-{nanos}/bulk/", std::process::id())
+    format!("{}/bulk/", unique(&format!("fbp-{test}")))
 }
 
 fn storage_toml(bucket: &str, prefix: &str, serve: &str) -> String {

@@ -289,30 +289,19 @@ fn a_store_of_the_previous_release_resumes_its_jobs() {
     }
 
     // The interrupted jobs finish with exactly the mock's resources: none lost, none twice.
-    let (manifest, _) = wait_manifest(&status("running"), None);
-    let got = by_type(&download_all(&manifest, "output", None));
+    let finished = |role: &str| {
+        let (manifest, _) = wait_manifest(&status(role), None);
+        by_type(&download_all(&manifest, "output", None))
+    };
+    let all = |types: &[&str]| -> BTreeMap<String, Vec<String>> {
+        types.iter().map(|t| (t.to_string(), ids(t))).collect()
+    };
     assert_eq!(
-        got.get("Patient"),
-        Some(&ids("Patient")),
-        "running job: Patient"
+        finished("running"),
+        all(&["Patient", "Observation"]),
+        "running job"
     );
-    assert_eq!(
-        got.get("Observation"),
-        Some(&ids("Observation")),
-        "running job: Observation"
-    );
-    let (manifest, _) = wait_manifest(&status("planning"), None);
-    let got = by_type(&download_all(&manifest, "output", None));
-    assert_eq!(
-        got.get("Observation"),
-        Some(&ids("Observation")),
-        "planned job: Observation"
-    );
-    assert_eq!(
-        got.len(),
-        1,
-        "planned job exported only Observation: {got:?}"
-    );
+    assert_eq!(finished("planning"), all(&["Observation"]), "planned job");
 }
 
 /// Writes the fixture into `$FBP_FIXTURE_OUT` with the code at hand (run at the release it stands for).

@@ -621,12 +621,7 @@ pub fn assert_granted(grant: &TokenGrant, want: &str, what: &str) {
 
 /// Insists on 401 with `WWW-Authenticate: Bearer...` and an OperationOutcome.
 pub fn assert_unauthorized(resp: reqwest::blocking::Response, what: &str) {
-    let status = resp.status();
-    let challenge = resp
-        .headers()
-        .get("WWW-Authenticate")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = resp.text().unwrap();
+    let (status, challenge, body) = status_header_body(resp, "WWW-Authenticate");
     assert_eq!(status, 401, "{what}: expected 401, got {status}: {body}");
     let challenge =
         challenge.unwrap_or_else(|| panic!("{what}: 401 without WWW-Authenticate: {body}"));

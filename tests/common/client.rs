@@ -29,14 +29,22 @@ pub fn kickoff_post(base: &str, path: &str, parameters: &Value) -> reqwest::bloc
         .unwrap()
 }
 
+/// A response read whole: its status, the value of header `name` if any, and its body.
+pub fn status_header_body(
+    resp: reqwest::blocking::Response,
+    name: &str,
+) -> (reqwest::StatusCode, Option<String>, String) {
+    let status = resp.status();
+    let header = resp
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned());
+    (status, header, resp.text().unwrap())
+}
+
 /// Checks a kick-off answer is 202 with a well-formed `Content-Location` on `base`; returns that URL.
 pub fn accepted_status_url(base: &str, resp: reqwest::blocking::Response) -> String {
-    let status = resp.status();
-    let location = resp
-        .headers()
-        .get("Content-Location")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let body = resp.text().unwrap();
+    let (status, location, body) = status_header_body(resp, "Content-Location");
     assert_eq!(status, 202, "kick-off answered {status}: {body}");
     let location =
         location.unwrap_or_else(|| panic!("kick-off 202 without Content-Location: {body}"));

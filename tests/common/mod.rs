@@ -27,6 +27,15 @@ pub fn upstream() -> String {
         .expect("FBP_TEST_UPSTREAM is not set: run the integration tests through tests/run")
 }
 
+/// A token unique to this test run, for names written to shared upstreams and buckets.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
 /// Base URL of the upstream that tests may write to (set by `tests/run`).
 pub fn upstream_rw() -> String {
     std::env::var("FBP_TEST_UPSTREAM_RW")
