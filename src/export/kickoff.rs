@@ -124,37 +124,7 @@ pub fn parse(
             layout: Layout::ByType,
         },
     };
-    // `_type` first: `_typeFilter` and `_elements` are checked against the chosen types.
-    params.sort_by_key(|(name, _)| name != "_type");
-    let mut seen = BTreeSet::new();
-    for (name, value) in params {
-        let once = matches!(
-            name.as_str(),
-            "_outputFormat" | "_since" | "_until" | "allowPartialManifests"
-        );
-        if once && !seen.insert(name.clone()) {
-            b.reject(&name, "may be given only once")?;
-            continue;
-        }
-        match name.as_str() {
-            "_outputFormat" => b.output_format(&value)?,
-            "_since" => b.since(&value)?,
-            "_until" => b.until(&value)?,
-            "_type" => b.types(&value)?,
-            "_typeFilter" => b.type_filter(&value)?,
-            "_elements" => b.elements(&value)?,
-            "patient" if !is_post => {
-                b.patient_given = true;
-                b.reject(&name, "is supported with POST only")?
-            }
-            "patient" => b.patient(&value)?,
-            "allowPartialManifests" => b.allow_partial_manifests(&value)?,
-            "includeAssociatedData" | "organizeOutputBy" => {
-                b.reject(&name, "is not supported by this server")?
-            }
-            _ => b.reject(&name, "is not a parameter of $export")?,
-        }
-    }
+    b.take(params, is_post)?;
     let separate_status = prefer.iter().any(|p| p == "separate-export-status");
     Ok(Kickoff {
         separate_status,
@@ -246,6 +216,46 @@ struct Builder<'c> {
 }
 
 impl Builder<'_> {
+    /// Takes every parameter in turn.
+    fn take(
+        &mut self,
+        mut params: Vec<(String, String)>,
+        is_post: bool,
+    ) -> Result<(), KickoffError> {
+        // `_type` first: `_typeFilter` and `_elements` are checked against the chosen types.
+        params.sort_by_key(|(name, _)| name != "_type");
+        let mut seen = BTreeSet::new();
+        for (name, value) in params {
+            let once = matches!(
+                name.as_str(),
+                "_outputFormat" | "_since" | "_until" | "allowPartialManifests"
+            );
+            if once && !seen.insert(name.clone()) {
+                self.reject(&name, "may be given only once")?;
+                continue;
+            }
+            match name.as_str() {
+                "_outputFormat" => self.output_format(&value)?,
+                "_since" => self.since(&value)?,
+                "_until" => self.until(&value)?,
+                "_type" => self.types(&value)?,
+                "_typeFilter" => self.type_filter(&value)?,
+                "_elements" => self.elements(&value)?,
+                "patient" if !is_post => {
+                    self.patient_given = true;
+                    self.reject(&name, "is supported with POST only")?
+                }
+                "patient" => self.patient(&value)?,
+                "allowPartialManifests" => self.allow_partial_manifests(&value)?,
+                "includeAssociatedData" | "organizeOutputBy" => {
+                    self.reject(&name, "is not supported by this server")?
+                }
+                _ => self.reject(&name, "is not a parameter of $export")?,
+            }
+        }
+        Ok(())
+    }
+
     /// Refuses, or with lenient handling records the parameter as ignored.
     fn reject(&mut self, name: &str, reason: &str) -> Result<(), KickoffError> {
         if self.lenient {
