@@ -73,21 +73,21 @@ impl App {
         let (id, retry_after) = (job.id.as_str(), self.config.export.retry_after_secs);
         match &job.state {
             JobState::Accepted | JobState::Running => {
-                let slices = self.store.slices(id)?;
+                let all = self.store.slices(id)?;
+                let progress = manifest::progress(job, &all);
                 let pages = match job.partial_manifests {
-                    true => self.served_pages(job, &slices).await?,
+                    true => self.served_pages(job, &all).await?,
                     false => Vec::new(),
                 };
                 let mut response = match pages.is_empty() && page == 0 {
                     true => Response::new(crate::http::full(bytes::Bytes::new())),
                     false => {
-                        let slices = visible(slices.clone(), principal);
-                        let body = self.manifest_page(job, &slices, &pages, page).await?;
+                        let shown = visible(all, principal);
+                        let body = self.manifest_page(job, &shown, &pages, page).await?;
                         json(StatusCode::OK, "application/json", &body)
                     }
                 };
                 *response.status_mut() = StatusCode::ACCEPTED;
-                let progress = manifest::progress(job, &slices);
                 let headers = response.headers_mut();
                 headers.insert(
                     "x-progress",
@@ -98,15 +98,14 @@ impl App {
             }
             JobState::Completed => {
                 let all = self.store.slices(id)?;
-                let pages = match job.partial_manifests {
-                    true => self.served_pages(job, &all).await?,
-                    false => {
-                        let slices = visible(all.clone(), principal);
-                        manifest::pages(job, &slices, self.config.export.manifest_page_files)
-                    }
+                let served = match job.partial_manifests {
+                    true => Some(self.served_pages(job, &all).await?),
+                    false => None,
                 };
-                let slices = visible(all, principal);
-                let body = self.manifest_page(job, &slices, &pages, page).await?;
+                let shown = visible(all, principal);
+                let per_page = self.config.export.manifest_page_files;
+                let pages = served.unwrap_or_else(|| manifest::pages(job, &shown, per_page));
+                let body = self.manifest_page(job, &shown, &pages, page).await?;
                 let mut response = json(StatusCode::OK, "application/json", &body);
                 if let Some(expires) = job
                     .expires

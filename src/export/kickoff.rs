@@ -112,6 +112,7 @@ pub fn parse(
         patient_given: false,
         elements_given: false,
         partial_manifests: false,
+        separate_status: prefer.iter().any(|p| p == "separate-export-status"),
         spec: ExportSpec {
             level,
             output_format: OUTPUT_FORMATS[0].to_owned(),
@@ -125,11 +126,7 @@ pub fn parse(
         },
     };
     b.take(params, is_post)?;
-    let separate_status = prefer.iter().any(|p| p == "separate-export-status");
-    Ok(Kickoff {
-        separate_status,
-        ..b.finish()?
-    })
+    b.finish()
 }
 
 fn check_headers(accept: Option<&str>, prefer: &[String]) -> Result<(), KickoffError> {
@@ -213,6 +210,8 @@ struct Builder<'c> {
     elements_given: bool,
     /// `allowPartialManifests`.
     partial_manifests: bool,
+    /// `Prefer: separate-export-status`.
+    separate_status: bool,
 }
 
 impl Builder<'_> {
@@ -368,7 +367,7 @@ impl Builder<'_> {
             spec: self.spec,
             notes: self.notes,
             lenient: self.lenient,
-            separate_status: false,
+            separate_status: self.separate_status,
             partial_manifests: self.partial_manifests,
         })
     }

@@ -87,9 +87,8 @@ pub fn manifest(
 ) -> serde_json::Value {
     let names: Option<HashSet<&str>> = names.map(|n| n.iter().map(String::as_str).collect());
     let listed = |f: &FilePart| names.as_ref().is_none_or(|n| n.contains(f.name.as_str()));
-    let mut ordered: Vec<&Slice> = slices.iter().collect();
+    let ordered = in_order(job, slices);
     let layout = job.spec.layout;
-    layout.order(&mut ordered);
     let files = |kind: SliceKind, file_type: Option<&str>| -> Vec<serde_json::Value> {
         ordered
             .iter()
@@ -129,11 +128,17 @@ pub fn manifest(
     manifest
 }
 
+/// The slices in the order their files are listed, as the job's layout has it.
+fn in_order<'s>(job: &Job, slices: &'s [Slice]) -> Vec<&'s Slice> {
+    let mut ordered: Vec<&Slice> = slices.iter().collect();
+    job.spec.layout.order(&mut ordered);
+    ordered
+}
+
 /// Names of the output and deleted files a job's manifests list, in manifest order; with
 /// `complete_only`, only those that will not change any more: rolled over, or of a slice that ended.
 fn data_files(job: &Job, slices: &[Slice], complete_only: bool) -> Vec<String> {
-    let mut ordered: Vec<&Slice> = slices.iter().collect();
-    job.spec.layout.order(&mut ordered);
+    let ordered = in_order(job, slices);
     let mut names = Vec::new();
     for kind in [SliceKind::Resources, SliceKind::Deleted] {
         for slice in ordered.iter().filter(|s| s.kind == kind) {

@@ -77,11 +77,7 @@ pub async fn plan(
         bounds: Bounds {
             upstream,
             job,
-            window: Window::new(
-                spec.since.as_deref(),
-                spec.until.as_deref(),
-                &job.transaction_time,
-            ),
+            window: Window::of(job),
             page_size: limits.page_size,
         },
         progress: store.planning(&job.id)?,

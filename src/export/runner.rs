@@ -345,13 +345,7 @@ impl Runner {
     ) -> Result<bool, WorkerError> {
         let id = job.id.as_str();
         let dir = self.job_dir(id);
-        let spec = &job.spec;
-        let window = Window::new(
-            spec.since.as_deref(),
-            spec.until.as_deref(),
-            &job.transaction_time,
-        );
-        let snapshot = window
+        let snapshot = Window::of(job)
             .last_ms()
             .and_then(chrono::DateTime::from_timestamp_millis)
             .unwrap_or_else(chrono::Utc::now);

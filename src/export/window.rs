@@ -6,6 +6,7 @@
 
 use url::Url;
 
+use crate::export::model::Job;
 use crate::export::ranges::{format_ms, parse_ms, Range};
 
 /// `_lastUpdated` bounds: after `since` (exclusive), before `until` (exclusive), up to `up_to` (inclusive).
@@ -32,6 +33,16 @@ impl Window {
             until: until.filter(earlier).map(str::to_owned),
             up_to: snapshot.to_owned(),
         }
+    }
+
+    /// The window of `job`'s searches: its `_since` and `_until`, cut at its transaction time.
+    pub fn of(job: &Job) -> Window {
+        let spec = &job.spec;
+        Window::new(
+            spec.since.as_deref(),
+            spec.until.as_deref(),
+            &job.transaction_time,
+        )
     }
 
     /// Everything up to the transaction time: the population a job lists (patients), whatever its `_since`.
