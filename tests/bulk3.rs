@@ -11,20 +11,7 @@ use serde_json::{json, Value};
 
 /// Creates `resource` on the writable upstream; returns its id and `meta.lastUpdated`.
 fn create(resource: Value) -> (String, String) {
-    let base = upstream_rw();
-    let resource_type = resource["resourceType"].as_str().unwrap().to_owned();
-    let resp = client()
-        .post(format!("{base}/{resource_type}"))
-        .header("Content-Type", "application/fhir+json")
-        .body(resource.to_string())
-        .send()
-        .unwrap();
-    assert!(
-        resp.status().is_success(),
-        "create {resource_type}: {}",
-        resp.status()
-    );
-    let created: Value = resp.json().unwrap();
+    let created = create_rw(&resource);
     (
         created["id"].as_str().unwrap().to_owned(),
         created["meta"]["lastUpdated"].as_str().unwrap().to_owned(),
@@ -324,7 +311,13 @@ fn partial_manifests_list_complete_files_early_and_never_change_them() {
     again.as_object_mut().unwrap().remove("link");
     let mut early_now = early.clone();
     early_now.as_object_mut().unwrap().remove("link");
-    replace_base(&mut early_now, &old_base, &proxy.base);
+    // File URLs move to the new port; the kick-off URL in `request` stays as the job recorded it.
+    let files = format!("{old_base}/$bulk-files/");
+    edit_strings(&mut early_now, &|s| {
+        if s.starts_with(&files) {
+            *s = s.replacen(old_base.as_str(), &proxy.base, 1);
+        }
+    });
     assert_eq!(
         again, early_now,
         "the first manifest changed after it was served"
@@ -348,16 +341,4 @@ fn partial_manifests_list_complete_files_early_and_never_change_them() {
         &resources_by_type(&files),
         &direct_system(&upstream(), Some(&["Observation"])),
     );
-}
-
-/// Moves every file URL of `value` from base `from` to base `to` (a restarted proxy's new port); the
-/// kick-off URL in `request` stays as the job recorded it.
-fn replace_base(value: &mut Value, from: &str, to: &str) {
-    let files = format!("{from}/$bulk-files/");
-    match value {
-        Value::String(s) if s.starts_with(&files) => *s = format!("{to}{}", &s[from.len()..]),
-        Value::Array(items) => items.iter_mut().for_each(|v| replace_base(v, from, to)),
-        Value::Object(map) => map.values_mut().for_each(|v| replace_base(v, from, to)),
-        _ => {}
-    }
 }

@@ -348,31 +348,12 @@ fn elements_subsets_only_the_named_type() {
 #[test]
 fn since_returns_only_later_changes() {
     let upstream = upstream_rw();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let tag = format!("since-{}-{nanos}", std::process::id());
-    let create = |ty: &str, body: Value| -> Value {
-        let resp = client()
-            .post(format!("{upstream}/{ty}"))
-            .header("Content-Type", "application/fhir+json")
-            .header("Accept", "application/fhir+json")
-            .body(body.to_string())
-            .send()
-            .unwrap();
-        assert_eq!(resp.status(), 201, "creating a {ty} upstream");
-        resp.json().unwrap()
-    };
+    let tag = unique("since");
     let identifier = |n: &str| json!([{"system": "urn:fbp-test", "value": format!("{tag}-{n}")}]);
-    let early = create(
-        "Patient",
-        json!({"resourceType": "Patient", "identifier": identifier("early")}),
-    );
+    let early = create_rw(&json!({"resourceType": "Patient", "identifier": identifier("early")}));
     let early_id = early["id"].as_str().unwrap().to_owned();
-    let early_obs = create(
-        "Observation",
-        json!({"resourceType": "Observation", "status": "final", "identifier": identifier("early-obs"),
+    let early_obs = create_rw(
+        &json!({"resourceType": "Observation", "status": "final", "identifier": identifier("early-obs"),
                "code": {"text": tag}, "subject": {"reference": format!("Patient/{early_id}")}}),
     );
     let since = early_obs["meta"]["lastUpdated"]
@@ -381,13 +362,9 @@ fn since_returns_only_later_changes() {
         .to_owned();
     std::thread::sleep(Duration::from_millis(1100));
 
-    let late = create(
-        "Patient",
-        json!({"resourceType": "Patient", "identifier": identifier("late")}),
-    );
-    let late_obs = create(
-        "Observation",
-        json!({"resourceType": "Observation", "status": "final", "identifier": identifier("late-obs"),
+    let late = create_rw(&json!({"resourceType": "Patient", "identifier": identifier("late")}));
+    let late_obs = create_rw(
+        &json!({"resourceType": "Observation", "status": "final", "identifier": identifier("late-obs"),
                "code": {"text": tag}, "subject": {"reference": format!("Patient/{early_id}")}}),
     );
     let mut updated = early.clone();

@@ -193,14 +193,9 @@ fn ids(resource_type: &str) -> Vec<String> {
         .collect()
 }
 
-/// Replaces every `from` in the string values of `value` with `to`.
+/// Replaces every `from` in the strings of `value` with `to`.
 fn replace_strings(value: &mut Value, from: &str, to: &str) {
-    match value {
-        Value::String(s) => *s = s.replace(from, to),
-        Value::Array(items) => items.iter_mut().for_each(|v| replace_strings(v, from, to)),
-        Value::Object(map) => map.values_mut().for_each(|v| replace_strings(v, from, to)),
-        _ => {}
-    }
+    edit_strings(value, &|s| *s = s.replace(from, to));
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -36,6 +36,30 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{nanos}", std::process::id())
 }
 
+/// Creates `resource` on the writable upstream, insisting on 201; returns the resource as created.
+pub fn create_rw(resource: &Value) -> Value {
+    let resource_type = resource["resourceType"].as_str().unwrap();
+    let resp = client()
+        .post(format!("{}/{resource_type}", upstream_rw()))
+        .header("Content-Type", "application/fhir+json")
+        .header("Accept", "application/fhir+json")
+        .body(resource.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 201, "creating a {resource_type} upstream");
+    resp.json().unwrap()
+}
+
+/// Applies `edit` to every string in `value`, at any depth.
+pub fn edit_strings(value: &mut Value, edit: &dyn Fn(&mut String)) {
+    match value {
+        Value::String(s) => edit(s),
+        Value::Array(items) => items.iter_mut().for_each(|v| edit_strings(v, edit)),
+        Value::Object(map) => map.values_mut().for_each(|v| edit_strings(v, edit)),
+        _ => {}
+    }
+}
+
 /// Base URL of the upstream that tests may write to (set by `tests/run`).
 pub fn upstream_rw() -> String {
     std::env::var("FBP_TEST_UPSTREAM_RW")
