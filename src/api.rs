@@ -412,7 +412,8 @@ impl App {
         let types: Vec<String> = match &job.spec.types {
             TypeSelection::All => {
                 let slices = self.store.slices(&job.id)?;
-                slices.into_iter().map(|s| s.resource_type).collect()
+                let types = slices.iter().flat_map(|s| s.types());
+                types.map(str::to_owned).collect()
             }
             TypeSelection::Only(types) => types.clone(),
         };
@@ -459,14 +460,15 @@ impl App {
         let slices = self.store.slices(id)?;
         // Only names the job recorded are served: a client-chosen path never reaches the file system.
         let part = manifest::find_file(&job, &slices, name).ok_or_else(missing)?;
-        let file_type = slices
+        let file_types = slices
             .iter()
             .find(|s| s.files.iter().any(|f| f.name == name))
-            .map(|s| s.resource_type.as_str());
-        if let (Some(principal), Some(file_type)) = (&principal, file_type) {
-            if !principal.grant.allows(file_type) {
+            .map(|s| s.types())
+            .unwrap_or_default();
+        if let Some(principal) = &principal {
+            if let Some(denied) = file_types.iter().find(|t| !principal.grant.allows(t)) {
                 return Err(AuthError::Forbidden(format!(
-                    "the access token's scopes do not allow reading {file_type}"
+                    "the access token's scopes do not allow reading {denied}"
                 ))
                 .into());
             }
@@ -497,7 +499,7 @@ pub(crate) fn visible(
     principal: Option<&Principal>,
 ) -> Vec<crate::export::model::Slice> {
     if let Some(principal) = principal {
-        slices.retain(|s| principal.grant.allows(&s.resource_type));
+        slices.retain(|s| s.types().iter().all(|t| principal.grant.allows(t)));
     }
     slices
 }

@@ -167,6 +167,18 @@ fn tagged_meta(meta: Option<&RawValue>) -> Result<String, String> {
     Ok(meta.to_string())
 }
 
+/// The `_elements` entries that apply to `resource_type`, without their type prefix.
+pub fn elements_for(elements: &[String], resource_type: &str) -> Vec<String> {
+    elements
+        .iter()
+        .filter_map(|e| match e.split_once('.') {
+            Some((t, el)) if t == resource_type => Some(el.to_owned()),
+            Some(_) => None,
+            None => Some(e.clone()),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

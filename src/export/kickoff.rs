@@ -227,7 +227,11 @@ impl Builder<'_> {
         for (name, value) in params {
             let once = matches!(
                 name.as_str(),
-                "_outputFormat" | "_since" | "_until" | "allowPartialManifests"
+                "_outputFormat"
+                    | "_since"
+                    | "_until"
+                    | "allowPartialManifests"
+                    | "organizeOutputBy"
             );
             if once && !seen.insert(name.clone()) {
                 self.reject(&name, "may be given only once")?;
@@ -246,9 +250,8 @@ impl Builder<'_> {
                 }
                 "patient" => self.patient(&value)?,
                 "allowPartialManifests" => self.allow_partial_manifests(&value)?,
-                "includeAssociatedData" | "organizeOutputBy" => {
-                    self.reject(&name, "is not supported by this server")?
-                }
+                "organizeOutputBy" => self.organize_output_by(&value)?,
+                "includeAssociatedData" => self.reject(&name, "is not supported by this server")?,
                 _ => self.reject(&name, "is not a parameter of $export")?,
             }
         }
@@ -302,6 +305,24 @@ impl Builder<'_> {
             _ => self.reject("allowPartialManifests", "must be true or false")?,
         }
         Ok(())
+    }
+
+    /// `organizeOutputBy` (3.0.0): resource blocks per Patient, for the exports that list patients.
+    fn organize_output_by(&mut self, value: &str) -> Result<(), KickoffError> {
+        match (value.trim(), &self.spec.level) {
+            ("Patient", Level::Patient | Level::Group { .. }) => {
+                self.spec.layout = Layout::ByPatient;
+                Ok(())
+            }
+            ("Patient", Level::System) => self.reject(
+                "organizeOutputBy",
+                "Patient is supported for Patient and Group exports only",
+            ),
+            (other, _) => self.reject(
+                "organizeOutputBy",
+                &format!("{other:?} is not supported; the only value is Patient"),
+            ),
+        }
     }
 
     /// `_until` (3.0.0): a bound in the future is no bound, since the transaction time cuts every export.
@@ -796,6 +817,30 @@ mod tests {
                 "_since=2020-01-01T00:00:00Z&_since=2021-01-01T00:00:00Z"
             )),
             "_since"
+        );
+    }
+
+    /// `organizeOutputBy=Patient` sets the by-patient layout for the exports that list patients; any
+    /// other value, a second one, or the system level is refused, and lenient handling keeps by type.
+    #[test]
+    fn organize_output_by_patient_is_taken_where_patients_are_listed() {
+        for level in [Level::Patient, Level::Group { id: "g".into() }] {
+            let k = get(level, "organizeOutputBy=Patient").unwrap();
+            assert_eq!(k.spec.layout, Layout::ByPatient);
+        }
+        assert_eq!(get(Level::Patient, "").unwrap().spec.layout, Layout::ByType);
+        for query in [
+            "organizeOutputBy=Encounter",
+            "organizeOutputBy=Patient&organizeOutputBy=Patient",
+        ] {
+            assert_eq!(param_error(get(Level::Patient, query)), "organizeOutputBy");
+        }
+        let k = lenient(Level::Patient, "organizeOutputBy=Encounter").unwrap();
+        assert_eq!(k.spec.layout, Layout::ByType);
+        assert!(
+            k.notes.iter().any(|n| n.contains("organizeOutputBy")),
+            "{:?}",
+            k.notes
         );
     }
 

@@ -93,9 +93,14 @@ pub fn manifest(
         ordered
             .iter()
             .filter(|s| s.kind == kind)
-            .flat_map(|s| s.files.iter().map(move |f| (s, f)))
-            .filter(|(_, f)| f.lines > 0 && listed(f))
-            .map(|(s, f)| layout.output_item(s, f, url_of(&f.name), file_type))
+            .flat_map(|s| s.files.iter().enumerate().map(move |(i, f)| (s, i, f)))
+            .filter(|(_, _, f)| f.lines > 0 && listed(f))
+            .map(|(s, i, f)| {
+                let continues_in = (s.files.get(i + 1))
+                    .filter(|_| f.continues)
+                    .map(|next| url_of(&next.name));
+                layout.output_item(s, f, url_of(&f.name), file_type, continues_in)
+            })
             .collect()
     };
     let output = files(SliceKind::Resources, None);
@@ -122,6 +127,9 @@ pub fn manifest(
     if job.spec.since.is_some() {
         manifest["deleted"] = deleted.into();
     }
+    if let Some(by) = layout.organized_by() {
+        manifest["outputOrganizedBy"] = by.into();
+    }
     if let Some(next) = next {
         manifest["link"] = serde_json::json!([{"relation": "next", "url": next}]);
     }
@@ -144,7 +152,8 @@ fn data_files(job: &Job, slices: &[Slice], complete_only: bool) -> Vec<String> {
         for slice in ordered.iter().filter(|s| s.kind == kind) {
             let ended = slice.state != SliceState::Pending;
             let last = slice.files.len().saturating_sub(1);
-            let complete = |i: usize| !complete_only || ended || i < last;
+            let rolled = |i: usize| i < last && job.spec.layout.lists_while_running(slice);
+            let complete = |i: usize| !complete_only || ended || rolled(i);
             names.extend(
                 (slice.files.iter().enumerate())
                     .filter(|(i, f)| f.lines > 0 && complete(*i))
@@ -243,10 +252,12 @@ mod tests {
                 bytes: 0,
                 gzip: false,
                 stream: None,
+                continues: false,
             }],
             pages,
             total,
             visited: Vec::new(),
+            patients: Vec::new(),
         }
     }
 
@@ -271,6 +282,7 @@ mod tests {
             bytes: 0,
             gzip: false,
             stream: None,
+            continues: false,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod layout;
 pub mod limits;
 pub mod manifest;
 pub mod model;
+pub mod organize;
 pub mod output;
 pub mod page;
 pub mod planner;

@@ -207,6 +207,10 @@ pub struct FilePart {
     /// previous release, which is a series of gzip members (many clients decode only the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<GzipStream>,
+    /// Whether the file's last resource block goes on in the slice's next file (`organizeOutputBy`: a
+    /// block larger than a file, split with its header repeated).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continues: bool,
 }
 
 /// What a gzip file's trailer needs, as of the committed bytes: the stream goes on from here on resume.
@@ -272,6 +276,10 @@ pub struct Slice {
     /// Hashes of the page URLs fetched in the current search, to catch paging loops.
     #[serde(default)]
     pub visited: Vec<u64>,
+    /// The patients whose resource blocks the slice writes (`organizeOutputBy=Patient`), in block
+    /// order; empty for a slice of one type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patients: Vec<String>,
 }
 
 impl Slice {
@@ -296,7 +304,29 @@ impl Slice {
             pages: 0,
             total: None,
             visited: Vec::new(),
+            patients: Vec::new(),
         }
+    }
+
+    /// The type the search at `index` returns as matches.
+    pub fn search_type(&self, index: usize) -> &str {
+        let search = &self.searches[index.min(self.searches.len().saturating_sub(1))];
+        let path = search.split(['?', '#']).next().unwrap_or(search);
+        path.rsplit('/').next().unwrap_or(&self.resource_type)
+    }
+
+    /// Every type whose resources the slice's files hold: its own, or a patient batch's written as
+    /// blocks, those of all its searches.
+    pub fn types(&self) -> Vec<&str> {
+        if self.patients.is_empty() {
+            return vec![self.resource_type.as_str()];
+        }
+        let mut types: Vec<&str> = (0..self.searches.len())
+            .map(|i| self.search_type(i))
+            .collect();
+        types.sort_unstable();
+        types.dedup();
+        types
     }
 
     /// Resources written so far.
@@ -367,6 +397,7 @@ pub(crate) mod tests {
             pages: 0,
             total: None,
             visited: Vec::new(),
+            patients: Vec::new(),
         }
     }
 

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use crate::export::model::Slice;
 use crate::export::worker::WorkerError;
-use crate::export::writer::{NdjsonWriter, Units};
+use crate::export::writer::NdjsonWriter;
 
 /// Pages written since the last commit.
 pub(crate) struct Batch {
@@ -74,12 +74,11 @@ impl Output {
         &mut self,
         data: Vec<u8>,
         ends: Vec<usize>,
-        units: Units,
     ) -> Result<(), WorkerError> {
         self.settle().await?;
         let mut writer = self.writer.take().expect("settled");
         self.writing = Some(tokio::task::spawn_blocking(move || {
-            writer.write_units(&data, &ends, &units)?;
+            writer.write_page(&data, &ends)?;
             Ok((writer, data))
         }));
         Ok(())

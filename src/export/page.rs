@@ -5,11 +5,10 @@ use std::sync::Mutex;
 
 use chrono::{DateTime, Utc};
 
-use crate::export::elements::{strip_whitespace, write_subset};
+use crate::export::elements::{elements_for, strip_whitespace, write_subset};
 use crate::export::model::{Slice, SliceKind};
 use crate::export::prefetch::Prefetch;
 use crate::export::worker::SliceContext;
-use crate::export::writer::Units;
 use crate::store::StoreError;
 use crate::upstream::bundle::{BundleError, BundleReader, Entry};
 use crate::upstream::PageSink;
@@ -20,8 +19,6 @@ pub(crate) struct Page {
     pub(crate) data: Vec<u8>,
     /// Offset just past each line's newline in `data`.
     pub(crate) ends: Vec<usize>,
-    /// Which runs of lines the writer must keep in one file (the layout's atomic units).
-    pub(crate) units: Units,
     /// Ids written, for deduplicated slices.
     pub(crate) ids: Vec<String>,
     /// `Bundle.link[next]`.
@@ -108,6 +105,8 @@ struct Lines<'s> {
     page_ids: HashSet<String>,
     /// Whether the page after this one has been asked for.
     asked: bool,
+    /// The `_elements` entries that apply to the page's type (empty: whole resources).
+    elements: Vec<String>,
 }
 
 impl<'s> Converter<'s> {
@@ -121,7 +120,6 @@ impl<'s> Converter<'s> {
                 page: Page {
                     data,
                     ends: Vec::new(),
-                    units: scope.ctx.layout.units(),
                     ids: Vec::new(),
                     next: None,
                     total: None,
@@ -130,6 +128,10 @@ impl<'s> Converter<'s> {
                 },
                 page_ids: HashSet::new(),
                 asked: false,
+                elements: elements_for(
+                    &scope.ctx.elements,
+                    scope.ctx.layout.page_type(scope.slice),
+                ),
             },
         }
     }
@@ -190,7 +192,7 @@ impl Lines<'_> {
         };
         if !ctx.layout.admits(slice, &resource.resource_type) {
             return Err(PageError::WrongType {
-                expected: slice.resource_type.clone(),
+                expected: ctx.layout.page_type(slice).to_owned(),
                 found: resource.resource_type.into_owned(),
             });
         }
@@ -201,20 +203,21 @@ impl Lines<'_> {
         }
         if dedupe {
             let id = resource.id.as_deref().ok_or(PageError::NoId)?;
-            if !self.page_ids.insert(id.to_owned())
-                || self.scope.batch_ids.contains(id)
+            let key = ctx.layout.dedupe_key(slice, &resource.resource_type, id);
+            if !self.page_ids.insert(key.clone())
+                || self.scope.batch_ids.contains(&key)
                 || self
                     .scope
                     .committing_ids
-                    .is_some_and(|ids| ids.contains(id))
-                || ctx.store.seen(slice, id)?
+                    .is_some_and(|ids| ids.contains(&key))
+                || ctx.store.seen(slice, &key)?
             {
                 return Ok(());
             }
-            out.ids.push(id.to_owned());
+            out.ids.push(key);
         }
-        if !ctx.elements.is_empty() {
-            write_subset(resource.json, &ctx.elements, &mut out.data)
+        if !self.elements.is_empty() {
+            write_subset(resource.json, &self.elements, &mut out.data)
                 .map_err(PageError::Elements)?;
         } else if resource.compact {
             out.data.extend_from_slice(resource.json);

@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use url::Url;
 
 use crate::export::compartment::{self, Reach};
+use crate::export::elements::elements_for;
 use crate::export::layout::Searches;
 use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
 use crate::export::ranges::{self, parse_ms, Range, Split};
@@ -196,16 +197,18 @@ impl Planner<'_> {
             per_type.push(Searches {
                 resource_type: t.clone(),
                 searches: self.bounds.searches(t, &[by_patient], None),
+                patients: Vec::new(),
             });
         }
-        for group in self.job.spec.layout.group(per_type) {
-            let slice = new_slice(
+        for group in self.job.spec.layout.group(per_type, batch) {
+            let mut slice = new_slice(
                 self.job,
                 &mut self.progress,
                 &group.resource_type,
                 SliceKind::Resources,
                 group.searches,
             );
+            slice.patients = group.patients;
             self.plan.slices.push(slice);
         }
     }
@@ -391,18 +394,6 @@ impl Bounds<'_> {
             filters.into_iter().map(|f| build(Some(f))).collect()
         }
     }
-}
-
-/// The `_elements` entries that apply to `resource_type`, without their type prefix.
-pub fn elements_for(elements: &[String], resource_type: &str) -> Vec<String> {
-    elements
-        .iter()
-        .filter_map(|e| match e.split_once('.') {
-            Some((t, el)) if t == resource_type => Some(el.to_owned()),
-            Some(_) => None,
-            None => Some(e.clone()),
-        })
-        .collect()
 }
 
 /// The patient ids of a Patient or Group export, sorted and unique.

@@ -14,9 +14,9 @@ use std::path::Path;
 use url::Url;
 
 use crate::export::compartment::{self, Reach, REFERENCED_TYPES};
+use crate::export::elements::elements_for;
 use crate::export::kickoff::is_fhir_id;
 use crate::export::model::{ExportSpec, Job, Slice, SliceKind};
-use crate::export::planner::elements_for;
 use crate::upstream::{Capability, Upstream};
 
 /// Ids per `_id=` search: long enough lists to save requests, URLs well below common limits (~7 kB).
@@ -248,6 +248,7 @@ mod tests {
             pages: 1,
             total: None,
             visited: Vec::new(),
+            patients: Vec::new(),
         }
     }
 

@@ -358,7 +358,7 @@ impl Runner {
                     upstream: self.upstream.clone(),
                     dir: dir.clone(),
                     per_file: self.cfg.resources_per_file,
-                    elements: planner::elements_for(&job.spec.elements, &slice.resource_type),
+                    elements: job.spec.elements.clone(),
                     cancel: cancel.clone(),
                     limits: limits.clone(),
                     snapshot,

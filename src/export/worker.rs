@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use crate::export::failure::JobFailure;
 use crate::export::layout::Layout;
 use crate::export::limits::JobLimits;
-use crate::export::model::{Slice, SliceKind, SliceState};
+use crate::export::model::{FilePart, Slice, SliceKind, SliceState};
+use crate::export::organize::write_blocks;
 use crate::export::output::{Batch, Output, Pending};
 use crate::export::page::{url_hash, Converter, Page, Scope};
 use crate::export::prefetch::Prefetch;
@@ -85,7 +86,7 @@ pub struct SliceContext {
     pub dir: PathBuf,
     /// Resources per file.
     pub per_file: u64,
-    /// `_elements` entries that apply to the slice's type (empty: whole resources).
+    /// The job's `_elements` entries, of every type (empty: whole resources).
     pub elements: Vec<String>,
     /// Set when the job is cancelled.
     pub cancel: CancellationToken,
@@ -142,8 +143,12 @@ struct SliceRun<'c> {
 impl<'c> SliceRun<'c> {
     /// Resumes the slice's files at its committed cursor.
     async fn open(ctx: &'c SliceContext, slice: Slice) -> Result<Self, WorkerError> {
-        let stem = ctx.layout.file_stem(&slice);
-        let (dir, per_file, gzip) = (ctx.dir.to_owned(), ctx.per_file, ctx.gzip);
+        let stem = ctx.layout.fetch_stem(&slice);
+        let (dir, per_file, gzip) = match ctx.layout.organizes(&slice) {
+            // A spool is read back once, by the organizer: one plain file.
+            true => (ctx.dir.to_owned(), u64::MAX, false),
+            false => (ctx.dir.to_owned(), ctx.per_file, ctx.gzip),
+        };
         let parts = slice.files.clone();
         let writer = tokio::task::spawn_blocking(move || {
             NdjsonWriter::resume(&dir, stem, per_file, gzip, parts)
@@ -241,7 +246,7 @@ impl<'c> SliceRun<'c> {
         self.batch.ids.extend(page.ids);
         self.batch.bytes += page_bytes;
         // Written in the background while the next page is fetched and converted.
-        self.output.start(page.data, page.ends, page.units).await?;
+        self.output.start(page.data, page.ends).await?;
         self.slice.pages += 1;
         METRICS.exported_resources.inc_by(lines);
         METRICS.exported_bytes.inc_by(page_bytes);
@@ -377,16 +382,57 @@ impl<'c> SliceRun<'c> {
     }
 
     /// Completes the slice's last file, makes everything written durable, then commits the cursor that
-    /// covers it: a slice's last checkpoint, after which the run has ended.
+    /// covers it: a slice's last checkpoint, after which the run has ended. A slice written as resource
+    /// blocks has its spool organized into its files first; the spool goes once they are committed.
     async fn last_checkpoint(&mut self) -> Result<Step, WorkerError> {
+        let spool = match self.ctx.layout.organizes(&self.slice) {
+            true => self.organize().await?,
+            false => Vec::new(),
+        };
         self.output.settle().await?.finish()?;
         if let Step::Stop(end) = self.begin_checkpoint().await? {
             return Ok(Step::Stop(end));
         }
-        Ok(match self.end_checkpoint().await? {
+        let step = self.end_checkpoint().await?;
+        for part in spool {
+            remove_spent(&self.ctx.dir.join(part.name))?;
+        }
+        Ok(match step {
             Step::Continue => Step::Stop(SliceEnd::Finished),
             stop => stop,
         })
+    }
+
+    /// Rewrites the spool as the slice's blocks into its real files, which the output then holds;
+    /// returns the spool's files. Until the slice's last cursor is committed, a restart resumes the
+    /// spool and organizes it again, over whatever this left behind.
+    async fn organize(&mut self) -> Result<Vec<FilePart>, WorkerError> {
+        let spool = self.output.settle().await?.parts().to_vec();
+        let ctx = self.ctx;
+        let (dir, stem, per_file, gzip) = (
+            ctx.dir.clone(),
+            ctx.layout.file_stem(&self.slice),
+            ctx.per_file,
+            ctx.gzip,
+        );
+        let (patients, parts) = (self.slice.patients.clone(), spool.clone());
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut writer = NdjsonWriter::resume(&dir, stem, per_file, gzip, Vec::new())?;
+            write_blocks(&dir, &parts, &patients, &mut writer, per_file)?;
+            Ok::<_, std::io::Error>(writer)
+        })
+        .await
+        .expect("organizer task panicked")?;
+        self.output = Output::new(writer);
+        Ok(spool)
+    }
+}
+
+/// Removes a file that is no longer needed; one already gone is fine.
+fn remove_spent(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

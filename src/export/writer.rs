@@ -222,8 +222,16 @@ impl NdjsonWriter {
             },
             gzip: self.gzip,
             stream,
+            continues: false,
         });
         Ok(())
+    }
+
+    /// Marks the current file as one whose last unit goes on in the next file.
+    pub fn mark_continues(&mut self) {
+        if let Some(part) = self.parts.last_mut() {
+            part.continues = true;
+        }
     }
 
     /// The files as written so far.
@@ -332,6 +340,7 @@ pub fn write_file(path: &Path, lines: &[String]) -> io::Result<FilePart> {
         bytes,
         gzip: false,
         stream: None,
+        continues: false,
     })
 }
 
