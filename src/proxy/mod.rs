@@ -24,9 +24,27 @@ use affinity::{Affinity, Taken};
 /// Largest CapabilityStatement the proxy will rewrite.
 const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 
-/// Bulk Data Access canonical URLs advertised in the CapabilityStatement.
+/// Bulk Data Access canonical URLs advertised in the CapabilityStatement: unversioned (as 2.0.0 clients
+/// match it), and per version the proxy implements.
 const BULK_CAPABILITY: &str = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data";
+const BULK_VERSIONS: [&str; 2] = ["2.0.0", "3.0.0"];
 const OPERATION_BASE: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/";
+
+/// The kick-off parameters every export level takes, as its operation's documentation lists them.
+const EXPORT_PARAMETERS: &str =
+    "_outputFormat, _since, _until, _type, _elements, _typeFilter, allowPartialManifests";
+
+/// What an operation's `documentation` says the proxy supports at a level.
+fn operation_documentation(definition: &str) -> String {
+    let per_patient = match definition {
+        "export" => "",
+        _ => ", patient (POST), organizeOutputBy=Patient",
+    };
+    format!(
+        "Served by fhir-bulk-proxy. Parameters: {EXPORT_PARAMETERS}{per_patient}. \
+         Prefer: respond-async (required), handling=lenient, separate-export-status."
+    )
+}
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -380,8 +398,13 @@ pub fn add_export_operations(
         if let Some(ops) = ops.as_array_mut() {
             // The upstream may advertise an `export` it cannot run; the proxy's is the one that works.
             ops.retain(|o| o["name"] != "export");
+            let documentation = operation_documentation(definition);
             let definition = format!("{OPERATION_BASE}{definition}");
-            ops.push(serde_json::json!({"name": "export", "definition": definition}));
+            ops.push(serde_json::json!({
+                "name": "export",
+                "definition": definition,
+                "documentation": documentation,
+            }));
         }
     }
     if let Some(obj) = statement.as_object_mut() {
@@ -389,8 +412,11 @@ pub fn add_export_operations(
             .entry("instantiates")
             .or_insert_with(|| serde_json::Value::Array(Vec::new()));
         if let Some(list) = instantiates.as_array_mut() {
-            if !list.iter().any(|v| v == BULK_CAPABILITY) {
-                list.push(BULK_CAPABILITY.into());
+            let versioned = BULK_VERSIONS.map(|v| format!("{BULK_CAPABILITY}|{v}"));
+            for canonical in std::iter::once(BULK_CAPABILITY.to_owned()).chain(versioned) {
+                if !list.iter().any(|v| *v == *canonical) {
+                    list.push(canonical.into());
+                }
             }
         }
     }
@@ -543,7 +569,22 @@ mod tests {
             "resource":[{"type":"Patient"},{"type":"Group","operation":[{"name":"export","definition":"x"}]},{"type":"Observation"}]}]});
         add_export_operations(&mut cs, None);
         add_export_operations(&mut cs, Some(&serde_json::json!({"service": []})));
-        assert_eq!(cs["instantiates"], serde_json::json!([BULK_CAPABILITY]));
+        assert_eq!(
+            cs["instantiates"],
+            serde_json::json!([
+                BULK_CAPABILITY,
+                "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data|2.0.0",
+                "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data|3.0.0"
+            ])
+        );
+        let group_docs = cs["rest"][0]["resource"][1]["operation"][0]["documentation"]
+            .as_str()
+            .unwrap();
+        assert!(group_docs.contains("organizeOutputBy"), "{group_docs}");
+        let system_docs = cs["rest"][0]["operation"][0]["documentation"]
+            .as_str()
+            .unwrap();
+        assert!(system_docs.contains("_until") && !system_docs.contains("organizeOutputBy"));
         assert_eq!(
             cs["rest"][0]["security"],
             serde_json::json!({"service": []})
