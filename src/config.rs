@@ -383,8 +383,13 @@ pub struct ExportConfig {
     pub resources_per_file: u64,
     /// Files per manifest: a longer list is paged into manifests chained by `link` `next`.
     pub manifest_page_files: usize,
-    /// Patients per `patient=` search in Patient and Group exports.
+    /// Patients per `patient=` search in Patient and Group exports, at most.
     pub patient_batch_size: usize,
+    /// Longest upstream search URL the planner makes when it batches patients into one search.
+    pub max_search_url_bytes: usize,
+    /// Patient and Group exports first ask the upstream how many resources each type has (one
+    /// `_count=0` search per type) and leave out the types that have none.
+    pub skip_empty_types: bool,
     /// Jobs running at once; past it kick-off answers 429.
     pub max_concurrent_jobs: usize,
     /// Slices of one job fetched at once.
@@ -432,7 +437,9 @@ impl Default for ExportConfig {
             page_size: 500,
             resources_per_file: 100_000,
             manifest_page_files: 1000,
-            patient_batch_size: 50,
+            patient_batch_size: 500,
+            max_search_url_bytes: 6000,
+            skip_empty_types: true,
             max_concurrent_jobs: 4,
             slice_concurrency: 2,
             time_slices: 1,
@@ -666,6 +673,10 @@ impl Config {
         positive(
             "export.patient_batch_size",
             self.export.patient_batch_size as u64,
+        )?;
+        positive(
+            "export.max_search_url_bytes",
+            self.export.max_search_url_bytes as u64,
         )?;
         positive(
             "export.max_concurrent_jobs",

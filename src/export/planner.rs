@@ -39,8 +39,12 @@ pub enum PlanError {
 pub struct PlanLimits {
     /// `_count` of every search.
     pub page_size: u32,
-    /// Patients per `patient=` search.
+    /// Patients per `patient=` search, at most.
     pub patient_batch_size: usize,
+    /// Longest search URL a patient batch may make.
+    pub max_search_url_bytes: usize,
+    /// Whether a job of several patient batches leaves out the types the upstream holds none of.
+    pub skip_empty_types: bool,
     /// `_lastUpdated` ranges each type is split into at system level (1: no split).
     pub time_slices: usize,
 }
@@ -96,7 +100,11 @@ pub async fn plan(
         }
         Level::Patient | Level::Group { .. } => {
             let patients = patients(job, upstream).await?;
-            for batch in patients.chunks(limits.patient_batch_size) {
+            let batches = planning.batches(&patients);
+            if batches.len() > 1 && limits.skip_empty_types {
+                planning.skip_empty_types().await?;
+            }
+            for batch in batches {
                 planning.patient_batch(batch);
             }
             if spec.since.is_some() {
@@ -182,21 +190,67 @@ impl Planner<'_> {
         }
     }
 
+    /// The patients in batches of at most `patient_batch_size`, each as large as the longest search
+    /// URL allows: fewer searches, each returning more per page.
+    fn batches<'p>(&self, patients: &'p [String]) -> Vec<&'p [String]> {
+        // The longest of the job's searches with an empty patient list, plus what each patient adds.
+        let fixed = (self.types.iter())
+            .flat_map(|t| self.bounds.searches(t, &[self.by_patient(t, &[])], None))
+            .map(|u| u.len())
+            .max()
+            .unwrap_or(0);
+        let budget = self.limits.max_search_url_bytes.saturating_sub(fixed);
+        let mut batches = Vec::new();
+        let (mut start, mut used) = (0, 0);
+        for (i, id) in patients.iter().enumerate() {
+            // `Patient/{id}` and a comma, percent-encoded: `Patient%2F{id}%2C`.
+            let cost = id.len() + 13;
+            let full = i - start == self.limits.patient_batch_size;
+            if i > start && (full || used + cost > budget) {
+                batches.push(&patients[start..i]);
+                (start, used) = (i, 0);
+            }
+            used += cost;
+        }
+        if start < patients.len() {
+            batches.push(&patients[start..]);
+        }
+        batches
+    }
+
+    /// Leaves out the types of which the upstream holds nothing in the job's window: one `_count=0`
+    /// search per type instead of one search per type and batch. A type whose count the upstream
+    /// does not give stays.
+    async fn skip_empty_types(&mut self) -> Result<(), PlanError> {
+        let mut kept = Vec::with_capacity(self.types.len());
+        for t in std::mem::take(&mut self.types) {
+            if self.bounds.total(&t).await? != Some(0) {
+                kept.push(t);
+            }
+        }
+        self.types = kept;
+        Ok(())
+    }
+
+    /// The search parameter and value that restrict a search of `resource_type` to `batch`.
+    fn by_patient(&self, resource_type: &str, batch: &[String]) -> (String, String) {
+        if resource_type == "Patient" {
+            return ("_id".to_owned(), batch.join(","));
+        }
+        let param =
+            compartment::patient_param(resource_type, &self.capability.types[resource_type])
+                .expect("export_types keeps compartment types only");
+        let refs: Vec<String> = batch.iter().map(|id| format!("Patient/{id}")).collect();
+        (param.to_owned(), refs.join(","))
+    }
+
     /// One batch of patients: every type searched by patient, grouped into slices by the layout.
     fn patient_batch(&mut self, batch: &[String]) {
         let mut per_type = Vec::new();
         for t in &self.types {
-            let by_patient = if t == "Patient" {
-                ("_id".to_owned(), batch.join(","))
-            } else {
-                let param = compartment::patient_param(t, &self.capability.types[t])
-                    .expect("export_types keeps compartment types only");
-                let refs: Vec<String> = batch.iter().map(|id| format!("Patient/{id}")).collect();
-                (param.to_owned(), refs.join(","))
-            };
             per_type.push(Searches {
                 resource_type: t.clone(),
-                searches: self.bounds.searches(t, &[by_patient], None),
+                searches: self.bounds.searches(t, &[self.by_patient(t, batch)], None),
                 patients: Vec::new(),
             });
         }
@@ -326,6 +380,18 @@ impl Bounds<'_> {
         }
         let lo = self.window.since().and_then(parse_ms).unwrap_or(oldest - 1);
         Ok(Some(Split::new(Range { lo, hi }, total, n)))
+    }
+
+    /// `Bundle.total` of a type's resources in the job's window, if the upstream gives it.
+    async fn total(&self, resource_type: &str) -> Result<Option<u64>, UpstreamError> {
+        let mut url = self.upstream.url(resource_type);
+        url.query_pairs_mut().append_pair("_count", "0");
+        self.window.apply(&mut url);
+        self.upstream
+            .fetch(url.as_str(), |body| {
+                Ok(read_matches(body, |_| Ok(()))?.total)
+            })
+            .await
     }
 
     /// `Bundle.total` of a type's resources in a range.
@@ -499,6 +565,9 @@ mod tests {
 
     const TYPES: [&str; 3] = ["Condition", "Encounter", "Observation"];
 
+    /// A type the fake upstream holds nothing of.
+    const EMPTY_TYPE: &str = "Procedure";
+
     /// Resources of every type, one a second from 2025-01-01.
     fn times() -> Vec<i64> {
         let start = parse_ms("2025-01-01T00:00:00Z").unwrap();
@@ -574,7 +643,10 @@ mod tests {
             }
         }
         let range = Range { lo, hi };
-        let matching: Vec<i64> = times().into_iter().filter(|t| range.contains(*t)).collect();
+        let mut matching: Vec<i64> = times().into_iter().filter(|t| range.contains(*t)).collect();
+        if resource_type == EMPTY_TYPE {
+            matching.clear();
+        }
         let entry = match (
             url.query_pairs().any(|(k, v)| k == "_count" && v == "1"),
             matching.first(),
@@ -602,6 +674,8 @@ mod tests {
     const LIMITS: PlanLimits = PlanLimits {
         page_size: 10,
         patient_batch_size: 100,
+        max_search_url_bytes: 6000,
+        skip_empty_types: true,
         time_slices: 4,
     };
 
@@ -655,6 +729,83 @@ mod tests {
         );
         // Only the request that never got its answer is made twice.
         assert_eq!(fake.requests.load(Ordering::SeqCst), whole_requests + 1);
+    }
+
+    /// A Patient export of 300 patients is batched as the URL limit allows, every search within it and
+    /// no batch ended early; a type the upstream holds nothing of is probed once and never searched.
+    #[tokio::test]
+    async fn patients_are_batched_to_the_url_limit_and_empty_types_are_skipped() {
+        let fake = fake_upstream().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, mut job, upstream) = setup(tmp.path(), &fake);
+        job.spec.level = Level::Patient;
+        job.spec.patients = job_patients();
+        let mut cap = Capability::default();
+        for t in ["Condition", EMPTY_TYPE, "Patient"] {
+            cap.types
+                .insert(t.into(), BTreeSet::from(["patient".to_owned()]));
+        }
+        let limits = PlanLimits {
+            max_search_url_bytes: 2000,
+            ..LIMITS
+        };
+        let slices = plan(&job, &upstream, &cap, limits, &store)
+            .await
+            .unwrap()
+            .slices;
+        let types: BTreeSet<&str> = slices.iter().map(|s| s.resource_type.as_str()).collect();
+        assert_eq!(types, BTreeSet::from(["Condition", "Patient"]));
+        // One probe per type, no search yet.
+        assert_eq!(fake.requests.load(Ordering::SeqCst), 3);
+        let conditions: Vec<&Slice> = slices
+            .iter()
+            .filter(|s| s.resource_type == "Condition")
+            .collect();
+        let mut batched = 0;
+        for slice in &conditions {
+            let url = &slice.searches[0];
+            assert!(url.len() <= 2000, "{} bytes: {url}", url.len());
+            // Another patient (49 bytes encoded) would not have fitted, but for the last batch.
+            let last = std::ptr::eq(*slice, *conditions.last().unwrap());
+            assert!(
+                last || url.len() + 49 > 2000,
+                "a batch ended early: {} bytes",
+                url.len()
+            );
+            batched += Url::parse(url)
+                .unwrap()
+                .query_pairs()
+                .find(|(k, _)| k == "patient")
+                .unwrap()
+                .1
+                .split(',')
+                .count();
+        }
+        assert_eq!(batched, 300);
+        assert!(conditions.len() > 1);
+
+        let fake = fake_upstream().await;
+        let (store, mut job, upstream) = setup(&tmp.path().join("old"), &fake);
+        job.spec.level = Level::Patient;
+        job.spec.patients = job_patients();
+        let old = PlanLimits {
+            skip_empty_types: false,
+            ..limits
+        };
+        let slices = plan(&job, &upstream, &cap, old, &store)
+            .await
+            .unwrap()
+            .slices;
+        assert!(
+            slices.iter().any(|s| s.resource_type == EMPTY_TYPE),
+            "without probes every type is searched"
+        );
+        assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+    }
+
+    /// 300 patient ids of 36 characters, as long as UUIDs.
+    fn job_patients() -> Vec<String> {
+        (0..300).map(|i| format!("{i:036}")).collect()
     }
 
     #[test]

@@ -284,6 +284,8 @@ impl Runner {
             let limits = PlanLimits {
                 page_size: self.cfg.page_size,
                 patient_batch_size: self.cfg.patient_batch_size,
+                max_search_url_bytes: self.cfg.max_search_url_bytes,
+                skip_empty_types: self.cfg.skip_empty_types,
                 time_slices: self.cfg.time_slices,
             };
             let planned = match self.upstream.capability().await {
