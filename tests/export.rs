@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -179,6 +179,45 @@ fn group_export_matches_member_compartments() {
         "Group export Patients are not the members"
     );
     assert_same(&exported, &expected);
+}
+
+/// Upstream requests a Group export makes, per `fbp_upstream_requests_total`, and its resources.
+fn group_export_requests(export_toml: &str) -> (f64, BTreeMap<String, Vec<Value>>) {
+    let proxy = Proxy::builder(&upstream())
+        .export_toml(export_toml)
+        .admin()
+        .start();
+    let admin = proxy.admin.clone().unwrap();
+    let requests = || {
+        let text = scrape(&admin);
+        let samples = text
+            .lines()
+            .filter(|l| l.starts_with("fbp_upstream_requests_total{"));
+        samples
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let before = requests();
+    let (_, files) = run_get(&proxy, &format!("Group/{GROUP_ID}/$export"));
+    (requests() - before, resources_by_type(&files))
+}
+
+/// With several patient batches, a type the upstream holds none of costs one probe, not one search
+/// per batch: fewer requests than searching every type per batch, and exactly the same export.
+#[test]
+fn empty_types_are_probed_once_instead_of_searched_per_batch() {
+    let upstream = upstream();
+    let (old, old_export) =
+        group_export_requests("patient_batch_size = 2\nskip_empty_types = false");
+    let (new, new_export) = group_export_requests("patient_batch_size = 2");
+    let members = group_member_ids(&upstream, GROUP_ID);
+    assert_same(&new_export, &direct_compartment(&upstream, &members));
+    assert_same(&old_export, &direct_compartment(&upstream, &members));
+    assert!(members.len() > 2, "one batch: nothing to probe for");
+    assert!(
+        new < old,
+        "probing empty types made {new} requests, searching them per batch {old}"
+    );
 }
 
 #[test]
