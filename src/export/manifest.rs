@@ -357,4 +357,32 @@ mod tests {
         assert!(extend_pages(&mut served, &job, &done, 10));
         assert_eq!(served, names(&[&["a"], &["b"], &[ERROR_FILE]]));
     }
+
+    /// Organized by patient, a running batch's files are its spool: none is listed early; once done,
+    /// its block files are, without `type`, with `continuesInFile` where a block goes on, and the
+    /// manifest says `outputOrganizedBy`.
+    #[test]
+    fn an_organized_batch_is_listed_only_when_done() {
+        let mut job = job();
+        job.spec.layout = crate::export::layout::Layout::ByPatient;
+        let batch = |state| Slice {
+            patients: vec!["p".into()],
+            ..files_slice(0, state, &[("s1", 8), ("s2", 3)])
+        };
+        let mut served = Vec::new();
+        extend_pages(&mut served, &job, &[batch(SliceState::Pending)], 10);
+        assert!(served.iter().all(Vec::is_empty), "{served:?}");
+        let mut done = batch(SliceState::Done);
+        done.files[0].continues = true;
+        job.state = JobState::Completed;
+        let m = manifest(&job, &[done], &|n| format!("u/{n}"), false, None, None);
+        assert_eq!(m["outputOrganizedBy"], "Patient");
+        assert_eq!(
+            m["output"],
+            serde_json::json!([
+                {"url": "u/s1", "count": 8, "continuesInFile": "u/s2"},
+                {"url": "u/s2", "count": 3}
+            ])
+        );
+    }
 }
