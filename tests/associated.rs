@@ -404,3 +404,47 @@ fn other_codes_are_refused_or_with_lenient_handling_noted() {
         "the known code still applies"
     );
 }
+
+#[test]
+fn a_kill_after_the_provenance_are_planned_neither_loses_nor_repeats_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("proxy.log");
+    // Slow upstream requests, so the kill comes while the planned Provenance slices still run.
+    let mut proxy = Proxy::builder(&upstream_rw())
+        .upstream_toml("requests_per_second = 4")
+        .export_toml("page_size = 2")
+        .log_to(&log)
+        .start();
+    let resp = patient_export(
+        &proxy.base,
+        &[
+            string_param("_type", "Patient"),
+            string_param("includeAssociatedData", "RelevantProvenanceResources"),
+        ],
+    );
+    let status = accepted_status_url(&proxy.base, resp);
+    let status_path = status
+        .strip_prefix(&origin(&proxy.base))
+        .unwrap()
+        .to_owned();
+    let deadline = std::time::Instant::now() + EXPORT_DEADLINE;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("associated Provenance planned")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Provenance were never planned"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    proxy.kill9();
+    proxy.restart();
+    let (manifest, _) = wait_manifest(&format!("{}{status_path}", origin(&proxy.base)), None);
+    let files = download_all(&manifest, "output", None);
+    let (exported, provenance) = split(&files);
+    assert_eq!(exported.len(), 1, "the patient alone");
+    let expected = relevant(&exported);
+    assert!(expected.len() >= 2, "the oracle found {expected:?}");
+    assert_eq!(once(&provenance), expected);
+}
