@@ -14,11 +14,11 @@ mod status;
 
 use crate::auth::{access, Auth, AuthError, Principal};
 use crate::config::{Config, PassThroughAuth};
-use crate::export::compartment;
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
 use crate::export::model::{Job, JobState, Level, TypeSelection};
 use crate::export::runner::{now_secs, AdmitError, Runner};
+use crate::export::{associated, compartment};
 use crate::files;
 use crate::http::{self, json, ApiError, Body};
 use crate::metrics::METRICS;
@@ -310,6 +310,8 @@ impl App {
         )?;
         if let Some(principal) = &principal {
             restrict_to_grant(&mut kickoff, principal, &capability)?;
+            associated::restrict_to_grant(&mut kickoff, &principal.grant)
+                .map_err(AuthError::Forbidden)?;
         }
         if let Level::Group { id } = &kickoff.spec.level {
             self.check_group(id).await?;

@@ -25,9 +25,9 @@
 //!   `transactionTime`) is [`export::window`].
 //! - [`export::runner`] admits and drives jobs; [`export::planner`] turns a job into slices (upstream
 //!   searches), by type, by [`export::ranges`] of `_lastUpdated`, by patient batch through
-//!   [`export::compartment`], and later by [`export::references`]. Which slices a job has, how their
-//!   lines go into files and which manifest items those files become is the output layout,
-//!   [`export::layout`].
+//!   [`export::compartment`], and later by [`export::references`] and [`export::associated`]
+//!   (`includeAssociatedData`). Which slices a job has, how their lines go into files and which
+//!   manifest items those files become is the output layout, [`export::layout`].
 //! - [`export::worker`] runs one slice as a small state machine: it pages through it with [`upstream`]
 //!   (rate-limited, retried; [`upstream::bundle`] reads each page as it arrives, [`export::prefetch`]
 //!   asks for the next one early), converts each page into lines ([`export::page`],

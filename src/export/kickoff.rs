@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 
 use crate::config::UnsearchableType;
+use crate::export::associated::{self, AssociatedData};
 use crate::export::layout::Layout;
 use crate::export::model::{ExportSpec, Level, TypeSelection};
 use crate::export::{compartment, filters};
@@ -123,6 +124,7 @@ pub fn parse(
             elements: Vec::new(),
             patients: Vec::new(),
             layout: Layout::ByType,
+            associated: None,
         },
     };
     b.take(params, is_post)?;
@@ -251,7 +253,7 @@ impl Builder<'_> {
                 "patient" => self.patient(&value)?,
                 "allowPartialManifests" => self.allow_partial_manifests(&value)?,
                 "organizeOutputBy" => self.organize_output_by(&value)?,
-                "includeAssociatedData" => self.reject(&name, "is not supported by this server")?,
+                "includeAssociatedData" => self.include_associated_data(&value)?,
                 _ => self.reject(&name, "is not a parameter of $export")?,
             }
         }
@@ -323,6 +325,28 @@ impl Builder<'_> {
                 &format!("{other:?} is not supported; the only value is Patient"),
             ),
         }
+    }
+
+    /// `includeAssociatedData`: comma lists and repeats alike; asking for both kinds of Provenance is
+    /// asking for all of them. Codes this server does not know, and any on an upstream that cannot
+    /// search Provenance by target, are refused (lenient: ignored, noted).
+    fn include_associated_data(&mut self, value: &str) -> Result<(), KickoffError> {
+        const NAME: &str = "includeAssociatedData";
+        for code in value.split(',').map(str::trim) {
+            match AssociatedData::from_code(code) {
+                Ok(kind) => self.spec.associated = self.spec.associated.max(Some(kind)),
+                Err(reason) => self.reject(NAME, &reason)?,
+            }
+        }
+        if let Some(why) = self
+            .spec
+            .associated
+            .and(associated::unsupported(self.capability))
+        {
+            self.spec.associated = None;
+            self.reject(NAME, &why)?;
+        }
+        Ok(())
     }
 
     /// `_until` (3.0.0): a bound in the future is no bound, since the transaction time cuts every export.
@@ -1170,5 +1194,76 @@ mod tests {
             )
             .is_err());
         }
+    }
+
+    #[test]
+    fn include_associated_data_takes_lists_and_repeats_and_refuses_other_codes() {
+        let mut with_provenance = cap();
+        with_provenance.types.insert(
+            "Provenance".into(),
+            ["_id", "target", "patient"].map(String::from).into(),
+        );
+        let kickoff = |prefer: &'static str, query: &str, capability: &Capability| {
+            let query = query.to_owned();
+            parse(
+                Level::Patient,
+                &headers(prefer),
+                Some(&query),
+                None,
+                capability,
+                UnsearchableType::Reject,
+            )
+        };
+        let strict = |query: &str| kickoff("respond-async", query, &with_provenance);
+        let lenient =
+            |query: &str| kickoff("respond-async,handling=lenient", query, &with_provenance);
+        assert_eq!(strict("_type=Observation").unwrap().spec.associated, None);
+        assert_eq!(
+            strict("includeAssociatedData=LatestProvenanceResources")
+                .unwrap()
+                .spec
+                .associated,
+            Some(AssociatedData::LatestProvenance)
+        );
+        for both in [
+            "includeAssociatedData=LatestProvenanceResources,RelevantProvenanceResources",
+            "includeAssociatedData=RelevantProvenanceResources&includeAssociatedData=LatestProvenanceResources",
+        ] {
+            assert_eq!(
+                strict(both).unwrap().spec.associated,
+                Some(AssociatedData::RelevantProvenance),
+                "{both}"
+            );
+        }
+        for bad in [
+            "includeAssociatedData=_foo",
+            "includeAssociatedData=LatestProvenanceResources,Other",
+            "includeAssociatedData=",
+        ] {
+            assert_eq!(param_error(strict(bad)), "includeAssociatedData", "{bad}");
+        }
+        let k = lenient("includeAssociatedData=_foo,RelevantProvenanceResources").unwrap();
+        assert_eq!(k.spec.associated, Some(AssociatedData::RelevantProvenance));
+        assert_eq!(k.notes.len(), 1);
+        assert!(k.notes[0].contains("\"_foo\""), "{:?}", k.notes);
+        // An upstream that cannot search Provenance by target cannot give them.
+        let without = |prefer| {
+            kickoff(
+                prefer,
+                "includeAssociatedData=LatestProvenanceResources",
+                &cap(),
+            )
+        };
+        assert_eq!(
+            param_error(without("respond-async")),
+            "includeAssociatedData"
+        );
+        let k = without("respond-async,handling=lenient").unwrap();
+        assert_eq!(k.spec.associated, None);
+        assert!(
+            k.notes[0].contains("cannot search Provenance"),
+            "{:?}",
+            k.notes
+        );
     }
 }

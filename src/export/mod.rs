@@ -1,5 +1,6 @@
 //! The bulk export path: kick-off → job in store → planner → workers → NDJSON writer → manifest.
 
+pub mod associated;
 pub mod compartment;
 pub mod elements;
 pub mod failure;

@@ -6,6 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::export::associated::AssociatedData;
 use crate::export::failure::JobFailure;
 use crate::export::kickoff::Kickoff;
 use crate::export::layout::Layout;
@@ -46,6 +47,9 @@ pub struct ExportSpec {
     /// How the output files are organized.
     #[serde(default)]
     pub layout: Layout,
+    /// `includeAssociatedData`: the Provenance added for the exported resources, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub associated: Option<AssociatedData>,
 }
 
 /// The resource types a job exports.
@@ -368,6 +372,7 @@ pub(crate) mod tests {
                 elements: vec![],
                 patients: vec![],
                 layout: Layout::ByType,
+                associated: None,
             },
             state: JobState::Accepted,
             transaction_time: "2026-01-01T00:00:00.000Z".into(),

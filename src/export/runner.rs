@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::ExportConfig;
+use crate::export::associated;
 use crate::export::failure::JobFailure;
 use crate::export::limits::{DiskUsage, JobLimits};
 use crate::export::manifest::{self, error_lines, ERROR_FILE};
@@ -330,6 +331,15 @@ impl Runner {
             None => return Ok(()),
         };
         if self.drive(&job, referenced, &limits, cancel).await? {
+            return Ok(());
+        }
+        let page_size = self.cfg.page_size;
+        let dir = self.job_dir(id);
+        let planned = associated::plan(&job, &self.store, &self.upstream, dir, page_size, cancel);
+        let Some(associated) = planned.await? else {
+            return Ok(());
+        };
+        if self.drive(&job, associated, &limits, cancel).await? {
             return Ok(());
         }
         self.finish(id, JobState::Completed).await?;

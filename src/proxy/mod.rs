@@ -31,8 +31,8 @@ const BULK_VERSIONS: [&str; 2] = ["2.0.0", "3.0.0"];
 const OPERATION_BASE: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/";
 
 /// The kick-off parameters every export level takes, as its operation's documentation lists them.
-const EXPORT_PARAMETERS: &str =
-    "_outputFormat, _since, _until, _type, _elements, _typeFilter, allowPartialManifests";
+const EXPORT_PARAMETERS: &str = "_outputFormat, _since, _until, _type, _elements, _typeFilter, \
+     includeAssociatedData (LatestProvenanceResources, RelevantProvenanceResources), allowPartialManifests";
 
 /// What an operation's `documentation` says the proxy supports at a level.
 fn operation_documentation(definition: &str) -> String {
