@@ -394,8 +394,12 @@ impl<'c> SliceRun<'c> {
             return Ok(Step::Stop(end));
         }
         let step = self.end_checkpoint().await?;
-        for part in spool {
-            remove_spent(&self.ctx.dir.join(part.name))?;
+        if !spool.is_empty() {
+            // The spool may go only once no restart can resume it: the commit must be on disk.
+            self.ctx.store.flush().await?;
+            for part in spool {
+                remove_spent(&self.ctx.dir.join(part.name))?;
+            }
         }
         Ok(match step {
             Step::Continue => Step::Stop(SliceEnd::Finished),
