@@ -364,14 +364,14 @@ struct ManifestFile {
     count: u64,
 }
 
-/// Kicks off `$export?{query}`, polls to the manifest, and measures.
+/// Kicks off `{kickoff}` (e.g. `$export?_type=Observation`), polls to the manifest, and measures.
 fn export(
     client: &reqwest::blocking::Client,
     proxy: &Proxy,
-    query: &str,
+    kickoff: &str,
     upstream_pid: Option<u32>,
 ) -> Result<Measured> {
-    let url = format!("{}/$export{query}", proxy.base);
+    let url = format!("{}/{kickoff}", proxy.base);
     let cpu0 = cpu_secs(proxy.proc.pid());
     let up0 = upstream_pid.and_then(cpu_secs);
     let start = Instant::now();
@@ -516,7 +516,7 @@ fn proxy_run(
     upstream_pid: Option<u32>,
     name: &str,
     slices: usize,
-    query: &str,
+    kickoff: &str,
 ) -> Result<Measured> {
     let client = http_client();
     let extra = format!("time_slices = {slices}");
@@ -528,7 +528,7 @@ fn proxy_run(
         }
         Err(e) => return Err(e),
     };
-    let result = export(&client, &proxy, query, upstream_pid);
+    let result = export(&client, &proxy, kickoff, upstream_pid);
     let data_dir = proxy.data_dir.clone();
     drop(proxy);
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -589,14 +589,21 @@ fn fast_export(s: &Settings, size: u64, delay_ms: u64) -> Result<SizeResult> {
             "bench:   round {round}: pager     {:>8} resources in {:>7.2}s",
             pager.resources, pager.secs
         );
-        let one = proxy_run(s, &base, up_pid, "export-1", 1, "?_type=Observation")?;
+        let one = proxy_run(s, &base, up_pid, "export-1", 1, "$export?_type=Observation")?;
         eprintln!(
             "bench:   round {round}: 1 slice   {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
             one.resources,
             one.secs,
             one.rss.unwrap_or(0) as f64 / MIB
         );
-        let many = proxy_run(s, &base, up_pid, &name, s.slices, "?_type=Observation")?;
+        let many = proxy_run(
+            s,
+            &base,
+            up_pid,
+            &name,
+            s.slices,
+            "$export?_type=Observation",
+        )?;
         eprintln!(
             "bench:   round {round}: {} slices  {:>8} resources in {:>7.2}s, peak RSS {:.1} MiB",
             s.slices,
@@ -636,6 +643,77 @@ struct RealResult {
     pager: Measured,
     one: Measured,
     many: Option<std::result::Result<Measured, String>>,
+    /// A Group export of every patient: by type, and organized by patient (3.0.0).
+    group: std::result::Result<GroupRuns, String>,
+}
+
+/// A Group export of the real upstream's patients, by type and with `organizeOutputBy=Patient`.
+struct GroupRuns {
+    patients: usize,
+    by_type: Measured,
+    by_patient: Measured,
+}
+
+/// Puts a Group of every Patient of the real upstream there, and exports it both ways, alternating.
+fn real_group_exports(s: &Settings, base: &str) -> Result<GroupRuns> {
+    let client = http_client();
+    let mut members = Vec::new();
+    let mut next = Some(format!("{base}/Patient?_elements=id&_count=500"));
+    while let Some(url) = next {
+        let page: serde_json::Value = client
+            .get(&url)
+            .send()
+            .and_then(|r| r.json())
+            .map_err(|e| format!("{url}: {e}"))?;
+        for entry in page["entry"].as_array().into_iter().flatten() {
+            let id = entry["resource"]["id"].as_str().unwrap_or_default();
+            members.push(serde_json::json!({"entity": {"reference": format!("Patient/{id}")}}));
+        }
+        next = page["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str().map(str::to_owned));
+    }
+    let patients = members.len();
+    let group = serde_json::json!({"resourceType": "Group", "id": "bench-all", "type": "person",
+        "actual": true, "member": members});
+    let put = client
+        .put(format!("{base}/Group/bench-all"))
+        .header("Content-Type", "application/fhir+json")
+        .body(group.to_string())
+        .send()
+        .map_err(|e| format!("PUT Group/bench-all: {e}"))?;
+    if !put.status().is_success() {
+        return Err(format!("PUT Group/bench-all answered {}", put.status()));
+    }
+    let (mut by_type, mut by_patient) = (Vec::new(), Vec::new());
+    for round in 0..s.export_rounds {
+        let plain = "Group/bench-all/$export";
+        by_type.push(proxy_run(
+            s,
+            base,
+            None,
+            &format!("group-{round}"),
+            1,
+            plain,
+        )?);
+        let organized = "Group/bench-all/$export?organizeOutputBy=Patient";
+        by_patient.push(proxy_run(
+            s,
+            base,
+            None,
+            &format!("group-org-{round}"),
+            1,
+            organized,
+        )?);
+    }
+    Ok(GroupRuns {
+        patients,
+        by_type: median_round(by_type),
+        by_patient: median_round(by_patient),
+    })
 }
 
 fn real_exports(s: &Settings, base: &str) -> Result<RealResult> {
@@ -677,12 +755,12 @@ fn real_exports(s: &Settings, base: &str) -> Result<RealResult> {
         "bench:   pager     {:>8} resources in {:>7.2}s",
         pager.resources, pager.secs
     );
-    let one = proxy_run(s, base, None, "real-1", 1, "")?;
+    let one = proxy_run(s, base, None, "real-1", 1, "$export")?;
     eprintln!(
         "bench:   1 slice   {:>8} resources in {:>7.2}s",
         one.resources, one.secs
     );
-    let many = proxy_run(s, base, None, "real-n", s.slices, "");
+    let many = proxy_run(s, base, None, "real-n", s.slices, "$export");
     match &many {
         Ok(m) => eprintln!(
             "bench:   {} slices  {:>8} resources in {:>7.2}s",
@@ -690,11 +768,20 @@ fn real_exports(s: &Settings, base: &str) -> Result<RealResult> {
         ),
         Err(e) => eprintln!("bench:   {} slices failed: {e}", s.slices),
     }
+    let group = real_group_exports(s, base);
+    match &group {
+        Ok(g) => eprintln!(
+            "bench:   Group of {}: by type {:.2}s, by patient {:.2}s",
+            g.patients, g.by_type.secs, g.by_patient.secs
+        ),
+        Err(e) => eprintln!("bench:   Group export failed: {e}"),
+    }
     Ok(RealResult {
         types: types.len(),
         pager,
         one,
         many: Some(many),
+        group,
     })
 }
 
@@ -1367,9 +1454,47 @@ fn report(
                     }
                 }
             }
+            group_table(&mut md, &r.group);
         }
     }
     md
+}
+
+/// The real upstream's Group export by type beside the same export organized by patient.
+fn group_table(md: &mut String, group: &std::result::Result<GroupRuns, String>) {
+    let _ = writeln!(
+        md,
+        "\n## Group export, real upstream: by type and `organizeOutputBy=Patient`\n"
+    );
+    let g = match group {
+        Ok(g) => g,
+        Err(e) => {
+            let _ = writeln!(md, "Failed: {e}");
+            return;
+        }
+    };
+    let _ = writeln!(
+        md,
+        "`Group/bench-all/$export` of a Group of all {} patients, each way in a fresh proxy (median of the rounds). \
+         Organized output adds one header line per block (and per file a split block goes on in).\n",
+        g.patients
+    );
+    let _ = writeln!(
+        md,
+        "| Output | Lines | Time (s) | Lines/s | Peak RSS (MiB) | × by type (time) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for (name, m) in [("by type", &g.by_type), ("by patient", &g.by_patient)] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {:.2} | {:.0} | {} | {:.2} |",
+            m.resources,
+            m.secs,
+            rate(m.resources, m.secs),
+            mib(m.rss),
+            m.secs / g.by_type.secs.max(1e-9)
+        );
+    }
 }
 
 /// Keeps a hand-written notes section of the previous report (between the markers) across runs.

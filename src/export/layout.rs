@@ -103,6 +103,18 @@ impl Layout {
         resource_type == self.page_type(slice)
     }
 
+    /// (b) Whether a slice leaves out resources found before: where a type has several OR-ed searches
+    /// (`_typeFilter`s) in it, which may find the same resource.
+    pub fn dedupes(self, slice: &Slice) -> bool {
+        if !self.organizes(slice) {
+            return slice.searches.len() > 1;
+        }
+        let types: Vec<&str> = (0..slice.searches.len())
+            .map(|i| slice.search_type(i))
+            .collect();
+        types.len() > slice.types().len()
+    }
+
     /// (b) What a resource is known by when a slice leaves out resources found before: its id, or
     /// where a slice holds several types, type and id.
     pub fn dedupe_key(self, slice: &Slice, resource_type: &str, id: &str) -> String {
@@ -190,6 +202,7 @@ mod tests {
         };
         assert_eq!(layout.file_stem(&deleted), "Observation.deleted.0007");
         assert!(layout.admits(&slice, "Observation"));
+        assert!(!layout.dedupes(&slice));
         assert!(!layout.admits(&slice, "Patient"));
         let file = FilePart {
             name: "Observation.0007.000.ndjson".into(),
@@ -209,5 +222,43 @@ mod tests {
             patients: vec![],
         }];
         assert_eq!(layout.group(searches.clone(), &["p".into()]), searches);
+    }
+
+    /// By patient, a batch's searches are one slice, the Patient's first; its pages go to a spool, its
+    /// files are named after the batch, each search admits its own type, and only a type searched
+    /// twice (two `_typeFilter`s) makes the slice leave out what it found before.
+    #[test]
+    fn by_patient_groups_a_batch_into_one_slice() {
+        let layout = Layout::ByPatient;
+        let per_type = |t: &str, n: usize| Searches {
+            resource_type: t.into(),
+            searches: (0..n)
+                .map(|i| format!("http://u/fhir/{t}?patient=Patient/a&f={i}"))
+                .collect(),
+            patients: vec![],
+        };
+        let grouped = layout.group(
+            vec![per_type("Condition", 1), per_type("Patient", 1)],
+            &["a".into()],
+        );
+        assert_eq!(grouped.len(), 1);
+        assert!(grouped[0].searches[0].contains("/Patient?"));
+        let mut slice = Slice {
+            searches: grouped[0].searches.clone(),
+            patients: grouped[0].patients.clone(),
+            ..crate::export::model::tests::slice("j", 3)
+        };
+        assert!(layout.organizes(&slice));
+        assert_eq!(layout.file_stem(&slice), "patients.0003");
+        assert_eq!(layout.fetch_stem(&slice), "patients.0003.spool");
+        assert!(layout.admits(&slice, "Patient") && !layout.admits(&slice, "Condition"));
+        slice.search_index = 1;
+        assert!(layout.admits(&slice, "Condition"));
+        assert_eq!(layout.dedupe_key(&slice, "Condition", "1"), "Condition/1");
+        assert!(!layout.dedupes(&slice));
+        let twice = layout.group(vec![per_type("Condition", 2)], &["a".into()]);
+        slice.searches = twice[0].searches.clone();
+        assert!(layout.dedupes(&slice));
+        assert!(!layout.lists_while_running(&slice));
     }
 }

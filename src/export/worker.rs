@@ -157,7 +157,7 @@ impl<'c> SliceRun<'c> {
         .expect("writer task panicked")?;
         Ok(Self {
             ctx,
-            dedupe: slice.searches.len() > 1,
+            dedupe: ctx.layout.dedupes(&slice),
             slice,
             output: Output::new(writer),
             batch: Batch::default(),
