@@ -202,11 +202,14 @@ impl App {
             *req.uri_mut() = target.parse().map_err(|_| PathError::NotAPath)?;
         }
         let started = std::time::Instant::now();
+        // Export requests yield while clinical ones wait for the upstream (src/upstream/limiter.rs).
+        let clinical = self.upstream.limiter().clinical();
         let result = if forward.capability_statement {
             self.pass_through.metadata(req, peer, affinity).await
         } else {
             self.pass_through.forward(req, peer, affinity).await
         };
+        drop(clinical);
         let status = result
             .as_ref()
             .map_or(StatusCode::BAD_GATEWAY, |r| r.status());

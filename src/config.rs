@@ -202,6 +202,10 @@ pub struct UpstreamConfig {
     /// Most upstream requests the export workers have in flight at once.
     #[serde(default = "defaults::max_concurrent_requests")]
     pub max_concurrent_requests: usize,
+    /// Whether export concurrency adapts to the upstream's latency and yields to pass-through traffic
+    /// (`max_concurrent_requests` is then the ceiling), rather than stay at `max_concurrent_requests`.
+    #[serde(default = "defaults::yes")]
+    pub adaptive_concurrency: bool,
     /// Most export requests per second sent upstream.
     #[serde(default = "defaults::requests_per_second")]
     pub requests_per_second: u32,
@@ -467,6 +471,9 @@ mod defaults {
     }
     pub fn max_concurrent_requests() -> usize {
         8
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn requests_per_second() -> u32 {
         50

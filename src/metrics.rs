@@ -23,6 +23,16 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     /// Upstream requests that had to wait for the rate limiter.
     pub rate_limiter_waits: IntCounter,
+    /// The adaptive limit of export requests in flight upstream.
+    pub export_limit: IntGauge,
+    /// Export requests allowed in flight now: the limit, less the slot kept for pass-through traffic.
+    pub export_allowed: IntGauge,
+    /// Export requests in flight upstream.
+    pub export_in_flight: IntGauge,
+    /// Pass-through requests waiting for their upstream response head.
+    pub passthrough_in_flight: IntGauge,
+    /// Times the export limit fell because an answer queued upstream.
+    pub export_limit_decreases: IntCounter,
     /// Jobs by state, set at each scrape.
     pub jobs: IntGaugeVec,
     /// Client connections open on the main listener.
@@ -80,7 +90,34 @@ impl Metrics {
         registry
             .register(Box::new(connections.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let m = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(m.clone()))
+                .expect("unique metric");
+            m
+        };
         Self {
+            export_limit: gauge(
+                "fbp_export_concurrency_limit",
+                "Adaptive limit of the proxy's own (export) requests in flight upstream.",
+            ),
+            export_allowed: gauge(
+                "fbp_export_concurrency_allowed",
+                "Export requests allowed in flight now: the limit less the slot kept for pass-through.",
+            ),
+            export_in_flight: gauge(
+                "fbp_export_requests_in_flight",
+                "The proxy's own (export) requests in flight upstream.",
+            ),
+            passthrough_in_flight: gauge(
+                "fbp_passthrough_requests_in_flight",
+                "Pass-through requests waiting for their upstream response head.",
+            ),
+            export_limit_decreases: counter(
+                "fbp_export_limit_decreases_total",
+                "Times the export concurrency limit fell because an answer had queued upstream.",
+            ),
             passthrough_requests: counter_vec(
                 "fbp_passthrough_requests_total",
                 "Requests passed through to the upstream, by response status.",

@@ -401,7 +401,11 @@ impl Runner {
                     None => break Ok(()),
                 },
                 _ = progress.tick() => match self.store.slices(id) {
-                    Ok(slices) => tracing::info!(progress = %manifest::progress(job, &slices), "export progress"),
+                    Ok(slices) => tracing::info!(
+                        progress = %manifest::progress(job, &slices),
+                        upstream = %self.upstream.limiter().snapshot(),
+                        "export progress"
+                    ),
                     Err(e) => break Err(e.into()),
                 },
             }

@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod credentials;
+pub mod limiter;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::num::NonZeroU32;
@@ -13,7 +14,7 @@ use rand::Rng;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
 use reqwest::Response;
 use reqwest::StatusCode;
-use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore};
+use tokio::sync::RwLock;
 use url::Url;
 
 use tracing::Instrument;
@@ -21,6 +22,7 @@ use tracing::Instrument;
 use crate::config::UpstreamConfig;
 use crate::metrics::METRICS;
 use credentials::{Credentials, CredentialsError};
+use limiter::{ExportPermit, Limiter};
 
 /// How long a fetched CapabilityStatement is trusted.
 const CAPABILITY_TTL: Duration = Duration::from_secs(300);
@@ -161,8 +163,8 @@ pub struct Upstream {
     http: reqwest::Client,
     base: Url,
     credentials: Credentials,
-    limiter: DefaultDirectRateLimiter,
-    permits: Arc<Semaphore>,
+    rate: DefaultDirectRateLimiter,
+    concurrency: Arc<Limiter>,
     max_retries: u32,
     retry_base: Duration,
     retry_max: Duration,
@@ -187,8 +189,8 @@ impl Upstream {
             http,
             base: cfg.base_url.clone(),
             credentials,
-            limiter: RateLimiter::direct(Quota::per_second(rps)),
-            permits: Arc::new(Semaphore::new(cfg.max_concurrent_requests)),
+            rate: RateLimiter::direct(Quota::per_second(rps)),
+            concurrency: Limiter::new(cfg.max_concurrent_requests, cfg.adaptive_concurrency),
             max_retries: cfg.max_retries,
             retry_base: Duration::from_millis(cfg.retry_base_ms),
             retry_max: Duration::from_millis(cfg.retry_max_ms),
@@ -196,6 +198,11 @@ impl Upstream {
             max_page_bytes: cfg.max_page_bytes,
             capability: RwLock::new(None),
         })
+    }
+
+    /// The concurrency limiter of export requests, which pass-through requests are counted by.
+    pub fn limiter(&self) -> &Arc<Limiter> {
+        &self.concurrency
     }
 
     /// The upstream FHIR base URL.
@@ -358,23 +365,19 @@ impl Upstream {
 
     /// Sends a GET and waits for a successful response head; the body is left to [`Upstream::read`].
     async fn open(&self, url: &Url) -> Result<Opened, Attempt> {
-        if self.limiter.check().is_err() {
+        if self.rate.check().is_err() {
             METRICS.rate_limiter_waits.inc();
-            self.limiter.until_ready().await;
+            self.rate.until_ready().await;
         }
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
+        let permit = self.concurrency.acquire(&limiter::kind_of(url)).await;
         let (mut response, sent) = self.send(url).await?;
+        permit.answered();
         // A token can be revoked or expire early; one renewal is worth a try, a loop is not.
         if response.status() == StatusCode::UNAUTHORIZED
             && sent.is_some_and(|rejected| self.credentials.invalidate(&rejected))
         {
             tracing::info!(%url, "upstream refused the access token; renewing it");
-            self.limiter.until_ready().await;
+            self.rate.until_ready().await;
             response = self.send(url).await?.0;
         }
         let status = response.status();
@@ -517,7 +520,7 @@ pub struct Prefetched(Result<Opened, Attempt>);
 /// A response whose head said success, and the request permit it holds until its body is read.
 struct Opened {
     response: Response,
-    _permit: OwnedSemaphorePermit,
+    _permit: ExportPermit,
 }
 
 /// Why a whole body handed to [`Upstream::fetch`] could not be parsed; the fetch retries it.

@@ -1,0 +1,405 @@
+//! Adaptive concurrency of the proxy's own (export) requests, so that clinical pass-through traffic comes first.
+//!
+//! Export searches share the upstream with the clinicians whose requests the proxy passes through, and an
+//! upstream serves only so many requests at once: past that, requests queue, the clinicians' with them.
+//! The limiter finds that point from the export's own answers. A search answered much slower than the
+//! fastest recent answer to a search of the same kind (type, and page or count) queued upstream, so the
+//! limit falls at once to just below the concurrency that search was sent at; searches answered at idle
+//! speed while the limit is in use raise it by one per round (additive increase). While pass-through
+//! requests are in flight, or were within [`CLINICAL_QUIET`], one slot fewer is used and the limit does not
+//! grow: a clinical request then finds the upstream with room instead of behind a queue of export pages.
+//! `max_concurrent_requests` stays the ceiling; with `adaptive_concurrency = false` it is the fixed limit.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::metrics::METRICS;
+
+/// How long after the last pass-through request the export still leaves it a slot and does not grow.
+pub const CLINICAL_QUIET: Duration = Duration::from_secs(1);
+/// An answer slower than this multiple of its kind's baseline (plus [`QUEUE_SLACK`]) queued upstream.
+const QUEUE_RATIO: f64 = 1.5;
+/// Absolute slack over the baseline, so that jitter of a fast upstream is not taken for queueing.
+const QUEUE_SLACK: Duration = Duration::from_millis(2);
+/// Answers per baseline window: the baseline is the fastest answer of the last two windows of its kind,
+/// so it follows an upstream that became slower for good within two windows.
+const WINDOW: u32 = 50;
+
+/// The shared concurrency limit of export requests, and the count of pass-through requests in flight.
+pub struct Limiter {
+    adaptive: bool,
+    max: usize,
+    state: Mutex<State>,
+    released: Notify,
+    clinical_in_flight: AtomicUsize,
+    /// When the last pass-through request started, in ms since `epoch` (0: never).
+    clinical_last_ms: AtomicU64,
+    epoch: Instant,
+}
+
+struct State {
+    limit: f64,
+    in_flight: usize,
+    /// Answers recorded so far; a permit remembers the count when it was taken.
+    answers: u64,
+    /// `answers` at the last decrease: slower answers to requests sent before it are old news.
+    decreased_at: u64,
+    baselines: HashMap<String, Baseline>,
+}
+
+/// The fastest answers of a kind of request over the last two windows.
+#[derive(Default)]
+struct Baseline {
+    current: Option<Duration>,
+    previous: Option<Duration>,
+    seen: u32,
+}
+
+impl Baseline {
+    fn push(&mut self, latency: Duration) -> Duration {
+        if self.seen == WINDOW {
+            self.previous = self.current.take();
+            self.seen = 0;
+        }
+        self.seen += 1;
+        let current = self.current.map_or(latency, |c| c.min(latency));
+        self.current = Some(current);
+        self.previous.map_or(current, |p| p.min(current))
+    }
+}
+
+/// What the limiter shows in /metrics and the export's progress log.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Snapshot {
+    /// Export requests allowed in flight now (the limit, less the clinical slot when it is kept).
+    pub allowed: usize,
+    /// The limit itself.
+    pub limit: usize,
+    /// Export requests in flight.
+    pub in_flight: usize,
+    /// Pass-through requests in flight.
+    pub clinical_in_flight: usize,
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} export requests allowed ({} in flight, {} pass-through in flight)",
+            self.allowed, self.limit, self.in_flight, self.clinical_in_flight
+        )
+    }
+}
+
+impl Limiter {
+    /// A limiter with `max` as its ceiling; not `adaptive`, `max` is a fixed limit.
+    pub fn new(max: usize, adaptive: bool) -> Arc<Self> {
+        let max = max.max(1);
+        Arc::new(Self {
+            adaptive,
+            max,
+            state: Mutex::new(State {
+                // Start low and find the upstream's room, rather than flood it first and back off.
+                limit: if adaptive { 1.0 } else { max as f64 },
+                in_flight: 0,
+                answers: 0,
+                decreased_at: 0,
+                baselines: HashMap::new(),
+            }),
+            released: Notify::new(),
+            clinical_in_flight: AtomicUsize::new(0),
+            clinical_last_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Counts a pass-through request as in flight until the guard is dropped (at its response head).
+    pub fn clinical(self: &Arc<Self>) -> ClinicalGuard {
+        let n = self.clinical_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        METRICS.passthrough_in_flight.set(n as i64);
+        self.clinical_last_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
+        ClinicalGuard(self.clone())
+    }
+
+    /// Waits until one more export request may go out.
+    pub async fn acquire(self: &Arc<Self>, kind: &str) -> ExportPermit {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(permit) = self.try_acquire(kind) {
+                return permit;
+            }
+            // The clinical slot frees itself when pass-through goes quiet, with no release to wake on.
+            tokio::select! {
+                _ = released => {}
+                _ = tokio::time::sleep(CLINICAL_QUIET) => {}
+            }
+        }
+    }
+
+    fn try_acquire(self: &Arc<Self>, kind: &str) -> Option<ExportPermit> {
+        let mut state = self.state.lock().expect("limiter lock");
+        if state.in_flight >= self.allowed(&state) {
+            return None;
+        }
+        state.in_flight += 1;
+        let permit = ExportPermit {
+            limiter: self.clone(),
+            kind: kind.to_owned(),
+            sent: Instant::now(),
+            concurrency: state.in_flight,
+            answers_before: state.answers,
+        };
+        self.publish(&state);
+        Some(permit)
+    }
+
+    /// The limiter's state now.
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.state.lock().expect("limiter lock");
+        self.snapshot_of(&state)
+    }
+
+    fn snapshot_of(&self, state: &State) -> Snapshot {
+        Snapshot {
+            allowed: self.allowed(state),
+            limit: state.limit as usize,
+            in_flight: state.in_flight,
+            clinical_in_flight: self.clinical_in_flight.load(Ordering::Relaxed),
+        }
+    }
+
+    fn allowed(&self, state: &State) -> usize {
+        let limit = state.limit as usize;
+        if self.adaptive && self.clinical_active() {
+            limit.saturating_sub(1).max(1)
+        } else {
+            limit.max(1)
+        }
+    }
+
+    fn clinical_active(&self) -> bool {
+        if self.clinical_in_flight.load(Ordering::Relaxed) > 0 {
+            return true;
+        }
+        let last = self.clinical_last_ms.load(Ordering::Relaxed);
+        last != 0 && self.now_ms().saturating_sub(last) < CLINICAL_QUIET.as_millis() as u64
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Takes in an answer's latency (until its response head) to a request sent at `concurrency`.
+    fn answered(&self, kind: &str, latency: Duration, concurrency: usize, answers_before: u64) {
+        if !self.adaptive {
+            return;
+        }
+        let mut state = self.state.lock().expect("limiter lock");
+        state.answers += 1;
+        let baseline = state
+            .baselines
+            .entry(kind.to_owned())
+            .or_default()
+            .push(latency);
+        let queued = latency > baseline.mul_f64(QUEUE_RATIO) + QUEUE_SLACK;
+        if queued {
+            if answers_before >= state.decreased_at {
+                let below = (concurrency.saturating_sub(1)).max(1) as f64;
+                if below < state.limit {
+                    state.limit = below;
+                    state.decreased_at = state.answers;
+                    METRICS.export_limit_decreases.inc();
+                }
+            }
+        } else if concurrency >= state.limit as usize && !self.clinical_active() {
+            state.limit = (state.limit + 1.0 / state.limit.floor()).min(self.max as f64);
+        }
+        self.publish(&state);
+    }
+
+    fn release(&self) {
+        let mut state = self.state.lock().expect("limiter lock");
+        state.in_flight -= 1;
+        self.publish(&state);
+        drop(state);
+        self.released.notify_waiters();
+    }
+
+    fn publish(&self, state: &State) {
+        let s = self.snapshot_of(state);
+        METRICS.export_limit.set(s.limit as i64);
+        METRICS.export_allowed.set(s.allowed as i64);
+        METRICS.export_in_flight.set(s.in_flight as i64);
+    }
+}
+
+/// A pass-through request in flight, as the limiter counts it.
+pub struct ClinicalGuard(Arc<Limiter>);
+
+impl Drop for ClinicalGuard {
+    fn drop(&mut self) {
+        let n = self.0.clinical_in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        METRICS.passthrough_in_flight.set(n as i64);
+    }
+}
+
+/// One export request's place under the limit, held until its body is read.
+pub struct ExportPermit {
+    limiter: Arc<Limiter>,
+    kind: String,
+    sent: Instant,
+    concurrency: usize,
+    answers_before: u64,
+}
+
+impl ExportPermit {
+    /// Records that the response head arrived: its latency is what the limit follows.
+    pub fn answered(&self) {
+        self.limiter.answered(
+            &self.kind,
+            self.sent.elapsed(),
+            self.concurrency,
+            self.answers_before,
+        );
+    }
+}
+
+impl Drop for ExportPermit {
+    fn drop(&mut self) {
+        self.limiter.release();
+    }
+}
+
+/// The kind of a search for the baselines: its type and whether it asks only for a count, since a
+/// `_count=0` probe and a full page of the same type take very different times on any server.
+pub fn kind_of(url: &url::Url) -> String {
+    let resource = url
+        .path_segments()
+        .and_then(|mut s| s.next_back())
+        .unwrap_or_default();
+    let count_only = url
+        .query_pairs()
+        .any(|(k, v)| k == "_count" && v == "0" || k == "_summary" && v == "count");
+    if count_only {
+        format!("{resource}#count")
+    } else {
+        resource.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Feeds `n` answers of `latency` to requests sent at the limit in use.
+    fn answer_at_limit(l: &Limiter, latency: Duration, n: usize) {
+        for _ in 0..n {
+            let (concurrency, before) = {
+                let s = l.state.lock().unwrap();
+                (s.limit as usize, s.answers)
+            };
+            l.answered("Observation", latency, concurrency, before);
+        }
+    }
+
+    #[test]
+    fn grows_by_one_per_round_while_answers_stay_at_idle_speed() {
+        let l = Limiter::new(8, true);
+        assert_eq!(l.snapshot().limit, 1);
+        answer_at_limit(&l, ms(10), 1);
+        assert_eq!(l.snapshot().limit, 2);
+        answer_at_limit(&l, ms(10), 2);
+        assert_eq!(l.snapshot().limit, 3);
+        answer_at_limit(&l, ms(10), 100);
+        assert_eq!(l.snapshot().limit, 8, "the configured ceiling holds");
+    }
+
+    #[test]
+    fn a_queued_answer_drops_the_limit_below_its_concurrency_once_per_round() {
+        let l = Limiter::new(8, true);
+        answer_at_limit(&l, ms(10), 100);
+        let before = l.state.lock().unwrap().answers;
+        // Three answers to requests sent together at concurrency 6 all queued: one decrease, to 5.
+        for _ in 0..3 {
+            l.answered("Observation", ms(40), 6, before);
+        }
+        assert_eq!(l.snapshot().limit, 5);
+        assert_eq!(l.state.lock().unwrap().decreased_at, before + 1);
+    }
+
+    #[test]
+    fn kinds_have_their_own_baselines() {
+        let l = Limiter::new(8, true);
+        answer_at_limit(&l, ms(10), 100);
+        // A count probe far faster than pages does not make the pages look queued.
+        let before = l.state.lock().unwrap().answers;
+        l.answered("Observation#count", ms(1), 8, before);
+        answer_at_limit(&l, ms(11), 1);
+        assert_eq!(l.snapshot().limit, 8);
+    }
+
+    #[test]
+    fn pass_through_in_flight_takes_a_slot_and_stops_growth() {
+        let l = Limiter::new(8, true);
+        answer_at_limit(&l, ms(10), 6);
+        let limit = l.snapshot().limit;
+        let guard = l.clinical();
+        let s = l.snapshot();
+        assert_eq!((s.allowed, s.clinical_in_flight), (limit - 1, 1));
+        answer_at_limit(&l, ms(10), 20);
+        assert_eq!(
+            l.snapshot().limit,
+            limit,
+            "no growth while clinical traffic runs"
+        );
+        drop(guard);
+        assert_eq!(l.snapshot().clinical_in_flight, 0);
+    }
+
+    #[test]
+    fn fixed_mode_is_the_configured_maximum() {
+        let l = Limiter::new(4, false);
+        let _guard = l.clinical();
+        answer_at_limit(&l, ms(100), 10);
+        assert_eq!(l.snapshot().allowed, 4);
+    }
+
+    #[tokio::test]
+    async fn acquire_waits_for_a_release() {
+        let l = Limiter::new(1, false);
+        let first = l.acquire("Patient").await;
+        assert!(l.try_acquire("Patient").is_none());
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire("Patient").await.concurrency }
+        });
+        tokio::time::sleep(ms(20)).await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    #[test]
+    fn kinds_of_searches() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        assert_eq!(
+            kind_of(&u("http://h/fhir/Observation?patient=a&_count=1000")),
+            "Observation"
+        );
+        assert_eq!(
+            kind_of(&u("http://h/fhir/Condition?_count=0")),
+            "Condition#count"
+        );
+    }
+}
