@@ -3,11 +3,14 @@
 //! Export searches share the upstream with the clinicians whose requests the proxy passes through, and an
 //! upstream serves only so many requests at once: past that, requests queue, the clinicians' with them.
 //! The limiter finds that point from the export's own answers. A search answered much slower than the
-//! fastest recent answer to a search of the same kind (type, and page or count) queued upstream, so the
-//! limit falls at once to just below the concurrency that search was sent at; searches answered at idle
-//! speed while the limit is in use raise it by one per round (additive increase). While pass-through
-//! requests are in flight, or were within [`CLINICAL_QUIET`], one slot fewer is used and the limit does not
-//! grow: a clinical request then finds the upstream with room instead of behind a queue of export pages.
+//! fastest recent answer to a search of the same kind (type, and page or count) queued upstream: the
+//! concurrency it was sent at is the upstream's *saturation point*, and the limit falls at once to one
+//! below it. Searches answered at idle speed while the limit binds raise it by one per round (additive
+//! increase), and one answered at idle speed at or past the saturation point shows the upstream has more
+//! room than that (the point is forgotten). While pass-through requests are in flight, or were within
+//! [`CLINICAL_QUIET`], the export stays one slot under the most it knows not to queue (two under the
+//! saturation point; one under its limit while it knows no such point) and does not probe past it: a
+//! clinical request then finds the upstream with room instead of behind a queue of export pages.
 //! `max_concurrent_requests` stays the ceiling; with `adaptive_concurrency = false` it is the fixed limit.
 
 use std::collections::HashMap;
@@ -48,6 +51,8 @@ struct State {
     answers: u64,
     /// `answers` at the last decrease: slower answers to requests sent before it are old news.
     decreased_at: u64,
+    /// The lowest concurrency an answer queued at, until an answer at it or past it comes at idle speed.
+    saturation: Option<usize>,
     baselines: HashMap<String, Baseline>,
 }
 
@@ -108,6 +113,7 @@ impl Limiter {
                 in_flight: 0,
                 answers: 0,
                 decreased_at: 0,
+                saturation: None,
                 baselines: HashMap::new(),
             }),
             released: Notify::new(),
@@ -154,6 +160,7 @@ impl Limiter {
             kind: kind.to_owned(),
             sent: Instant::now(),
             concurrency: state.in_flight,
+            allowed: self.allowed(&state),
             answers_before: state.answers,
         };
         self.publish(&state);
@@ -177,11 +184,14 @@ impl Limiter {
 
     fn allowed(&self, state: &State) -> usize {
         let limit = state.limit as usize;
-        if self.adaptive && self.clinical_active() {
-            limit.saturating_sub(1).max(1)
-        } else {
-            limit.max(1)
+        if !(self.adaptive && self.clinical_active()) {
+            return limit.max(1);
         }
+        let spare = match state.saturation {
+            Some(point) => point.saturating_sub(2),
+            None => limit.saturating_sub(1),
+        };
+        limit.min(spare).max(1)
     }
 
     fn clinical_active(&self) -> bool {
@@ -196,8 +206,14 @@ impl Limiter {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Takes in an answer's latency (until its response head) to a request sent at `concurrency`.
-    fn answered(&self, kind: &str, latency: Duration, concurrency: usize, answers_before: u64) {
+    /// Takes in an answer's latency (until its response head) to a request sent at `concurrency`, when
+    /// `allowed` were allowed in flight.
+    fn answered(&self, kind: &str, latency: Duration, sent: Sent) {
+        let Sent {
+            concurrency,
+            allowed,
+            answers_before,
+        } = sent;
         if !self.adaptive {
             return;
         }
@@ -211,6 +227,8 @@ impl Limiter {
         let queued = latency > baseline.mul_f64(QUEUE_RATIO) + QUEUE_SLACK;
         if queued {
             if answers_before >= state.decreased_at {
+                state.saturation =
+                    Some(state.saturation.map_or(concurrency, |p| p.min(concurrency)));
                 let below = (concurrency.saturating_sub(1)).max(1) as f64;
                 if below < state.limit {
                     state.limit = below;
@@ -218,8 +236,21 @@ impl Limiter {
                     METRICS.export_limit_decreases.inc();
                 }
             }
-        } else if concurrency >= state.limit as usize && !self.clinical_active() {
-            state.limit = (state.limit + 1.0 / state.limit.floor()).min(self.max as f64);
+            self.publish(&state);
+            return;
+        }
+        if state.saturation.is_some_and(|point| concurrency >= point) {
+            state.saturation = None;
+        }
+        if concurrency >= allowed {
+            let mut ceiling = self.max as f64;
+            if let (true, Some(point)) = (self.clinical_active(), state.saturation) {
+                ceiling = ceiling.min(point.saturating_sub(1).max(1) as f64);
+            }
+            let grown = state.limit + 1.0 / state.limit.floor();
+            if grown <= ceiling || state.limit < ceiling {
+                state.limit = grown.min(ceiling);
+            }
         }
         self.publish(&state);
     }
@@ -256,18 +287,28 @@ pub struct ExportPermit {
     kind: String,
     sent: Instant,
     concurrency: usize,
+    allowed: usize,
+    answers_before: u64,
+}
+
+/// How a request went out: the export requests in flight with it, how many were allowed, and the
+/// answers recorded before it.
+#[derive(Clone, Copy)]
+struct Sent {
+    concurrency: usize,
+    allowed: usize,
     answers_before: u64,
 }
 
 impl ExportPermit {
     /// Records that the response head arrived: its latency is what the limit follows.
     pub fn answered(&self) {
-        self.limiter.answered(
-            &self.kind,
-            self.sent.elapsed(),
-            self.concurrency,
-            self.answers_before,
-        );
+        let sent = Sent {
+            concurrency: self.concurrency,
+            allowed: self.allowed,
+            answers_before: self.answers_before,
+        };
+        self.limiter.answered(&self.kind, self.sent.elapsed(), sent);
     }
 }
 
@@ -302,76 +343,153 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// Feeds `n` answers of `latency` to requests sent at the limit in use.
-    fn answer_at_limit(l: &Limiter, latency: Duration, n: usize) {
-        for _ in 0..n {
-            let (concurrency, before) = {
-                let s = l.state.lock().unwrap();
-                (s.limit as usize, s.answers)
-            };
-            l.answered("Observation", latency, concurrency, before);
+    /// What a request sent now would be sent at: at the allowed concurrency, every slot in use.
+    fn at_allowed(l: &Limiter) -> Sent {
+        let s = l.state.lock().unwrap();
+        let allowed = l.allowed(&s);
+        Sent {
+            concurrency: allowed,
+            allowed,
+            answers_before: s.answers,
         }
+    }
+
+    fn answer_at_allowed(l: &Limiter, latency: Duration, n: usize) {
+        for _ in 0..n {
+            l.answered("Observation", latency, at_allowed(l));
+        }
+    }
+
+    fn queued_at(l: &Limiter, concurrency: usize) {
+        let s = at_allowed(l);
+        l.answered(
+            "Observation",
+            ms(60),
+            Sent {
+                concurrency,
+                allowed: concurrency,
+                ..s
+            },
+        );
     }
 
     #[test]
     fn grows_by_one_per_round_while_answers_stay_at_idle_speed() {
         let l = Limiter::new(8, true);
         assert_eq!(l.snapshot().limit, 1);
-        answer_at_limit(&l, ms(10), 1);
+        answer_at_allowed(&l, ms(10), 1);
         assert_eq!(l.snapshot().limit, 2);
-        answer_at_limit(&l, ms(10), 2);
+        answer_at_allowed(&l, ms(10), 2);
         assert_eq!(l.snapshot().limit, 3);
-        answer_at_limit(&l, ms(10), 100);
+        answer_at_allowed(&l, ms(10), 100);
         assert_eq!(l.snapshot().limit, 8, "the configured ceiling holds");
+    }
+
+    #[test]
+    fn no_growth_while_the_limit_is_not_in_use() {
+        let l = Limiter::new(8, true);
+        answer_at_allowed(&l, ms(10), 3);
+        let limit = l.snapshot().limit;
+        for _ in 0..20 {
+            let s = at_allowed(&l);
+            l.answered(
+                "Observation",
+                ms(10),
+                Sent {
+                    concurrency: 1,
+                    ..s
+                },
+            );
+        }
+        assert_eq!(l.snapshot().limit, limit);
     }
 
     #[test]
     fn a_queued_answer_drops_the_limit_below_its_concurrency_once_per_round() {
         let l = Limiter::new(8, true);
-        answer_at_limit(&l, ms(10), 100);
-        let before = l.state.lock().unwrap().answers;
+        answer_at_allowed(&l, ms(10), 100);
+        let before = at_allowed(&l);
         // Three answers to requests sent together at concurrency 6 all queued: one decrease, to 5.
         for _ in 0..3 {
-            l.answered("Observation", ms(40), 6, before);
+            l.answered(
+                "Observation",
+                ms(40),
+                Sent {
+                    concurrency: 6,
+                    ..before
+                },
+            );
         }
         assert_eq!(l.snapshot().limit, 5);
-        assert_eq!(l.state.lock().unwrap().decreased_at, before + 1);
+        assert_eq!(l.state.lock().unwrap().saturation, Some(6));
+        assert_eq!(
+            l.state.lock().unwrap().decreased_at,
+            before.answers_before + 1
+        );
     }
 
     #[test]
     fn kinds_have_their_own_baselines() {
         let l = Limiter::new(8, true);
-        answer_at_limit(&l, ms(10), 100);
+        answer_at_allowed(&l, ms(10), 100);
         // A count probe far faster than pages does not make the pages look queued.
-        let before = l.state.lock().unwrap().answers;
-        l.answered("Observation#count", ms(1), 8, before);
-        answer_at_limit(&l, ms(11), 1);
+        l.answered("Observation#count", ms(1), at_allowed(&l));
+        answer_at_allowed(&l, ms(11), 1);
         assert_eq!(l.snapshot().limit, 8);
     }
 
     #[test]
-    fn pass_through_in_flight_takes_a_slot_and_stops_growth() {
+    fn pass_through_keeps_the_export_a_slot_under_what_does_not_queue() {
         let l = Limiter::new(8, true);
-        answer_at_limit(&l, ms(10), 6);
-        let limit = l.snapshot().limit;
+        answer_at_allowed(&l, ms(10), 100);
+        // The upstream serves 4 at once: an answer at 5 queued.
+        queued_at(&l, 5);
+        assert_eq!((l.snapshot().limit, l.snapshot().allowed), (4, 4));
         let guard = l.clinical();
         let s = l.snapshot();
-        assert_eq!((s.allowed, s.clinical_in_flight), (limit - 1, 1));
-        answer_at_limit(&l, ms(10), 20);
-        assert_eq!(
-            l.snapshot().limit,
-            limit,
-            "no growth while clinical traffic runs"
-        );
+        assert_eq!((s.allowed, s.clinical_in_flight), (3, 1));
+        // While clinical traffic runs the export does not probe past the saturation point.
+        answer_at_allowed(&l, ms(10), 50);
+        assert_eq!((l.snapshot().limit, l.snapshot().allowed), (4, 3));
         drop(guard);
         assert_eq!(l.snapshot().clinical_in_flight, 0);
+    }
+
+    #[test]
+    fn pass_through_from_the_start_lets_the_export_find_the_saturation_point() {
+        let l = Limiter::new(16, true);
+        let _guard = l.clinical();
+        // Idle-speed answers while pass-through runs: allowed grows one under the limit.
+        answer_at_allowed(&l, ms(10), 30);
+        let s = l.snapshot();
+        assert!(s.allowed >= 4 && s.allowed == s.limit - 1, "{s}");
+        queued_at(&l, 5);
+        assert_eq!(l.snapshot().allowed, 3);
+    }
+
+    #[test]
+    fn an_idle_speed_answer_at_the_saturation_point_forgets_it() {
+        let l = Limiter::new(8, true);
+        answer_at_allowed(&l, ms(10), 100);
+        queued_at(&l, 5);
+        answer_at_allowed(&l, ms(10), 20);
+        let s = at_allowed(&l);
+        l.answered(
+            "Observation",
+            ms(10),
+            Sent {
+                concurrency: 5,
+                ..s
+            },
+        );
+        assert_eq!(l.state.lock().unwrap().saturation, None);
     }
 
     #[test]
     fn fixed_mode_is_the_configured_maximum() {
         let l = Limiter::new(4, false);
         let _guard = l.clinical();
-        answer_at_limit(&l, ms(100), 10);
+        answer_at_allowed(&l, ms(100), 10);
         assert_eq!(l.snapshot().allowed, 4);
     }
 
