@@ -15,9 +15,13 @@
 //! | `BENCH_LOAD_ROUNDS` | `3` | wrk rounds (direct, proxy, nginx interleaved); the median is reported |
 //! | `BENCH_EXPORT_ROUNDS` | `3` | Export rounds (pager, 1 slice, N slices interleaved); the median is reported |
 //! | `BENCH_LOAD_CONNECTIONS` | `32` | Connections of the throughput wrk runs (the latency runs use 1) |
-//! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real` (all when unset) |
+//! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real`, `clinical` (all when unset) |
 //! | `BENCH_LATENCY_MS` | `10` | Per-search latency of an extra export run at the largest size (0: none) |
 //! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
+//! | `BENCH_CLINICAL_SECS` | `8` (`3` small) | Seconds of each part of the clinical-traffic run (idle, export alone, export with traffic) |
+//! | `BENCH_CLINICAL_RATE` | `20` | Pass-through requests per second of the clinical load (open loop) |
+//! | `BENCH_CAPACITY` | `4` | Requests the capacity-limited fast upstream serves at once (clinical run) |
+//! | `BENCH_SEARCH_COST_MS` | `10` | Its cost per search, plus `BENCH_ENTRY_COST_US` (default 20) per resource answered |
 //! | `BENCH_REAL_UPSTREAM` | unset | Base URL of a real FHIR upstream (`bench/run` starts and loads one) |
 //! | `BENCH_REAL_NOTE` | unset | What that upstream holds, for the report |
 //! | `BENCH_PROXY_BIN` | `target/release/fhir-bulk-proxy` (built by `cargo bench`) | The proxy binary |
@@ -33,11 +37,20 @@ fn main() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(100_000);
-        let delay = std::env::var("FBP_BENCH_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        upstream::serve(n, std::time::Duration::from_millis(delay));
+        let env = |name: &str| -> u64 {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        upstream::serve(
+            n,
+            upstream::Cost {
+                delay: std::time::Duration::from_millis(env("FBP_BENCH_DELAY_MS")),
+                capacity: env("FBP_BENCH_CAPACITY") as usize,
+                per_entry: std::time::Duration::from_micros(env("FBP_BENCH_ENTRY_US")),
+            },
+        );
         return;
     }
     // `cargo bench` passes `--bench`; a filter argument is not supported.

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+#[path = "clinical.rs"]
+mod clinical;
+
 type Result<T> = std::result::Result<T, String>;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -174,11 +177,24 @@ fn wait_line(child: &mut Child, prefix: &'static str, timeout: Duration) -> Resu
 
 /// The fast upstream, serving `n` Observations (this same executable in its upstream role).
 fn start_fast_upstream(n: u64, delay_ms: u64) -> Result<(Proc, String)> {
+    start_costly_upstream(n, delay_ms, 0, 0)
+}
+
+/// The fast upstream serving `capacity` requests at once (0: any number), each search costing
+/// `delay_ms` plus `entry_us` per resource answered.
+fn start_costly_upstream(
+    n: u64,
+    delay_ms: u64,
+    capacity: usize,
+    entry_us: u64,
+) -> Result<(Proc, String)> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
         .env("FBP_BENCH_ROLE", "upstream")
         .env("FBP_BENCH_OBSERVATIONS", n.to_string())
         .env("FBP_BENCH_DELAY_MS", delay_ms.to_string())
+        .env("FBP_BENCH_CAPACITY", capacity.to_string())
+        .env("FBP_BENCH_ENTRY_US", entry_us.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -201,6 +217,17 @@ struct Proxy {
 
 /// Starts the proxy in front of `upstream` with a fresh data directory; `export_extra` goes into `[export]`.
 fn start_proxy(s: &Settings, upstream: &str, name: &str, export_extra: &str) -> Result<Proxy> {
+    start_proxy_with(s, upstream, name, "", export_extra)
+}
+
+/// [`start_proxy`] with `upstream_extra` in `[upstream]`.
+fn start_proxy_with(
+    s: &Settings,
+    upstream: &str,
+    name: &str,
+    upstream_extra: &str,
+    export_extra: &str,
+) -> Result<Proxy> {
     let dir = s.work.join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -214,6 +241,7 @@ base_url = "{upstream}"
 max_concurrent_requests = 8
 requests_per_second = 100000
 timeout_secs = 300
+{upstream_extra}
 
 [export]
 data_dir = "{data}"
@@ -1504,6 +1532,54 @@ fn keep_notes(previous: &str) -> Option<&str> {
     (end > start).then(|| &previous[start..end])
 }
 
+/// Clinical traffic beside exports: the capacity-limited fast upstream, then the real one when given.
+fn clinical_runs(s: &Settings) -> Vec<(String, std::result::Result<clinical::Runs, String>)> {
+    let capacity = env_or("BENCH_CAPACITY", 4);
+    let cost_ms = env_or("BENCH_SEARCH_COST_MS", 10);
+    let entry_us = env_or("BENCH_ENTRY_COST_US", 20);
+    let size = if s.small { 20_000 } else { 100_000 };
+    let mut runs = Vec::new();
+    let fast = start_costly_upstream(size, cost_ms, capacity, entry_us).and_then(|(up, base)| {
+        let r = clinical::run(
+            s,
+            "fast upstream",
+            &base,
+            "Patient?_count=10",
+            "$export?_type=Observation",
+            &format!("time_slices = {}", s.slices),
+        );
+        drop(up);
+        r
+    });
+    runs.push((
+        format!(
+            "Clinical traffic beside an export, fast upstream serving {capacity} requests at once \
+             ({cost_ms} ms per search + {entry_us} µs per resource, {size} Observations)"
+        ),
+        fast,
+    ));
+    if let Some(base) = &s.real_upstream {
+        let real = clinical::run(s, "real upstream", base, "Patient?_count=10", "$export", "");
+        runs.push((
+            format!(
+                "Clinical traffic beside an export, real upstream ({})",
+                if s.real_note.is_empty() {
+                    base.as_str()
+                } else {
+                    s.real_note.as_str()
+                }
+            ),
+            real,
+        ));
+    }
+    for (heading, r) in &runs {
+        if let Err(e) = r {
+            eprintln!("bench: {heading}: {e}");
+        }
+    }
+    runs
+}
+
 pub fn main() -> Result<()> {
     let started = Instant::now();
     let s = Settings::from_env()?;
@@ -1533,7 +1609,17 @@ pub fn main() -> Result<()> {
         Some(base) if s.runs("real") => Some(real_exports(&s, base)),
         _ => None,
     };
-    let targets = targets(&s, &sizes, latency.as_ref(), load.as_ref().ok());
+    let clinical = if s.runs("clinical") {
+        clinical_runs(&s)
+    } else {
+        Vec::new()
+    };
+    let mut targets = targets(&s, &sizes, latency.as_ref(), load.as_ref().ok());
+    for (_, runs) in &clinical {
+        for (name, value, goal, pass) in runs.iter().flat_map(clinical::targets) {
+            targets.push(check(name, value, goal, pass));
+        }
+    }
     let mut md = report(
         &s,
         &sizes,
@@ -1543,6 +1629,9 @@ pub fn main() -> Result<()> {
         &targets,
         started.elapsed(),
     );
+    for (heading, runs) in &clinical {
+        clinical::table(&mut md, heading, runs);
+    }
     if let Some(out) = &s.out {
         let previous = std::fs::read_to_string(out).unwrap_or_default();
         if let Some(notes) = keep_notes(&previous) {

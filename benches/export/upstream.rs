@@ -390,27 +390,34 @@ fn outcome(status: StatusCode, text: &str) -> Resp {
 }
 
 impl Server {
-    fn handle(&self, req: &Request<Incoming>) -> Resp {
+    /// The answer to `req` and the entries it holds (what a search costs a real server).
+    fn handle(&self, req: &Request<Incoming>) -> (Resp, u64) {
         let path = req.uri().path();
         let Some(rest) = path.strip_prefix("/fhir/") else {
-            return outcome(StatusCode::NOT_FOUND, "unknown path");
+            return (outcome(StatusCode::NOT_FOUND, "unknown path"), 0);
         };
         if req.method() != hyper::Method::GET {
-            return outcome(StatusCode::METHOD_NOT_ALLOWED, "read-only server");
+            return (
+                outcome(StatusCode::METHOD_NOT_ALLOWED, "read-only server"),
+                0,
+            );
         }
         match rest {
-            "metadata" => json(StatusCode::OK, self.metadata.clone()),
-            "Patient/1" => json(StatusCode::OK, Bytes::from_static(PATIENT_1.as_bytes())),
+            "metadata" => (json(StatusCode::OK, self.metadata.clone()), 0),
+            "Patient/1" => (
+                json(StatusCode::OK, Bytes::from_static(PATIENT_1.as_bytes())),
+                1,
+            ),
             _ => match self.dataset.kind(rest) {
                 Some((kind, entries)) => {
                     self.search(kind, entries, req.uri().query().unwrap_or(""))
                 }
-                None => outcome(StatusCode::NOT_FOUND, "unknown resource"),
+                None => (outcome(StatusCode::NOT_FOUND, "unknown resource"), 0),
             },
         }
     }
 
-    fn search(&self, kind: &Kind, entries: &Entries, query: &str) -> Resp {
+    fn search(&self, kind: &Kind, entries: &Entries, query: &str) -> (Resp, u64) {
         let mut count: u64 = 100;
         let mut offset: u64 = 0;
         let mut desc = false;
@@ -419,31 +426,34 @@ impl Server {
             match &*k {
                 "_count" => match v.parse() {
                     Ok(n) => count = n,
-                    Err(_) => return outcome(StatusCode::BAD_REQUEST, "bad _count"),
+                    Err(_) => return (outcome(StatusCode::BAD_REQUEST, "bad _count"), 0),
                 },
                 "_offset" => match v.parse() {
                     Ok(n) => offset = n,
-                    Err(_) => return outcome(StatusCode::BAD_REQUEST, "bad _offset"),
+                    Err(_) => return (outcome(StatusCode::BAD_REQUEST, "bad _offset"), 0),
                 },
                 "_sort" => match &*v {
                     "_lastUpdated" => desc = false,
                     "-_lastUpdated" => desc = true,
-                    _ => return outcome(StatusCode::BAD_REQUEST, "unsupported _sort"),
+                    _ => return (outcome(StatusCode::BAD_REQUEST, "unsupported _sort"), 0),
                 },
                 "_lastUpdated" => {
                     if v.len() < 3 {
-                        return outcome(StatusCode::BAD_REQUEST, "bad _lastUpdated");
+                        return (outcome(StatusCode::BAD_REQUEST, "bad _lastUpdated"), 0);
                     }
                     let (prefix, value) = v.split_at(2);
                     let Some(t) = parse_instant(value) else {
-                        return outcome(StatusCode::BAD_REQUEST, "bad _lastUpdated value");
+                        return (
+                            outcome(StatusCode::BAD_REQUEST, "bad _lastUpdated value"),
+                            0,
+                        );
                     };
                     match prefix {
                         "gt" => lo = lo.max(kind.at_or_before(t)),
                         "ge" => lo = lo.max(kind.before(t)),
                         "le" => hi = hi.min(kind.at_or_before(t)),
                         "lt" => hi = hi.min(kind.before(t)),
-                        _ => return outcome(StatusCode::BAD_REQUEST, "unsupported prefix"),
+                        _ => return (outcome(StatusCode::BAD_REQUEST, "unsupported prefix"), 0),
                     }
                 }
                 _ => {}
@@ -476,7 +486,7 @@ impl Server {
         head.push(']');
         if count == 0 {
             head.push('}');
-            return json(StatusCode::OK, head);
+            return (json(StatusCode::OK, head), 0);
         }
         head.push_str(r#","entry":["#);
         let mut chunks = VecDeque::from([Bytes::from(head)]);
@@ -496,7 +506,7 @@ impl Server {
             });
         }
         chunks.push_back(Bytes::from_static(b"]}"));
-        chunked(StatusCode::OK, chunks)
+        (chunked(StatusCode::OK, chunks), end - start)
     }
 }
 
@@ -504,10 +514,22 @@ fn is_search(path: &str) -> bool {
     matches!(path, "/fhir/Patient" | "/fhir/Observation")
 }
 
+/// What serving costs the fast upstream, to mimic a real server.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cost {
+    /// Latency every search answers after.
+    pub delay: std::time::Duration,
+    /// Requests served at once; the rest wait their turn (0: no limit).
+    pub capacity: usize,
+    /// Time per resource answered, added to the delay while a request holds its place.
+    pub per_entry: std::time::Duration,
+}
+
 /// Serves the data set of `observations` Observations on 127.0.0.1 (random port) until killed; prints
-/// `listening {base}` on stdout once bound. Searches answer after `delay` (zero: at once), to mimic an
-/// upstream's per-request latency.
-pub fn serve(observations: u64, delay: std::time::Duration) {
+/// `listening {base}` on stdout once bound. Searches answer after `cost.delay` (zero: at once); with a
+/// capacity, every request waits for one of `cost.capacity` places and holds it for its delay and
+/// `cost.per_entry` per resource it answers, as a server with that many workers does.
+pub fn serve(observations: u64, cost: Cost) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -523,6 +545,8 @@ pub fn serve(observations: u64, delay: std::time::Duration) {
             base: base.clone(),
             metadata: Bytes::from(capability_statement()),
         });
+        let places =
+            (cost.capacity > 0).then(|| Arc::new(tokio::sync::Semaphore::new(cost.capacity)));
         println!("listening {base}");
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -530,15 +554,25 @@ pub fn serve(observations: u64, delay: std::time::Duration) {
             };
             let _ = stream.set_nodelay(true);
             let server = server.clone();
-            let delay = delay;
+            let places = places.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let server = server.clone();
+                    let places = places.clone();
                     async move {
-                        if !delay.is_zero() && is_search(req.uri().path()) {
-                            tokio::time::sleep(delay).await;
+                        let _place = match &places {
+                            Some(p) => Some(p.clone().acquire_owned().await.expect("never closed")),
+                            None => None,
+                        };
+                        let (resp, entries) = server.handle(&req);
+                        let mut wait = cost.per_entry * entries as u32;
+                        if is_search(req.uri().path()) {
+                            wait += cost.delay;
                         }
-                        Ok::<_, Infallible>(server.handle(&req))
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        Ok::<_, Infallible>(resp)
                     }
                 });
                 let _ = http1::Builder::new()

@@ -1,0 +1,305 @@
+//! Clinical traffic beside an export: pass-through latency at a steady request rate with no export, with
+//! an export at fixed concurrency (`adaptive_concurrency = false`) and with adaptive concurrency, and the
+//! export's throughput alone and beside the traffic, against an upstream that serves a few requests at once.
+//!
+//! The load is open loop: requests are due at a fixed rate whatever the answers do, and each latency runs
+//! from when its request was due, so a request that waited for a free client counts that wait (no
+//! coordinated omission). Exports run back to back for the whole part, so that every latency sample of
+//! an "export running" part was taken while one ran.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{export, http_client, start_proxy_with, Proxy, Result, Settings};
+
+/// Clients the load keeps; more than the rate ever has in flight against a healthy upstream.
+const LOAD_CLIENTS: usize = 16;
+
+/// Latencies of one part of the run, in ms.
+#[derive(Clone, Debug)]
+pub(super) struct Latency {
+    pub n: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub errors: usize,
+}
+
+impl Latency {
+    fn of(mut ms: Vec<f64>, errors: usize) -> Latency {
+        ms.sort_by(f64::total_cmp);
+        let at = |q: f64| -> f64 {
+            if ms.is_empty() {
+                return f64::NAN;
+            }
+            let i = ((q * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1;
+            ms[i]
+        };
+        Latency {
+            n: ms.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            errors,
+        }
+    }
+}
+
+/// An export mode's throughput, alone and beside the clinical load, and the load's latency then.
+pub(super) struct Mode {
+    pub name: &'static str,
+    /// Resources per second of the exports run with nobody else on the upstream.
+    pub alone_rate: f64,
+    pub alone_exports: usize,
+    /// Resources per second of the exports run beside the clinical load.
+    pub loaded_rate: f64,
+    pub loaded_exports: usize,
+    pub loaded: Latency,
+}
+
+/// The whole clinical-traffic run against one upstream.
+pub(super) struct Runs {
+    pub upstream: String,
+    pub clinical_path: String,
+    pub kickoff: String,
+    pub rate: f64,
+    pub secs: f64,
+    pub idle: Latency,
+    pub modes: Vec<Mode>,
+}
+
+/// Steady pass-through requests to `url` until stopped: their latencies (ms) and errors.
+struct Load {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(Vec<f64>, usize)>,
+}
+
+impl Load {
+    fn start(url: String, rate: f64) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (tx, rx) = mpsc::channel::<Instant>();
+            let rx = Arc::new(Mutex::new(rx));
+            let seen = Arc::new(Mutex::new((Vec::new(), 0usize)));
+            let clients: Vec<_> = (0..LOAD_CLIENTS)
+                .map(|_| {
+                    let (rx, seen, url) = (rx.clone(), seen.clone(), url.clone());
+                    std::thread::spawn(move || {
+                        let client = http_client();
+                        loop {
+                            let Ok(due) = rx.lock().expect("load queue").recv() else {
+                                return;
+                            };
+                            let ok = client
+                                .get(&url)
+                                .header("Accept", "application/fhir+json")
+                                .send()
+                                .and_then(|r| r.error_for_status())
+                                .and_then(|r| r.bytes())
+                                .is_ok();
+                            let took = due.elapsed().as_secs_f64() * 1000.0;
+                            let mut seen = seen.lock().expect("load samples");
+                            if ok {
+                                seen.0.push(took);
+                            } else {
+                                seen.1 += 1;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let start = Instant::now();
+            let mut k = 0u64;
+            while !stopping.load(Ordering::Relaxed) {
+                let due = start + Duration::from_secs_f64(k as f64 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                if tx.send(due).is_err() {
+                    break;
+                }
+                k += 1;
+            }
+            drop(tx);
+            for c in clients {
+                let _ = c.join();
+            }
+            let seen = seen.lock().expect("load samples");
+            (seen.0.clone(), seen.1)
+        });
+        Load { stop, handle }
+    }
+
+    fn finish(self) -> Latency {
+        self.stop.store(true, Ordering::Relaxed);
+        let (ms, errors) = self.handle.join().expect("load thread");
+        Latency::of(ms, errors)
+    }
+}
+
+/// Exports `kickoff` back to back for at least `secs` (at least one): resources per second, exports.
+fn exports_for(proxy: &Proxy, kickoff: &str, secs: f64) -> Result<(f64, usize)> {
+    let client = http_client();
+    let start = Instant::now();
+    let (mut resources, mut busy, mut n) = (0u64, 0.0, 0);
+    while n == 0 || start.elapsed().as_secs_f64() < secs {
+        let m = export(&client, proxy, kickoff, None)?;
+        if !m.note.is_empty() {
+            return Err(format!("export through {}: {}", proxy.base, m.note));
+        }
+        resources += m.resources;
+        busy += m.secs;
+        n += 1;
+    }
+    Ok((resources as f64 / busy, n))
+}
+
+/// Runs the clinical parts against `upstream`: `clinical_path` (e.g. `Patient?_count=10`) is the
+/// clinicians' request, `kickoff` (e.g. `$export?_type=Observation`) the export; `export_extra` goes
+/// into `[export]` of both proxies.
+pub(super) fn run(
+    s: &Settings,
+    label: &str,
+    upstream: &str,
+    clinical_path: &str,
+    kickoff: &str,
+    export_extra: &str,
+) -> Result<Runs> {
+    let secs = super::env_or("BENCH_CLINICAL_SECS", if s.small { 3.0 } else { 8.0 });
+    let rate = super::env_or("BENCH_CLINICAL_RATE", 20.0);
+    let fixed = start_proxy_with(
+        s,
+        upstream,
+        &format!("clinical-{label}-fixed"),
+        "adaptive_concurrency = false",
+        export_extra,
+    )?;
+    let adaptive = start_proxy_with(
+        s,
+        upstream,
+        &format!("clinical-{label}-adaptive"),
+        "adaptive_concurrency = true",
+        export_extra,
+    )?;
+    // Warm both proxies' connections and the upstream's caches before anything is measured.
+    exports_for(&fixed, kickoff, 0.0)?;
+    exports_for(&adaptive, kickoff, 0.0)?;
+    let url = |p: &Proxy| format!("{}/{clinical_path}", p.base);
+    eprintln!("bench: clinical [{label}]: pass-through alone, {secs} s at {rate}/s");
+    let idle = Load::start(url(&adaptive), rate);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let idle = idle.finish();
+    let mut modes = Vec::new();
+    for (name, proxy) in [("fixed", &fixed), ("adaptive", &adaptive)] {
+        eprintln!("bench: clinical [{label}]: {name} export alone, then beside the load");
+        let (alone_rate, alone_exports) = exports_for(proxy, kickoff, secs)?;
+        let load = Load::start(url(proxy), rate);
+        let exported = exports_for(proxy, kickoff, secs);
+        let loaded = load.finish();
+        let (loaded_rate, loaded_exports) = exported?;
+        modes.push(Mode {
+            name,
+            alone_rate,
+            alone_exports,
+            loaded_rate,
+            loaded_exports,
+            loaded,
+        });
+    }
+    Ok(Runs {
+        upstream: label.to_owned(),
+        clinical_path: clinical_path.to_owned(),
+        kickoff: kickoff.to_owned(),
+        rate,
+        secs,
+        idle,
+        modes,
+    })
+}
+
+/// The targets of one run: pass-through p99 beside an adaptive export within 1.25× of idle, and the
+/// adaptive export alone at ≥ 80 % of the fixed one's throughput.
+pub(super) fn targets(r: &Runs) -> Vec<(String, String, &'static str, bool)> {
+    let mut t = Vec::new();
+    let mode = |n: &str| r.modes.iter().find(|m| m.name == n);
+    if let Some(a) = mode("adaptive") {
+        let ratio = a.loaded.p99 / r.idle.p99;
+        t.push((
+            format!(
+                "pass-through p99 during an adaptive export vs none ({})",
+                r.upstream
+            ),
+            format!("{ratio:.2}× ({:.1} vs {:.1} ms)", a.loaded.p99, r.idle.p99),
+            "≤ 1.25×",
+            ratio <= 1.25,
+        ));
+        if let Some(f) = mode("fixed") {
+            let share = a.alone_rate / f.alone_rate;
+            t.push((
+                format!(
+                    "adaptive export alone vs fixed maximum concurrency ({})",
+                    r.upstream
+                ),
+                format!(
+                    "{:.0} % ({:.0} vs {:.0} resources/s)",
+                    share * 100.0,
+                    a.alone_rate,
+                    f.alone_rate
+                ),
+                "≥ 80 %",
+                share >= 0.8,
+            ));
+        }
+    }
+    t
+}
+
+/// The report's table of one run.
+pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<Runs, String>) {
+    use std::fmt::Write as _;
+    let _ = writeln!(md, "## {heading}\n");
+    let r = match runs {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(md, "Not measured: {e}\n");
+            return;
+        }
+    };
+    let _ = writeln!(
+        md,
+        "`GET {}` through the proxy at {} requests/s (open loop, latency from when each request was due), \
+         {} s per part; the export is `{}`, run back to back through each part.\n",
+        r.clinical_path, r.rate, r.secs, r.kickoff
+    );
+    let _ = writeln!(
+        md,
+        "| Export | Pass-through p50 (ms) | p99 (ms) | p99 × idle | Requests | Errors | Export resources/s | Exports |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let _ = writeln!(
+        md,
+        "| none | {:.1} | {:.1} | 1.00 | {} | {} | – | – |",
+        r.idle.p50, r.idle.p99, r.idle.n, r.idle.errors
+    );
+    for m in &r.modes {
+        let _ = writeln!(
+            md,
+            "| {} alone | – | – | – | – | – | {:.0} | {} |",
+            m.name, m.alone_rate, m.alone_exports
+        );
+        let _ = writeln!(
+            md,
+            "| {} beside the load | {:.1} | {:.1} | {:.2} | {} | {} | {:.0} | {} |",
+            m.name,
+            m.loaded.p50,
+            m.loaded.p99,
+            m.loaded.p99 / r.idle.p99,
+            m.loaded.n,
+            m.loaded.errors,
+            m.loaded_rate,
+            m.loaded_exports
+        );
+    }
+    md.push('\n');
+}
