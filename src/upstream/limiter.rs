@@ -3,7 +3,7 @@
 //! Export searches share the upstream with the clinicians whose requests the proxy passes through, and an
 //! upstream serves only so many requests at once: past that, requests queue, the clinicians' with them.
 //! The limiter finds that point from the export's own answers. A search answered much slower than the
-//! fastest recent answer to a search of the same kind (type, and page or count) queued upstream: the
+//! fastest recent answer to a search of the same kind queued upstream: the
 //! concurrency it was sent at is the upstream's *saturation point*, and the limit falls at once to one
 //! below it. Searches answered at idle speed while the limit binds raise it by one per round (additive
 //! increase), and one answered at idle speed at or past the saturation point shows the upstream has more
@@ -11,6 +11,9 @@
 //! [`CLINICAL_QUIET`], the export stays one slot under the most it knows not to queue (two under the
 //! saturation point; one under its limit while it knows no such point) and does not probe past it: a
 //! clinical request then finds the upstream with room instead of behind a queue of export pages.
+//! A kind of search is its type, whether it only counts, and the size of its answer to within a factor of
+//! two: a server takes longer to answer a full page than the short last page of a search, and a count far
+//! less than either, so only like answers tell queueing from work.
 //! `max_concurrent_requests` stays the ceiling; with `adaptive_concurrency = false` it is the fixed limit.
 
 use std::collections::HashMap;
@@ -159,6 +162,7 @@ impl Limiter {
             limiter: self.clone(),
             kind: kind.to_owned(),
             sent: Instant::now(),
+            head: None,
             concurrency: state.in_flight,
             allowed: self.allowed(&state),
             answers_before: state.answers,
@@ -286,6 +290,7 @@ pub struct ExportPermit {
     limiter: Arc<Limiter>,
     kind: String,
     sent: Instant,
+    head: Option<Duration>,
     concurrency: usize,
     allowed: usize,
     answers_before: u64,
@@ -302,13 +307,23 @@ struct Sent {
 
 impl ExportPermit {
     /// Records that the response head arrived: its latency is what the limit follows.
-    pub fn answered(&self) {
+    pub fn answered(&mut self) {
+        self.head = Some(self.sent.elapsed());
+    }
+
+    /// Records that the whole body (`bytes` long) was read: the answer is then complete and its kind known.
+    pub fn read(&self, bytes: usize) {
+        let Some(latency) = self.head else {
+            return;
+        };
         let sent = Sent {
             concurrency: self.concurrency,
             allowed: self.allowed,
             answers_before: self.answers_before,
         };
-        self.limiter.answered(&self.kind, self.sent.elapsed(), sent);
+        let size_class = usize::BITS - bytes.leading_zeros();
+        let kind = format!("{}~{size_class}", self.kind);
+        self.limiter.answered(&kind, latency, sent);
     }
 }
 

@@ -369,7 +369,7 @@ impl Upstream {
             METRICS.rate_limiter_waits.inc();
             self.rate.until_ready().await;
         }
-        let permit = self.concurrency.acquire(&limiter::kind_of(url)).await;
+        let mut permit = self.concurrency.acquire(&limiter::kind_of(url)).await;
         let (mut response, sent) = self.send(url).await?;
         permit.answered();
         // A token can be revoked or expire early; one renewal is worth a try, a loop is not.
@@ -405,10 +405,7 @@ impl Upstream {
                 },
             );
         }
-        Ok(Opened {
-            response,
-            _permit: permit,
-        })
+        Ok(Opened { response, permit })
     }
 
     /// Hands an opened response's body to `sink` as it arrives.
@@ -443,6 +440,7 @@ impl Upstream {
             sink.chunk(&chunk)
                 .map_err(|e| Attempt::Retry(invalid(e.to_string()), None))?;
         }
+        opened.permit.read(read);
         sink.finish()
             .map_err(|e| Attempt::Retry(invalid(e.to_string()), None))
     }
@@ -520,7 +518,7 @@ pub struct Prefetched(Result<Opened, Attempt>);
 /// A response whose head said success, and the request permit it holds until its body is read.
 struct Opened {
     response: Response,
-    _permit: ExportPermit,
+    permit: ExportPermit,
 }
 
 /// Why a whole body handed to [`Upstream::fetch`] could not be parsed; the fetch retries it.
