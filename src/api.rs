@@ -28,6 +28,7 @@ use crate::proxy::PassThrough;
 use crate::route::{PathError, Route, Router};
 use crate::storage::Storage;
 use crate::store::Store;
+use crate::upstream::limiter::clinical_kind;
 use crate::upstream::Upstream;
 
 /// Everything the handlers share.
@@ -203,7 +204,8 @@ impl App {
         }
         let started = std::time::Instant::now();
         // Export requests yield while clinical ones wait for the upstream (src/upstream/limiter.rs).
-        let clinical = self.upstream.limiter().clinical();
+        let kind = clinical_kind(req.method().as_str(), req.uri().path(), req.uri().query());
+        let clinical = self.upstream.limiter().clinical(kind);
         let result = if forward.capability_statement {
             self.pass_through.metadata(req, peer, affinity).await
         } else {

@@ -7,7 +7,10 @@
 //! concurrency it was sent at is the upstream's *saturation point*, and the limit falls at once to one
 //! below it. Searches answered at idle speed while the limit binds raise it by one per round (additive
 //! increase), and one answered at idle speed at or past the saturation point shows the upstream has more
-//! room than that (the point is forgotten). While pass-through requests are in flight, or were within
+//! room than that (the point is forgotten). Pass-through answers are watched the same way: one much
+//! slower than the fastest recent answer of its kind, sent while export requests were in flight, queued
+//! behind them, which places the saturation point at the requests then in flight (an export that never
+//! fills the upstream by itself is seen to crowd it only that way). While pass-through requests are in flight, or were within
 //! [`CLINICAL_QUIET`], the export stays one slot under the most it knows not to queue (two under the
 //! saturation point; one under its limit while it knows no such point) and does not probe past it: a
 //! clinical request then finds the upstream with room instead of behind a queue of export pages.
@@ -57,6 +60,8 @@ struct State {
     /// The lowest concurrency an answer queued at, until an answer at it or past it comes at idle speed.
     saturation: Option<usize>,
     baselines: HashMap<String, Baseline>,
+    /// The same for pass-through answers, by [`clinical_kind`].
+    clinical_baselines: HashMap<String, Baseline>,
 }
 
 /// The fastest answers of a kind of request over the last two windows.
@@ -118,6 +123,7 @@ impl Limiter {
                 decreased_at: 0,
                 saturation: None,
                 baselines: HashMap::new(),
+                clinical_baselines: HashMap::new(),
             }),
             released: Notify::new(),
             clinical_in_flight: AtomicUsize::new(0),
@@ -126,13 +132,49 @@ impl Limiter {
         })
     }
 
-    /// Counts a pass-through request as in flight until the guard is dropped (at its response head).
-    pub fn clinical(self: &Arc<Self>) -> ClinicalGuard {
+    /// Counts a pass-through request of `kind` ([`clinical_kind`]) as in flight until the guard is dropped
+    /// at its response head; how long that took tells whether it queued behind export requests.
+    pub fn clinical(self: &Arc<Self>, kind: String) -> ClinicalGuard {
         let n = self.clinical_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         METRICS.passthrough_in_flight.set(n as i64);
         self.clinical_last_ms
             .store(self.now_ms().max(1), Ordering::Relaxed);
-        ClinicalGuard(self.clone())
+        let export = self.state.lock().expect("limiter lock").in_flight;
+        ClinicalGuard {
+            limiter: self.clone(),
+            kind,
+            sent: Instant::now(),
+            export,
+            together: export + n,
+        }
+    }
+
+    /// Takes in a pass-through answer's latency: one much slower than the fastest recent answer of its
+    /// kind, sent while export requests were in flight, queued behind them, so the upstream serves fewer
+    /// than the `together` requests then in flight, and the export steps back to leave it room.
+    fn clinical_answered(&self, kind: &str, latency: Duration, export: usize, together: usize) {
+        if !self.adaptive {
+            return;
+        }
+        let mut state = self.state.lock().expect("limiter lock");
+        let baseline = state
+            .clinical_baselines
+            .entry(kind.to_owned())
+            .or_default()
+            .push(latency);
+        if export == 0 || latency <= baseline.mul_f64(QUEUE_RATIO) + QUEUE_SLACK {
+            return;
+        }
+        if state.saturation.is_none_or(|point| together < point) {
+            state.saturation = Some(together);
+        }
+        let below = together.saturating_sub(1).max(1) as f64;
+        if below < state.limit {
+            state.limit = below;
+            state.decreased_at = state.answers;
+            METRICS.export_limit_decreases.inc();
+        }
+        self.publish(&state);
     }
 
     /// Waits until one more export request may go out.
@@ -276,13 +318,43 @@ impl Limiter {
 }
 
 /// A pass-through request in flight, as the limiter counts it.
-pub struct ClinicalGuard(Arc<Limiter>);
+pub struct ClinicalGuard {
+    limiter: Arc<Limiter>,
+    kind: String,
+    sent: Instant,
+    /// Export requests in flight when it was sent, and all requests the proxy then had upstream.
+    export: usize,
+    together: usize,
+}
 
 impl Drop for ClinicalGuard {
     fn drop(&mut self) {
-        let n = self.0.clinical_in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        let n = self
+            .limiter
+            .clinical_in_flight
+            .fetch_sub(1, Ordering::Relaxed)
+            - 1;
         METRICS.passthrough_in_flight.set(n as i64);
+        self.limiter
+            .clinical_answered(&self.kind, self.sent.elapsed(), self.export, self.together);
     }
+}
+
+/// The kind of a pass-through request for its baseline: the method and the path's shape, with what is
+/// not a type, an operation or a keyword (ids, the base) as `*`, and whether it has a query.
+pub fn clinical_kind(method: &str, path: &str, query: Option<&str>) -> String {
+    let mut kind = method.to_owned();
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        let named = segment.starts_with(['$', '_'])
+            || segment.starts_with(|c: char| c.is_ascii_uppercase())
+                && segment.chars().all(|c| c.is_ascii_alphanumeric());
+        kind.push('/');
+        kind.push_str(if named { segment } else { "*" });
+    }
+    if query.is_some_and(|q| !q.is_empty()) {
+        kind.push('?');
+    }
+    kind
 }
 
 /// One export request's place under the limit, held until its body is read.
@@ -460,7 +532,7 @@ mod tests {
         // The upstream serves 4 at once: an answer at 5 queued.
         queued_at(&l, 5);
         assert_eq!((l.snapshot().limit, l.snapshot().allowed), (4, 4));
-        let guard = l.clinical();
+        let guard = l.clinical("GET/*/Patient?".into());
         let s = l.snapshot();
         assert_eq!((s.allowed, s.clinical_in_flight), (3, 1));
         // While clinical traffic runs the export does not probe past the saturation point.
@@ -473,7 +545,7 @@ mod tests {
     #[test]
     fn pass_through_from_the_start_lets_the_export_find_the_saturation_point() {
         let l = Limiter::new(16, true);
-        let _guard = l.clinical();
+        let _guard = l.clinical("GET/*/Patient?".into());
         // Idle-speed answers while pass-through runs: allowed grows one under the limit.
         answer_at_allowed(&l, ms(10), 30);
         let s = l.snapshot();
@@ -501,9 +573,42 @@ mod tests {
     }
 
     #[test]
+    fn a_pass_through_answer_queued_behind_the_export_makes_it_step_back() {
+        let l = Limiter::new(8, true);
+        answer_at_allowed(&l, ms(10), 100);
+        let kind = || "GET/*/Patient?".to_owned();
+        // Its idle speed, with no export in flight: nothing to blame.
+        l.clinical_answered(&kind(), ms(10), 0, 1);
+        l.clinical_answered(&kind(), ms(40), 0, 1);
+        assert_eq!(l.snapshot().limit, 8);
+        // Sent beside 4 export requests, it waited: the upstream serves fewer than 5.
+        l.clinical_answered(&kind(), ms(30), 4, 5);
+        let s = l.snapshot();
+        assert_eq!((s.limit, l.state.lock().unwrap().saturation), (4, Some(5)));
+        let _guard = l.clinical(kind());
+        assert_eq!(l.snapshot().allowed, 3, "export + one clinical request fit");
+    }
+
+    #[test]
+    fn clinical_kinds_keep_types_and_operations() {
+        assert_eq!(
+            clinical_kind("GET", "/fhir/Patient/123", None),
+            "GET/*/Patient/*"
+        );
+        assert_eq!(
+            clinical_kind("GET", "/fhir/Observation", Some("code=x")),
+            "GET/*/Observation?"
+        );
+        assert_eq!(
+            clinical_kind("POST", "/fhir/Patient/1/$everything", None),
+            "POST/*/Patient/*/$everything"
+        );
+    }
+
+    #[test]
     fn fixed_mode_is_the_configured_maximum() {
         let l = Limiter::new(4, false);
-        let _guard = l.clinical();
+        let _guard = l.clinical("GET/*/Patient?".into());
         answer_at_allowed(&l, ms(100), 10);
         assert_eq!(l.snapshot().allowed, 4);
     }
