@@ -166,8 +166,8 @@ pub(super) fn run(
     kickoff: &str,
     export_extra: &str,
 ) -> Result<Runs> {
-    let secs = super::env_or("BENCH_CLINICAL_SECS", if s.small { 3.0 } else { 8.0 });
-    let rate = super::env_or("BENCH_CLINICAL_RATE", 20.0);
+    let secs = super::env_or("BENCH_CLINICAL_SECS", if s.small { 4.0 } else { 10.0 });
+    let rate = super::env_or("BENCH_CLINICAL_RATE", 50.0);
     let fixed = start_proxy_with(
         s,
         upstream,

@@ -18,8 +18,8 @@
 //! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real`, `clinical` (all when unset) |
 //! | `BENCH_LATENCY_MS` | `10` | Per-search latency of an extra export run at the largest size (0: none) |
 //! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
-//! | `BENCH_CLINICAL_SECS` | `8` (`3` small) | Seconds of each part of the clinical-traffic run (idle, export alone, export with traffic) |
-//! | `BENCH_CLINICAL_RATE` | `20` | Pass-through requests per second of the clinical load (open loop) |
+//! | `BENCH_CLINICAL_SECS` | `10` (`4` small) | Seconds of each part of the clinical-traffic run (idle, export alone, export with traffic) |
+//! | `BENCH_CLINICAL_RATE` | `50` | Pass-through requests per second of the clinical load (open loop) |
 //! | `BENCH_CAPACITY` | `4` | Requests the capacity-limited fast upstream serves at once (clinical run) |
 //! | `BENCH_SEARCH_COST_MS` | `10` | Its cost per search, plus `BENCH_ENTRY_COST_US` (default 20) per resource answered |
 //! | `BENCH_REAL_UPSTREAM` | unset | Base URL of a real FHIR upstream (`bench/run` starts and loads one) |
