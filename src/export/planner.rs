@@ -99,7 +99,7 @@ pub async fn plan(
             }
         }
         Level::Patient | Level::Group { .. } => {
-            let patients = patients(job, upstream).await?;
+            let patients = patients(job, upstream, store).await?;
             let batches = planning.batches(&patients);
             if batches.len() > 1 && limits.skip_empty_types {
                 planning.skip_empty_types().await?;
@@ -463,8 +463,9 @@ impl Bounds<'_> {
 }
 
 /// The patient ids of a Patient or Group export, sorted and unique.
-async fn patients(job: &Job, upstream: &Upstream) -> Result<Vec<String>, PlanError> {
+async fn patients(job: &Job, upstream: &Upstream, store: &Store) -> Result<Vec<String>, PlanError> {
     let mut ids: BTreeSet<String> = match &job.spec.level {
+        Level::Group { id } if crate::cohort::is_cohort_id(id) => cohort_members(id, store)?,
         Level::Group { id } => group_members(id, upstream).await?,
         _ if !job.spec.patients.is_empty() => return Ok(sorted(&job.spec.patients)),
         _ => all_patients(job, upstream).await?,
@@ -482,6 +483,20 @@ fn sorted(ids: &[String]) -> Vec<String> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// The members of a cohort's last finished computation, from the proxy's own store.
+fn cohort_members(id: &str, store: &Store) -> Result<BTreeSet<String>, PlanError> {
+    let cohort = store
+        .cohort(id)?
+        .ok_or_else(|| PlanError::GroupNotFound(id.to_owned()))?;
+    let ready = cohort
+        .ready
+        .ok_or_else(|| PlanError::GroupNotFound(id.to_owned()))?;
+    Ok(store
+        .cohort_members(id, ready.generation)?
+        .into_iter()
+        .collect())
 }
 
 /// Active `Patient` members of a Group (`member.entity`, skipping `inactive` ones).
