@@ -471,6 +471,45 @@ mod tests {
         assert_eq!(store.planning("a").unwrap(), Planning::default());
     }
 
+    fn cohort(generation: u64) -> Cohort {
+        Cohort {
+            id: "cohort-1".into(),
+            owner: None,
+            definition: serde_json::json!({"resourceType": "Group"}),
+            filters: Vec::new(),
+            generation,
+            state: crate::cohort::State::Computing,
+            ready: None,
+            last_updated: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// Members go in only with the computation that is current, and leave with their cohort.
+    #[test]
+    fn cohort_members_are_committed_only_for_the_current_computation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let members = ["p1".to_owned(), "p2".to_owned()];
+        assert!(
+            !store.commit_cohort(&cohort(1), &members).unwrap(),
+            "no record"
+        );
+        store.put_cohort(&cohort(2)).unwrap();
+        assert!(!store.commit_cohort(&cohort(1), &members).unwrap(), "stale");
+        assert!(store.cohort_members("cohort-1", 1).unwrap().is_empty());
+        let mut done = cohort(2);
+        done.state = crate::cohort::State::Ready;
+        assert!(store.commit_cohort(&done, &members).unwrap());
+        assert_eq!(store.cohort("cohort-1").unwrap(), Some(done));
+        assert_eq!(store.cohort_members("cohort-1", 2).unwrap(), members);
+        store.prune_cohort_members("cohort-1", Some(3)).unwrap();
+        assert!(store.cohort_members("cohort-1", 2).unwrap().is_empty());
+        store.commit_cohort(&cohort(2), &members).unwrap();
+        store.delete_cohort("cohort-1").unwrap();
+        assert_eq!(store.cohort("cohort-1").unwrap(), None);
+        assert!(store.cohort_members("cohort-1", 2).unwrap().is_empty());
+    }
+
     #[test]
     fn damaged_record_is_reported_not_dropped() {
         let dir = tempfile::tempdir().unwrap();

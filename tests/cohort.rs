@@ -382,10 +382,9 @@ fn bad_definitions_are_refused_with_an_operation_outcome() {
     }
 }
 
-/// A fake upstream whose Patient search fails on its second page: the computation fails (502 on the
-/// status URL) and no Group is served.
-#[test]
-fn upstream_failure_mid_computation_fails_the_cohort() {
+/// A fake upstream with one Patient search parameter whose searches answer `page`'s reply, and a proxy
+/// in front of it that does not retry; returns the final status of a cohort of `Patient?gender=female`.
+fn cohort_on_fake_upstream(page: fn(&str, &str) -> Reply) -> (Mock, u16, Value, String) {
     let metadata = json!({
         "resourceType": "CapabilityStatement",
         "rest": [{"mode": "server", "resource": [{
@@ -397,38 +396,63 @@ fn upstream_failure_mid_computation_fails_the_cohort() {
     let base = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
     let page_base = base.clone();
     let mock = Mock::routes()
-        .route(Some("GET"), |p| p.ends_with("/metadata"), move |_| {
-            Reply::fhir(metadata.to_string())
-        })
-        .route(Some("GET"), |p| p.ends_with("/Patient"), move |req| {
-            if req.target().contains("page=2") {
-                return Reply::fhir("{}").status(500);
-            }
-            let base = page_base.get().unwrap();
-            Reply::fhir(
-                json!({
-                    "resourceType": "Bundle",
-                    "type": "searchset",
-                    "link": [
-                        {"relation": "self", "url": format!("{base}/Patient?gender=female&_count=1000")},
-                        {"relation": "next", "url": format!("{base}/Patient?gender=female&_count=1000&page=2")},
-                    ],
-                    "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}, "search": {"mode": "match"}}],
-                })
-                .to_string(),
-            )
-        })
+        .route(
+            Some("GET"),
+            |p| p.ends_with("/metadata"),
+            move |_| Reply::fhir(metadata.to_string()),
+        )
+        .route(
+            Some("GET"),
+            |p| p.ends_with("/Patient"),
+            move |req| page(page_base.get().unwrap(), req.target()),
+        )
         .start();
-    base.set(format!("{}/fhir", mock.origin())).unwrap();
+    base.set(mock.base()).unwrap();
     let proxy = Proxy::builder(&mock.base())
         .upstream_toml("max_retries = 0")
         .start();
     let status_url = create(
         &proxy.base,
-        &cohort_group("failing", &["Patient?gender=female"]),
+        &cohort_group("fake", &["Patient?gender=female"]),
         None,
     );
     let (status, body) = wait_status(&status_url, None);
+    let read = client()
+        .get(format!("{}/Group/{}", proxy.base, id_of(&status_url)))
+        .send()
+        .unwrap();
+    assert_eq!(read.status(), 404, "a failed cohort is served");
+    (mock, status, body, status_url)
+}
+
+/// A searchset page of one Patient with the given self link and, optionally, a next link.
+fn patient_page(self_link: &str, next: Option<&str>) -> Reply {
+    let mut links = vec![json!({"relation": "self", "url": self_link})];
+    links.extend(next.map(|n| json!({"relation": "next", "url": n})));
+    Reply::fhir(
+        json!({
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": links,
+            "entry": [{"resource": {"resourceType": "Patient", "id": "p1"}, "search": {"mode": "match"}}],
+        })
+        .to_string(),
+    )
+}
+
+/// The upstream fails on the second page: the computation fails (502 on the status URL), the
+/// upstream's address stays out of the answer, and no Group is served.
+#[test]
+fn upstream_failure_mid_computation_fails_the_cohort() {
+    let (mock, status, body, _) = cohort_on_fake_upstream(|base, target| {
+        if target.contains("page=2") {
+            return Reply::fhir("{}").status(500);
+        }
+        patient_page(
+            &format!("{base}/Patient?gender=female&_count=1000"),
+            Some(&format!("{base}/Patient?gender=female&_count=1000&page=2")),
+        )
+    });
     assert_eq!(status, 502, "{body}");
     let text = outcome_text(&body);
     assert!(text.contains("answered 500"), "{text}");
@@ -436,11 +460,27 @@ fn upstream_failure_mid_computation_fails_the_cohort() {
         !text.contains("127.0.0.1"),
         "the upstream's address leaked: {text}"
     );
-    let read = client()
-        .get(format!("{}/Group/{}", proxy.base, id_of(&status_url)))
-        .send()
-        .unwrap();
-    assert_eq!(read.status(), 404);
+    let pages = mock
+        .requests()
+        .iter()
+        .filter(|r| r.path().ends_with("/Patient"))
+        .count();
+    assert_eq!(pages, 2, "the computation stopped before the failing page");
+}
+
+/// An upstream that leaves the filter's parameter out of its self link ignored it: its matches would
+/// be more patients than asked for, so the cohort fails.
+#[test]
+fn an_ignored_parameter_fails_the_cohort() {
+    let (_mock, status, body, _) = cohort_on_fake_upstream(|base, _| {
+        patient_page(&format!("{base}/Patient?_count=1000"), None)
+    });
+    assert_eq!(status, 502, "{body}");
+    let text = outcome_text(&body);
+    assert!(
+        text.contains("ignored the search parameter(s) gender"),
+        "{text}"
+    );
 }
 
 #[test]
