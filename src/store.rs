@@ -322,9 +322,14 @@ impl Store {
             .collect()
     }
 
-    /// Replaces a cohort record with `cohort`, and adds `members` under its generation, in one atomic
-    /// step, unless the cohort was deleted or has started another computation meanwhile (false).
-    pub fn commit_cohort(&self, cohort: &Cohort, members: &[String]) -> Result<bool, StoreError> {
+    /// Replaces a cohort record with `cohort`, and adds `members` (each with the time it joined the
+    /// cohort) under its generation, in one atomic step, unless the cohort was deleted or has started
+    /// another computation meanwhile (false).
+    pub fn commit_cohort(
+        &self,
+        cohort: &Cohort,
+        members: &[(String, String)],
+    ) -> Result<bool, StoreError> {
         let prefix = member_prefix(&cohort.id, cohort.generation);
         let trees = (&self.cohorts, &self.cohort_members);
         let result = trees.transaction(|(cohorts, tx_members)| {
@@ -337,8 +342,8 @@ impl Store {
             if current.generation != cohort.generation {
                 return Err(ConflictableTransactionError::Abort(()));
             }
-            for member in members {
-                tx_members.insert(format!("{prefix}{member}").as_bytes(), &[])?;
+            for (member, joined) in members {
+                tx_members.insert(format!("{prefix}{member}").as_bytes(), joined.as_bytes())?;
             }
             cohorts.insert(cohort.id.as_bytes(), encode(cohort))?;
             Ok(())
@@ -358,6 +363,25 @@ impl Store {
             .map(|k| {
                 let k = k?;
                 Ok(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// The members of a cohort's computation `generation`, each with the time it joined, sorted.
+    pub fn cohort_joined(
+        &self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let prefix = member_prefix(id, generation);
+        self.cohort_members
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
             })
             .collect()
     }
@@ -489,7 +513,8 @@ mod tests {
     fn cohort_members_are_committed_only_for_the_current_computation() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let members = ["p1".to_owned(), "p2".to_owned()];
+        let joined = |p: &str| (p.to_owned(), "2026-01-01T00:00:00Z".to_owned());
+        let members = [joined("p1"), joined("p2")];
         assert!(
             !store.commit_cohort(&cohort(1), &members).unwrap(),
             "no record"
@@ -501,7 +526,8 @@ mod tests {
         done.state = crate::cohort::State::Ready;
         assert!(store.commit_cohort(&done, &members).unwrap());
         assert_eq!(store.cohort("cohort-1").unwrap(), Some(done));
-        assert_eq!(store.cohort_members("cohort-1", 2).unwrap(), members);
+        assert_eq!(store.cohort_members("cohort-1", 2).unwrap(), ["p1", "p2"]);
+        assert_eq!(store.cohort_joined("cohort-1", 2).unwrap(), members);
         store.prune_cohort_members("cohort-1", Some(3)).unwrap();
         assert!(store.cohort_members("cohort-1", 2).unwrap().is_empty());
         store.commit_cohort(&cohort(2), &members).unwrap();

@@ -161,10 +161,12 @@ fn common_condition(upstream: &str) -> (String, BTreeSet<String>) {
 
 /// Runs `Group/{id}/$export` and returns its resources by type.
 fn export_group(base: &str, id: &str, token: Option<&str>) -> BTreeMap<String, Vec<Value>> {
-    let status_url = accepted_status_url(
-        base,
-        kickoff_get(base, &format!("Group/{id}/$export"), token),
-    );
+    export(base, &format!("Group/{id}/$export"), token)
+}
+
+/// Runs the export `path_and_query` and returns its resources by type.
+fn export(base: &str, path_and_query: &str, token: Option<&str>) -> BTreeMap<String, Vec<Value>> {
+    let status_url = accepted_status_url(base, kickoff_get(base, path_and_query, token));
     let (manifest, _) = wait_manifest(&status_url, token);
     resources_by_type(&download_all(&manifest, "output", token))
 }
@@ -616,4 +618,75 @@ fn scopes_and_ownership() {
     .send()
     .unwrap();
     assert_eq!(resp.status(), 204);
+}
+
+/// Group-level `_since` on a cohort: members who joined before `_since` get only what changed since,
+/// a patient who joined at a later refresh gets its older resources too.
+#[test]
+fn since_gives_patients_who_joined_later_their_older_data() {
+    let upstream = upstream_rw();
+    let family = unique("cohort-since");
+    let patient = |given: &str| {
+        create_rw(
+            &json!({"resourceType": "Patient", "name": [{"family": family, "given": [given]}]}),
+        )
+    };
+    let (early, late) = (patient("early"), patient("late"));
+    let code = unique("code");
+    let observation = |subject: &Value| {
+        create_rw(&json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": {"coding": [{"system": "http://example.org/cohort-test", "code": code}]},
+            "subject": {"reference": format!("Patient/{}", subject["id"].as_str().unwrap())},
+        }))
+    };
+    let early_observation = observation(&early);
+    let proxy = Proxy::start(&upstream, "");
+    let status_url = create(
+        &proxy.base,
+        &cohort_group(
+            "joined later",
+            &[&format!(
+                "Observation?code={}",
+                enc(&format!("http://example.org/cohort-test|{code}"))
+            )],
+        ),
+        None,
+    );
+    let id_str = |r: &Value| r["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        members_of(&wait_group(&status_url, None)),
+        [id_str(&early)].into()
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    std::thread::sleep(Duration::from_millis(1100));
+    let late_observation = observation(&late);
+    let id = id_of(&status_url);
+    let refresh = client()
+        .post(format!("{}/Group/{id}/$cohort-refresh", proxy.base))
+        .send()
+        .unwrap();
+    assert_eq!(refresh.status(), 202);
+    assert_eq!(
+        members_of(&wait_group(&status_url, None)),
+        [id_str(&early), id_str(&late)].into()
+    );
+    let exported = export(
+        &proxy.base,
+        &format!(
+            "Group/{id}/$export?_type=Patient,Observation&_since={}",
+            enc(&since)
+        ),
+        None,
+    );
+    let ids = |t: &str| -> BTreeSet<String> {
+        exported.get(t).into_iter().flatten().map(id_str).collect()
+    };
+    // The early member's Patient and Observation predate `_since`: left out. The late one's Patient
+    // predates it too, but the patient joined after it.
+    assert_eq!(ids("Patient"), [id_str(&late)].into());
+    assert_eq!(ids("Observation"), [id_str(&late_observation)].into());
+    assert!(!ids("Observation").contains(&id_str(&early_observation)));
 }

@@ -124,17 +124,33 @@ impl Cohorts {
     async fn compute(&self, mut cohort: Cohort) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let result = membership::compute(&cohort.filters, &self.upstream, self.limits).await;
-        let members: Vec<String> = match result {
+        let members: Vec<(String, String)> = match result {
             Ok(members) => {
                 let finished = now();
+                // Who was a member already keeps the time it joined: a Group export's `_since` gives
+                // only those who joined later their older data.
+                let before: std::collections::BTreeMap<String, String> = match &cohort.ready {
+                    Some(ready) => self
+                        .store
+                        .cohort_joined(&cohort.id, ready.generation)?
+                        .into_iter()
+                        .collect(),
+                    None => Default::default(),
+                };
                 cohort.ready = Some(Computed {
                     generation: cohort.generation,
                     count: members.len(),
                     refreshed: finished.clone(),
                 });
                 cohort.state = State::Ready;
-                cohort.last_updated = finished;
-                members.into_iter().collect()
+                cohort.last_updated = finished.clone();
+                members
+                    .into_iter()
+                    .map(|m| {
+                        let joined = before.get(&m).cloned().unwrap_or_else(|| finished.clone());
+                        (m, joined)
+                    })
+                    .collect()
             }
             Err(failure) => {
                 tracing::warn!(cohort = %cohort.id, error = %failure, "cohort membership computation failed");
@@ -163,7 +179,7 @@ impl Cohorts {
             members = members.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             state = ?cohort.state,
-            "cohort membership computed"
+            "cohort membership computation ended"
         );
         Ok(())
     }
