@@ -234,9 +234,6 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "too-costly")
             }
             ApiError::Cohort(CohortFailure::Upstream(_)) => (StatusCode::BAD_GATEWAY, "transient"),
-            ApiError::Cohort(CohortFailure::Internal(_)) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "exception")
-            }
         }
     }
 

@@ -203,8 +203,10 @@ impl Endpoints<'_> {
         self.check_scope(SEARCH, "searching")?;
         let mut entries = Vec::new();
         for id in ids {
-            let Ok(cohort) = self.owned(id) else {
-                continue;
+            let cohort = match self.owned(id) {
+                Ok(cohort) => cohort,
+                Err(ApiError::NotFound(_)) => continue,
+                Err(e) => return Err(e),
             };
             if cohort.ready.is_some() {
                 entries.push(json!({

@@ -112,7 +112,4 @@ pub enum CohortFailure {
     /// The upstream failed (after retries) or ignored a parameter while members were computed.
     #[error("{0}")]
     Upstream(String),
-    /// The proxy's own store failed.
-    #[error("{0}")]
-    Internal(String),
 }
