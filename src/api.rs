@@ -13,6 +13,10 @@ use url::Url;
 mod status;
 
 use crate::auth::{access, Auth, AuthError, Principal};
+use crate::cohort::forward::Forwarder;
+use crate::cohort::handlers::{self as cohort_handlers, Endpoints};
+use crate::cohort::membership::Limits as CohortLimits;
+use crate::cohort::{is_cohort_id, Cohorts};
 use crate::config::{Config, PassThroughAuth};
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
@@ -53,6 +57,10 @@ pub struct App {
     pub auth: Arc<Auth>,
     /// Where finished files are kept.
     pub storage: Arc<Storage>,
+    /// Cohort Groups (the Bulk Cohort API).
+    pub cohorts: Arc<Cohorts>,
+    /// Sends on a `POST Group` read to tell whether it is a cohort, when it is not.
+    group_forwarder: Forwarder,
     /// Routing of normalised request paths.
     router: Router,
 }
@@ -67,7 +75,20 @@ impl App {
         runner: Arc<Runner>,
         auth: Arc<Auth>,
         storage: Arc<Storage>,
-    ) -> Self {
+    ) -> Result<Self, crate::upstream::UpstreamError> {
+        let cohorts = Cohorts::new(
+            store.clone(),
+            upstream.clone(),
+            CohortLimits {
+                max_members: config.cohort.max_members,
+                page_size: config.cohort.page_size,
+            },
+        );
+        let group_forwarder = Forwarder::new(
+            config.upstream.base_url.clone(),
+            public_base.clone(),
+            Duration::from_secs(config.upstream.timeout_secs),
+        )?;
         let security = auth.enabled().then(|| auth.capability_security());
         let pass_through = PassThrough::new(
             config.upstream.base_url.clone(),
@@ -80,7 +101,9 @@ impl App {
             config.server.forward_outside_base,
         );
         let poll_window = Duration::from_millis(config.export.min_poll_interval_ms.max(1));
-        Self {
+        Ok(Self {
+            cohorts,
+            group_forwarder,
             manifest_pages_lock: tokio::sync::Mutex::new(()),
             recent_polls: moka::sync::Cache::builder()
                 .time_to_live(poll_window)
@@ -94,7 +117,7 @@ impl App {
             auth,
             storage,
             router,
-        }
+        })
     }
 
     /// Answers one request; never fails (errors become OperationOutcome responses). Pass-through uses
@@ -112,7 +135,9 @@ impl App {
         let (route, rewritten, needs) = match self.router.resolve(req.uri().path()) {
             Ok(resolved) => {
                 let needs = match resolved.route {
-                    Route::PassThrough | Route::Metadata if self.requires_token() => {
+                    Route::PassThrough | Route::Metadata | Route::Groups
+                        if self.requires_token() =>
+                    {
                         access::needs(req.method(), &resolved.segments)
                     }
                     _ => Vec::new(),
@@ -153,6 +178,10 @@ impl App {
                 "{} is not an endpoint of this server",
                 req.uri().path()
             ))),
+            Route::Groups => self.groups(req, peer, affinity, rewritten, needs).await,
+            Route::CohortStatus(_) | Route::Cohort(_) | Route::CohortRefresh(_) => {
+                self.cohort(route, &req).await
+            }
             Route::Metadata | Route::PassThrough => {
                 self.forward(req, peer, affinity, Forward::plain(rewritten, needs))
                     .await
@@ -166,6 +195,38 @@ impl App {
         self.auth.enabled() && self.auth.config().pass_through == PassThroughAuth::RequireToken
     }
 
+    /// For `require-token` mode: checks that a pass-through request's token allows it, and puts the
+    /// proxy's own upstream credentials (if any) in place of the token.
+    async fn authorize_forward(
+        &self,
+        parts: &mut hyper::http::request::Parts,
+        needs: &[access::Need],
+    ) -> Result<(), ApiError> {
+        {
+            let principal = self.auth.authenticate(&parts.headers).await?;
+            if let Some(need) = access::unmet(&principal.grant, needs) {
+                return Err(AuthError::Forbidden(format!(
+                    "the access token's scopes do not include {}, which {} {} needs",
+                    access::describe(need),
+                    parts.method,
+                    parts.uri.path()
+                ))
+                .into());
+            }
+            self.check_search_reads(&principal, needs, parts.uri.query())
+                .await?;
+            // The proxy's token means nothing upstream and must not leak there; the proxy's own
+            // upstream credentials (if any) stand in for it.
+            parts.headers.remove(hyper::header::AUTHORIZATION);
+            if let Some(authorization) = self.upstream.authorization().await? {
+                parts
+                    .headers
+                    .insert(hyper::header::AUTHORIZATION, authorization);
+            }
+        }
+        Ok(())
+    }
+
     /// Passes a request through, on its normalised path, once its token allows it.
     async fn forward(
         &self,
@@ -175,25 +236,9 @@ impl App {
         forward: Forward,
     ) -> Result<Response<Body>, ApiError> {
         if self.requires_token() {
-            let principal = self.auth.authenticate(req.headers()).await?;
-            if let Some(need) = access::unmet(&principal.grant, &forward.needs) {
-                return Err(AuthError::Forbidden(format!(
-                    "the access token's scopes do not include {}, which {} {} needs",
-                    access::describe(need),
-                    req.method(),
-                    req.uri().path()
-                ))
-                .into());
-            }
-            self.check_search_reads(&principal, &forward.needs, req.uri().query())
-                .await?;
-            // The proxy's token means nothing upstream and must not leak there; the proxy's own
-            // upstream credentials (if any) stand in for it.
-            req.headers_mut().remove(hyper::header::AUTHORIZATION);
-            if let Some(authorization) = self.upstream.authorization().await? {
-                req.headers_mut()
-                    .insert(hyper::header::AUTHORIZATION, authorization);
-            }
+            let (mut parts, body) = req.into_parts();
+            self.authorize_forward(&mut parts, &forward.needs).await?;
+            req = Request::from_parts(parts, body);
         }
         if let Some(path) = forward.rewritten {
             let target = match req.uri().query() {
@@ -217,6 +262,75 @@ impl App {
             .map_or(StatusCode::BAD_GATEWAY, |r| r.status());
         METRICS.passthrough(status, started.elapsed());
         result
+    }
+
+    /// `[base]/Group`: an asynchronous `POST` of a Group with member-filters creates a cohort, a `GET`
+    /// whose `_id`s all name cohorts searches them; everything else is the upstream's.
+    async fn groups(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        affinity: &Affinity,
+        rewritten: Option<String>,
+        needs: Vec<access::Need>,
+    ) -> Result<Response<Body>, ApiError> {
+        if req.method() == Method::POST && cohort_handlers::prefers_async(req.headers()) {
+            let (mut parts, body) = req.into_parts();
+            let body = self.read_body(body).await?;
+            if let Some(group) = cohort_handlers::cohort_request(&body) {
+                let principal = self.principal(&parts.headers).await?;
+                let capability = self.upstream.capability().await?;
+                return self
+                    .cohort_endpoints(principal.as_ref())
+                    .create(&group, &capability);
+            }
+            if self.requires_token() {
+                self.authorize_forward(&mut parts, &needs).await?;
+            }
+            let started = std::time::Instant::now();
+            let result = self
+                .group_forwarder
+                .post_group(parts.uri.query(), &parts.headers, body, peer)
+                .await;
+            let status = result
+                .as_ref()
+                .map_or(StatusCode::BAD_GATEWAY, |r| r.status());
+            METRICS.passthrough(status, started.elapsed());
+            return result;
+        }
+        if req.method() == Method::GET {
+            if let Some(ids) = cohort_handlers::search_ids(req.uri().query()) {
+                let principal = self.principal(req.headers()).await?;
+                return self.cohort_endpoints(principal.as_ref()).search(&ids);
+            }
+        }
+        self.forward(req, peer, affinity, Forward::plain(rewritten, needs))
+            .await
+    }
+
+    /// The cohort endpoints the proxy serves itself.
+    async fn cohort(
+        &self,
+        route: Route,
+        req: &Request<Incoming>,
+    ) -> Result<Response<Body>, ApiError> {
+        let principal = self.principal(req.headers()).await?;
+        let endpoints = self.cohort_endpoints(principal.as_ref());
+        match route {
+            Route::CohortStatus(id) => endpoints.status(&id, req.method()),
+            Route::Cohort(id) => endpoints.group(&id, req.method()),
+            Route::CohortRefresh(id) => endpoints.refresh(&id, req.method()),
+            _ => unreachable!("only cohort routes are sent here"),
+        }
+    }
+
+    fn cohort_endpoints<'a>(&'a self, principal: Option<&'a Principal>) -> Endpoints<'a> {
+        Endpoints {
+            cohorts: &self.cohorts,
+            public_base: &self.public_base,
+            principal,
+            retry_after: self.config.export.retry_after_secs,
+        }
     }
 
     /// A pass-through search's parameters may read only types the token allows: a chain or `_include`
@@ -319,7 +433,7 @@ impl App {
                 .map_err(AuthError::Forbidden)?;
         }
         if let Level::Group { id } = &kickoff.spec.level {
-            self.check_group(id).await?;
+            self.check_group(id, principal.as_ref()).await?;
         }
         let request = format!(
             "{}{}",
@@ -385,11 +499,20 @@ impl App {
         }
     }
 
-    /// A Group export of a Group the upstream does not have is refused at kick-off, not later.
-    async fn check_group(&self, id: &str) -> Result<(), ApiError> {
+    /// A Group export of a Group the upstream does not have is refused at kick-off, not later; a cohort
+    /// must have computed members and belong to the caller.
+    async fn check_group(&self, id: &str, principal: Option<&Principal>) -> Result<(), ApiError> {
         let missing = || ApiError::NotFound(format!("Group/{id} was not found"));
         if !is_fhir_id(id) {
             return Err(missing());
+        }
+        if is_cohort_id(id) {
+            let cohort = self.cohorts.find(id)?.filter(|c| c.ready.is_some());
+            let visible = cohort.is_some_and(|c| match principal {
+                Some(p) => c.owner.as_deref() == Some(p.client_id.as_str()),
+                None => true,
+            });
+            return if visible { Ok(()) } else { Err(missing()) };
         }
         let url = self.upstream.url(&format!("Group/{id}"));
         match self.upstream.fetch(url.as_str(), |_| Ok(())).await {

@@ -51,6 +51,29 @@ pub struct Config {
     /// OpenTelemetry trace export.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Cohort Groups (the Bulk Cohort API).
+    #[serde(default)]
+    pub cohort: CohortConfig,
+}
+
+/// Cohort Group settings.
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+#[serde(deny_unknown_fields, default)]
+pub struct CohortConfig {
+    /// Patients one member-filter may match; past it the cohort fails rather than being truncated.
+    pub max_members: usize,
+    /// `_count` of the upstream searches that compute members.
+    pub page_size: u32,
+}
+
+impl Default for CohortConfig {
+    fn default() -> Self {
+        Self {
+            max_members: 1_000_000,
+            page_size: 1000,
+        }
+    }
 }
 
 /// OpenTelemetry settings.

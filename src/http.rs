@@ -7,6 +7,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_A
 use hyper::{Method, Response, StatusCode};
 
 use crate::auth::AuthError;
+use crate::cohort::CohortFailure;
 use crate::export::failure::JobFailure;
 use crate::export::kickoff::KickoffError;
 use crate::outcome::outcome;
@@ -173,6 +174,9 @@ pub enum ApiError {
     /// The request path cannot be routed safely.
     #[error(transparent)]
     Path(#[from] PathError),
+    /// A cohort cannot be created, or its members could not be computed.
+    #[error(transparent)]
+    Cohort(#[from] CohortFailure),
 }
 
 impl ApiError {
@@ -222,6 +226,14 @@ impl ApiError {
             ApiError::Auth(AuthError::Setup(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
             // No resource has such a path, whatever the upstream would have made of it.
             ApiError::Path(_) => (StatusCode::NOT_FOUND, "not-found"),
+            ApiError::Cohort(CohortFailure::Invalid(_)) => (StatusCode::BAD_REQUEST, "invalid"),
+            ApiError::Cohort(CohortFailure::Unsupported(_)) => {
+                (StatusCode::BAD_REQUEST, "not-supported")
+            }
+            ApiError::Cohort(CohortFailure::TooManyMembers(_)) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "too-costly")
+            }
+            ApiError::Cohort(CohortFailure::Upstream(_)) => (StatusCode::BAD_GATEWAY, "transient"),
         }
     }
 

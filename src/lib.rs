@@ -40,6 +40,9 @@
 //!
 //! # Around both paths
 //!
+//! [`cohort`] is the Bulk Cohort API: criteria-based Groups created through the proxy, their members
+//! computed over the upstream and kept in the [`store`], exported through the Group path above.
+//!
 //! [`auth`] is SMART Backend Services (token endpoint, [`auth::clients`], [`auth::scopes`],
 //! [`auth::replay`]); [`admin`] is the operators' listener with [`metrics`]; [`telemetry`] sets up logs
 //! and traces; [`outcome`] builds OperationOutcomes and [`http`] turns every error into one.
@@ -50,6 +53,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod cohort;
 pub mod config;
 pub mod export;
 pub mod fhir_types;

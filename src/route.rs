@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
+use crate::cohort::is_cohort_id;
 use crate::export::model::Level;
 
 /// What a request is for.
@@ -29,6 +30,14 @@ pub enum Route {
     SmartConfiguration,
     /// `auth/token` (when authorization is on).
     Token,
+    /// `Group` itself: a `POST` may create a cohort, a `GET ?_id=` may name cohorts; otherwise forwarded.
+    Groups,
+    /// `Group/cohort-…`: a cohort Group, the proxy's (read, delete).
+    Cohort(String),
+    /// `Group/cohort-…/$cohort-refresh`: computes a cohort's members again.
+    CohortRefresh(String),
+    /// `$cohort-status/{id}`: a cohort's computation.
+    CohortStatus(String),
     /// An export-like operation the proxy does not serve (`$bulk-status/a/b`, `Observation/$export`, an
     /// upstream's own status URL...): answered 404 by the proxy, never forwarded.
     Refused,
@@ -133,6 +142,14 @@ impl Router {
             ["Group", id, "$export"] => Route::Kickoff(Level::Group { id: id.to_string() }),
             ["$bulk-status", id] => Route::Status(id.to_string()),
             ["$bulk-files", id, name] => Route::File(id.to_string(), name.to_string()),
+            ["$cohort-status", id] => Route::CohortStatus(id.to_string()),
+            ["Group"] => Route::Groups,
+            ["Group", id] if is_cohort_id(id) => Route::Cohort(id.to_string()),
+            ["Group", id, "$cohort-refresh"] if is_cohort_id(id) => {
+                Route::CohortRefresh(id.to_string())
+            }
+            // Nothing else of a cohort exists upstream (history, compartments, other operations).
+            ["Group", id, ..] if is_cohort_id(id) => Route::Refused,
             ["metadata"] => Route::Metadata,
             [".well-known", "smart-configuration"] if self.auth => Route::SmartConfiguration,
             ["auth", "token"] if self.auth => Route::Token,
@@ -184,13 +201,15 @@ fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "-._~!$&'()*+,=:@".contains(c)
 }
 
-/// Whether any segment names an export operation or an export's async endpoint, in any letter case (some
-/// servers route case-insensitively): the proxy serves the ones it implements and refuses the rest.
+/// Whether any segment names an export or cohort operation or an export's async endpoint, in any letter
+/// case (some servers route case-insensitively): the proxy serves the ones it implements and refuses the
+/// rest.
 fn owns_any(segments: &[Cow<'_, str>]) -> bool {
     segments.iter().enumerate().any(|(i, s)| {
         let s = s.to_ascii_lowercase();
         s.starts_with("$export")
             || s.starts_with("$bulk")
+            || s.starts_with("$cohort")
             || s.starts_with("bulk-")
             || (s == "_operations"
                 && segments
@@ -290,6 +309,48 @@ mod tests {
         ] {
             assert_eq!(route(path), Ok(Route::Refused), "{path}");
         }
+    }
+
+    #[test]
+    fn cohort_paths_route_to_the_proxy_in_every_spelling() {
+        let id = "cohort-0123abcd";
+        for path in [
+            "/fhir/$cohort-status/cohort-0123abcd",
+            "/fhir//$cohort-status/cohort-0123abcd/",
+            "/fhir/%24cohort-status/cohort-0123abcd",
+            "/fhir%2F$cohort-status%2Fcohort-0123abcd",
+        ] {
+            assert_eq!(route(path), Ok(Route::CohortStatus(id.into())), "{path}");
+        }
+        for path in [
+            "/fhir/Group/cohort-0123abcd",
+            "/fhir//Group/%63ohort-0123abcd/",
+        ] {
+            assert_eq!(route(path), Ok(Route::Cohort(id.into())), "{path}");
+        }
+        assert_eq!(
+            route("/fhir/Group/cohort-0123abcd/$cohort-refresh"),
+            Ok(Route::CohortRefresh(id.into()))
+        );
+        assert_eq!(
+            route("/fhir/Group/cohort-0123abcd/$export"),
+            Ok(Route::Kickoff(Level::Group { id: id.into() }))
+        );
+        assert_eq!(route("/fhir/Group"), Ok(Route::Groups));
+        assert_eq!(route("/fhir/Group/"), Ok(Route::Groups));
+        for path in [
+            "/fhir/Group/cohort-0123abcd/_history",
+            "/fhir/Group/cohort-0123abcd/_history/1",
+            "/fhir/Group/cohort-0123abcd/$everything",
+            "/fhir/$cohort-status",
+            "/fhir/$COHORT-STATUS/x",
+            "/fhir/Group/g1/$cohort-refresh",
+            "/fhir/Patient/$cohort-status/x",
+        ] {
+            assert_eq!(route(path), Ok(Route::Refused), "{path}");
+        }
+        assert_eq!(route("/fhir/Group/g1"), Ok(Route::PassThrough));
+        assert_eq!(route("/fhir/Group/cohort-"), Ok(Route::PassThrough));
     }
 
     #[test]

@@ -124,7 +124,8 @@ pub async fn run(
         runner,
         auth,
         storage,
-    ));
+    )?);
+    app.cohorts.resume()?;
 
     tracing::info!(%bound, %public_base, "listening");
     // Tests and scripts read this one stdout line to learn the port.

@@ -1,4 +1,5 @@
-//! Durable job state: job records, slice cursors and dedup sets, in sled.
+//! Durable job state: job records, slice cursors and dedup sets, in sled; and cohort Groups with their
+//! members.
 //!
 //! Everything that touches sled lives here, so the engine can be swapped without touching the export path.
 //! Records are JSON so that a store can be inspected with ordinary tools.
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
+use crate::cohort::Cohort;
 use crate::export::model::{Job, Planning, Slice};
 
 /// sled's page cache. The store holds job records and cursors, rewritten every commit; sled's default
@@ -56,6 +58,11 @@ pub struct Store {
     planning: sled::Tree,
     /// Manifest pages served while a job ran (partial manifests), by job: they never change once served.
     manifests: sled::Tree,
+    /// Cohort records by id.
+    cohorts: sled::Tree,
+    /// Cohort members, `{cohort}/{generation}/{patient}`: a computation's members are written with the
+    /// record that makes them current, so a half-computed membership is never visible.
+    cohort_members: sled::Tree,
 }
 
 fn slice_key(job_id: &str, index: u32) -> String {
@@ -64,6 +71,10 @@ fn slice_key(job_id: &str, index: u32) -> String {
 
 fn seen_key(job_id: &str, index: u32, id: &str) -> String {
     format!("{job_id}/{index:08}/{id}")
+}
+
+fn member_prefix(cohort: &str, generation: u64) -> String {
+    format!("{cohort}/{generation:08}/")
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -99,6 +110,8 @@ impl Store {
                 seen: db.open_tree("seen")?,
                 planning: db.open_tree("planning")?,
                 manifests: db.open_tree("manifests")?,
+                cohorts: db.open_tree("cohorts")?,
+                cohort_members: db.open_tree("cohort_members")?,
                 db,
             })
         };
@@ -283,6 +296,121 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Inserts or replaces a cohort record.
+    pub fn put_cohort(&self, cohort: &Cohort) -> Result<(), StoreError> {
+        self.cohorts.insert(cohort.id.as_bytes(), encode(cohort))?;
+        Ok(())
+    }
+
+    /// Reads one cohort.
+    pub fn cohort(&self, id: &str) -> Result<Option<Cohort>, StoreError> {
+        match self.cohorts.get(id.as_bytes())? {
+            Some(v) => Ok(Some(decode(id.as_bytes(), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every cohort.
+    pub fn cohorts(&self) -> Result<Vec<Cohort>, StoreError> {
+        self.cohorts
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Replaces a cohort record with `cohort`, and adds `members` (each with the time it joined the
+    /// cohort) under its generation, in one atomic step, unless the cohort was deleted or has started
+    /// another computation meanwhile (false).
+    pub fn commit_cohort(
+        &self,
+        cohort: &Cohort,
+        members: &[(String, String)],
+    ) -> Result<bool, StoreError> {
+        let prefix = member_prefix(&cohort.id, cohort.generation);
+        let trees = (&self.cohorts, &self.cohort_members);
+        let result = trees.transaction(|(cohorts, tx_members)| {
+            let current = match cohorts.get(cohort.id.as_bytes())? {
+                Some(v) => v,
+                None => return Err(ConflictableTransactionError::Abort(())),
+            };
+            let current: Cohort = serde_json::from_slice(&current)
+                .map_err(|_| ConflictableTransactionError::Abort(()))?;
+            if current.generation != cohort.generation {
+                return Err(ConflictableTransactionError::Abort(()));
+            }
+            for (member, joined) in members {
+                tx_members.insert(format!("{prefix}{member}").as_bytes(), joined.as_bytes())?;
+            }
+            cohorts.insert(cohort.id.as_bytes(), encode(cohort))?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Ok(true),
+            Err(e) => abort(e).map_or(Ok(false), Err),
+        }
+    }
+
+    /// The members a cohort's computation `generation` stored, sorted.
+    pub fn cohort_members(&self, id: &str, generation: u64) -> Result<Vec<String>, StoreError> {
+        let prefix = member_prefix(id, generation);
+        self.cohort_members
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| {
+                let k = k?;
+                Ok(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    /// The members of a cohort's computation `generation`, each with the time it joined, sorted.
+    pub fn cohort_joined(
+        &self,
+        id: &str,
+        generation: u64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let prefix = member_prefix(id, generation);
+        self.cohort_members
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((
+                    String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Removes a cohort's members of every computation but `keep` (all of them with `None`).
+    pub fn prune_cohort_members(&self, id: &str, keep: Option<u64>) -> Result<(), StoreError> {
+        let kept = keep.map(|g| member_prefix(id, g));
+        let mut batch = sled::Batch::default();
+        for key in self
+            .cohort_members
+            .scan_prefix(format!("{id}/").as_bytes())
+            .keys()
+        {
+            let key = key?;
+            if !kept.as_ref().is_some_and(|k| key.starts_with(k.as_bytes())) {
+                batch.remove(key);
+            }
+        }
+        self.cohort_members.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Removes a cohort and all its members.
+    pub fn delete_cohort(&self, id: &str) -> Result<(), StoreError> {
+        self.cohorts.remove(id.as_bytes())?;
+        self.prune_cohort_members(id, None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,6 +493,47 @@ mod tests {
         assert!(store.commit_planning("a", &progress, &[]).unwrap());
         store.delete_job("a").unwrap();
         assert_eq!(store.planning("a").unwrap(), Planning::default());
+    }
+
+    fn cohort(generation: u64) -> Cohort {
+        Cohort {
+            id: "cohort-1".into(),
+            owner: None,
+            definition: serde_json::json!({"resourceType": "Group"}),
+            filters: Vec::new(),
+            generation,
+            state: crate::cohort::State::Computing,
+            ready: None,
+            last_updated: "2026-01-01T00:00:00Z".into(),
+        }
+    }
+
+    /// Members go in only with the computation that is current, and leave with their cohort.
+    #[test]
+    fn cohort_members_are_committed_only_for_the_current_computation() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let joined = |p: &str| (p.to_owned(), "2026-01-01T00:00:00Z".to_owned());
+        let members = [joined("p1"), joined("p2")];
+        assert!(
+            !store.commit_cohort(&cohort(1), &members).unwrap(),
+            "no record"
+        );
+        store.put_cohort(&cohort(2)).unwrap();
+        assert!(!store.commit_cohort(&cohort(1), &members).unwrap(), "stale");
+        assert!(store.cohort_members("cohort-1", 1).unwrap().is_empty());
+        let mut done = cohort(2);
+        done.state = crate::cohort::State::Ready;
+        assert!(store.commit_cohort(&done, &members).unwrap());
+        assert_eq!(store.cohort("cohort-1").unwrap(), Some(done));
+        assert_eq!(store.cohort_members("cohort-1", 2).unwrap(), ["p1", "p2"]);
+        assert_eq!(store.cohort_joined("cohort-1", 2).unwrap(), members);
+        store.prune_cohort_members("cohort-1", Some(3)).unwrap();
+        assert!(store.cohort_members("cohort-1", 2).unwrap().is_empty());
+        store.commit_cohort(&cohort(2), &members).unwrap();
+        store.delete_cohort("cohort-1").unwrap();
+        assert_eq!(store.cohort("cohort-1").unwrap(), None);
+        assert!(store.cohort_members("cohort-1", 2).unwrap().is_empty());
     }
 
     #[test]

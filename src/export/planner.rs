@@ -99,13 +99,28 @@ pub async fn plan(
             }
         }
         Level::Patient | Level::Group { .. } => {
-            let patients = patients(job, upstream).await?;
-            let batches = planning.batches(&patients);
-            if batches.len() > 1 && limits.skip_empty_types {
+            let patients = patients(job, upstream, store).await?;
+            let newcomers = cohort_newcomers(job, store)?;
+            let (later, earlier): (Vec<String>, Vec<String>) =
+                patients.into_iter().partition(|p| newcomers.contains(p));
+            let batches = planning.batches(&earlier);
+            // A type empty since `_since` may still hold a newcomer's older resources.
+            if batches.len() > 1 && limits.skip_empty_types && later.is_empty() {
                 planning.skip_empty_types().await?;
             }
             for batch in batches {
                 planning.patient_batch(batch);
+            }
+            if !later.is_empty() {
+                planning.bounds.window =
+                    Window::new(None, spec.until.as_deref(), &job.transaction_time);
+                for batch in planning.batches(&later) {
+                    planning.patient_batch(batch);
+                }
+                planning.plan.notes.push(format!(
+                    "{} patient(s) joined the cohort after _since: all their resources are exported, not only those changed since",
+                    later.len()
+                ));
             }
             if spec.since.is_some() {
                 // A deleted resource's history entry no longer says whose compartment it was in.
@@ -463,8 +478,9 @@ impl Bounds<'_> {
 }
 
 /// The patient ids of a Patient or Group export, sorted and unique.
-async fn patients(job: &Job, upstream: &Upstream) -> Result<Vec<String>, PlanError> {
+async fn patients(job: &Job, upstream: &Upstream, store: &Store) -> Result<Vec<String>, PlanError> {
     let mut ids: BTreeSet<String> = match &job.spec.level {
+        Level::Group { id } if crate::cohort::is_cohort_id(id) => cohort_members(id, store)?,
         Level::Group { id } => group_members(id, upstream).await?,
         _ if !job.spec.patients.is_empty() => return Ok(sorted(&job.spec.patients)),
         _ => all_patients(job, upstream).await?,
@@ -482,6 +498,43 @@ fn sorted(ids: &[String]) -> Vec<String> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// The members of a cohort Group export's cohort who joined it after the job's `_since` (none without
+/// `_since`, or for an upstream Group): Bulk Data 3.0.0 lets them have their older resources too.
+fn cohort_newcomers(job: &Job, store: &Store) -> Result<BTreeSet<String>, PlanError> {
+    let (Level::Group { id }, Some(since)) = (&job.spec.level, &job.spec.since) else {
+        return Ok(BTreeSet::new());
+    };
+    let Some(since) = parse_ms(since) else {
+        return Ok(BTreeSet::new());
+    };
+    if !crate::cohort::is_cohort_id(id) {
+        return Ok(BTreeSet::new());
+    }
+    let Some(ready) = store.cohort(id)?.and_then(|c| c.ready) else {
+        return Ok(BTreeSet::new());
+    };
+    Ok(store
+        .cohort_joined(id, ready.generation)?
+        .into_iter()
+        .filter(|(_, joined)| parse_ms(joined).is_some_and(|j| j > since))
+        .map(|(member, _)| member)
+        .collect())
+}
+
+/// The members of a cohort's last finished computation, from the proxy's own store.
+fn cohort_members(id: &str, store: &Store) -> Result<BTreeSet<String>, PlanError> {
+    let cohort = store
+        .cohort(id)?
+        .ok_or_else(|| PlanError::GroupNotFound(id.to_owned()))?;
+    let ready = cohort
+        .ready
+        .ok_or_else(|| PlanError::GroupNotFound(id.to_owned()))?;
+    Ok(store
+        .cohort_members(id, ready.generation)?
+        .into_iter()
+        .collect())
 }
 
 /// Active `Patient` members of a Group (`member.entity`, skipping `inactive` ones).
