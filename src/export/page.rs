@@ -11,6 +11,7 @@ use crate::export::prefetch::Prefetch;
 use crate::export::worker::SliceContext;
 use crate::store::StoreError;
 use crate::upstream::bundle::{BundleError, BundleReader, Entry};
+use crate::upstream::limiter::Slot;
 use crate::upstream::PageSink;
 
 /// One page, converted to output lines.
@@ -105,6 +106,8 @@ struct Lines<'s> {
     page_ids: HashSet<String>,
     /// Whether the page after this one has been asked for.
     asked: bool,
+    /// The slot this page's request holds, which the request for the next page takes over.
+    slot: Option<Slot>,
     /// The `_elements` entries that apply to the page's type (empty: whole resources).
     elements: Vec<String>,
 }
@@ -128,6 +131,7 @@ impl<'s> Converter<'s> {
                 },
                 page_ids: HashSet::new(),
                 asked: false,
+                slot: None,
                 elements: elements_for(
                     &scope.ctx.elements,
                     scope.ctx.layout.page_type(scope.slice),
@@ -144,6 +148,10 @@ impl PageSink for Converter<'_> {
     fn expect(&mut self, bytes: usize) {
         // Exact, with headroom: `reserve` doubles the buffer whenever a page is a little larger than the last.
         self.lines.page.data.reserve_exact(bytes + bytes / 8);
+    }
+
+    fn opened(&mut self, slot: Slot) {
+        self.lines.slot = Some(slot);
     }
 
     fn chunk(&mut self, bytes: &[u8]) -> Result<(), PageError> {
@@ -167,11 +175,14 @@ impl Lines<'_> {
     /// Asks for the page after this one, once.
     fn ask_next(&mut self, next: Option<&str>) {
         let scope = self.scope;
+        let Some(slot) = self.slot.as_ref() else {
+            return;
+        };
         if let Some(next) = next.filter(|_| !self.asked) {
             self.asked = true;
             scope
                 .prefetch
-                .start(scope.ctx, scope.slice, scope.url, next);
+                .start(scope.ctx, scope.slice, scope.url, next, slot);
         }
     }
 

@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use crate::export::model::Slice;
 use crate::export::page::url_hash;
 use crate::export::worker::SliceContext;
+use crate::upstream::limiter::Slot;
 use crate::upstream::Prefetched;
 
 /// A slice's next page, asked for as soon as the current page's `next` link is read, before the rest of
@@ -20,8 +21,16 @@ type Asked = (String, JoinHandle<Prefetched>);
 
 impl Prefetch {
     /// Asks for `next`, the page after `url`, unless it is asked for already, leads back to a page
-    /// fetched before, or the job's request budget has no request to spare.
-    pub(crate) fn start(&self, ctx: &SliceContext, slice: &Slice, url: &str, next: &str) {
+    /// fetched before, or the job's request budget has no request to spare. It goes in `after`, the slot
+    /// of the page at `url`.
+    pub(crate) fn start(
+        &self,
+        ctx: &SliceContext,
+        slice: &Slice,
+        url: &str,
+        next: &str,
+        after: &Slot,
+    ) {
         let mut slot = self.0.lock().expect("prefetch lock");
         if slot.as_ref().is_some_and(|(asked, _)| *asked == next)
             || next == url
@@ -30,7 +39,7 @@ impl Prefetch {
         {
             return;
         }
-        if let Some(handle) = ctx.upstream.prefetch(next) {
+        if let Some(handle) = ctx.upstream.prefetch(next, after.clone()) {
             if let Some((_, stale)) = slot.replace((next.to_owned(), handle)) {
                 stale.abort();
             }

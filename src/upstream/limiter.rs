@@ -18,9 +18,12 @@
 //! two: a server takes longer to answer a full page than the short last page of a search, and a count far
 //! less than either, so only like answers tell queueing from work.
 //! `max_concurrent_requests` stays the ceiling; with `adaptive_concurrency = false` it is the fixed limit.
+//! A request holds its slot until its body is read, except that the request for a search's next page,
+//! sent while the page before it is still arriving, takes over that page's [`Slot`]: a search goes on in
+//! the slot it has, rather than wait for a second one (at a limit of one, forever behind itself).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -194,23 +197,41 @@ impl Limiter {
         }
     }
 
+    /// Takes over `slot`, the slot of the page before this one, while it is still held and the export is
+    /// not over its limit (the limit fell since); otherwise waits like [`Limiter::acquire`].
+    pub async fn acquire_after(self: &Arc<Self>, kind: &str, slot: &Slot) -> ExportPermit {
+        {
+            let state = self.state.lock().expect("limiter lock");
+            if state.in_flight <= self.allowed(&state) && slot.0.swap(false, Ordering::AcqRel) {
+                return self.permit(&state, kind);
+            }
+        }
+        slot.give_up();
+        self.acquire(kind).await
+    }
+
     fn try_acquire(self: &Arc<Self>, kind: &str) -> Option<ExportPermit> {
         let mut state = self.state.lock().expect("limiter lock");
         if state.in_flight >= self.allowed(&state) {
             return None;
         }
         state.in_flight += 1;
-        let permit = ExportPermit {
-            limiter: self.clone(),
+        let permit = self.permit(&state, kind);
+        self.publish(&state);
+        Some(permit)
+    }
+
+    /// A permit for a request going out now, whose slot is already counted in `in_flight`.
+    fn permit(self: &Arc<Self>, state: &State, kind: &str) -> ExportPermit {
+        ExportPermit {
             kind: kind.to_owned(),
             sent: Instant::now(),
             head: None,
             concurrency: state.in_flight,
-            allowed: self.allowed(&state),
+            allowed: self.allowed(state),
             answers_before: state.answers,
-        };
-        self.publish(&state);
-        Some(permit)
+            slot: Slot(Arc::new(AtomicBool::new(true)), self.clone()),
+        }
     }
 
     /// The limiter's state now.
@@ -359,13 +380,27 @@ pub fn clinical_kind(method: &str, path: &str, query: Option<&str>) -> String {
 
 /// One export request's place under the limit, held until its body is read.
 pub struct ExportPermit {
-    limiter: Arc<Limiter>,
     kind: String,
     sent: Instant,
     head: Option<Duration>,
     concurrency: usize,
     allowed: usize,
     answers_before: u64,
+    slot: Slot,
+}
+
+/// An export request's place in `in_flight`, which the request for the next page of the same search may
+/// take over ([`Limiter::acquire_after`]); released once, by whichever of the two lets it go.
+#[derive(Clone)]
+pub struct Slot(Arc<AtomicBool>, Arc<Limiter>);
+
+impl Slot {
+    /// Releases the slot unless it was taken over or released already.
+    fn give_up(&self) {
+        if self.0.swap(false, Ordering::AcqRel) {
+            self.1.release();
+        }
+    }
 }
 
 /// How a request went out: the export requests in flight with it, how many were allowed, and the
@@ -378,6 +413,11 @@ struct Sent {
 }
 
 impl ExportPermit {
+    /// The permit's slot, for the request of the page after this one to take over.
+    pub fn slot(&self) -> Slot {
+        self.slot.clone()
+    }
+
     /// Records that the response head arrived: its latency is what the limit follows.
     pub fn answered(&mut self) {
         self.head = Some(self.sent.elapsed());
@@ -395,13 +435,13 @@ impl ExportPermit {
         };
         let size_class = usize::BITS - bytes.leading_zeros();
         let kind = format!("{}~{size_class}", self.kind);
-        self.limiter.answered(&kind, latency, sent);
+        self.slot.1.answered(&kind, latency, sent);
     }
 }
 
 impl Drop for ExportPermit {
     fn drop(&mut self) {
-        self.limiter.release();
+        self.slot.give_up();
     }
 }
 
@@ -625,6 +665,40 @@ mod tests {
         tokio::time::sleep(ms(20)).await;
         assert!(!waiter.is_finished());
         drop(first);
+        assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_next_page_takes_over_the_slot_of_the_page_still_arriving() {
+        let l = Limiter::new(1, true);
+        let page = l.acquire("Patient").await;
+        let next = tokio::time::timeout(ms(500), l.acquire_after("Patient", &page.slot()))
+            .await
+            .expect("the next page waited for a slot of its own");
+        assert_eq!(l.snapshot().in_flight, 1);
+        drop(page);
+        assert_eq!(l.snapshot().in_flight, 1, "the slot was released twice");
+        assert!(l.try_acquire("Patient").is_none());
+        let again = l.acquire_after("Patient", &next.slot()).await;
+        drop(next);
+        drop(again);
+        assert_eq!(l.snapshot().in_flight, 0);
+    }
+
+    #[tokio::test]
+    async fn a_slot_released_already_is_not_taken_over() {
+        let l = Limiter::new(1, false);
+        let page = l.acquire("Patient").await;
+        let slot = page.slot();
+        drop(page);
+        let other = l.acquire("Patient").await;
+        let waiter = tokio::spawn({
+            let l = l.clone();
+            async move { l.acquire_after("Patient", &slot).await.concurrency }
+        });
+        tokio::time::sleep(ms(20)).await;
+        assert!(!waiter.is_finished(), "a released slot was used twice");
+        drop(other);
         assert_eq!(waiter.await.unwrap(), 1);
     }
 

@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::config::UpstreamConfig;
 use crate::metrics::METRICS;
 use credentials::{Credentials, CredentialsError};
-use limiter::{ExportPermit, Limiter};
+use limiter::{ExportPermit, Limiter, Slot};
 
 /// How long a fetched CapabilityStatement is trusted.
 const CAPABILITY_TTL: Duration = Duration::from_secs(300);
@@ -308,7 +308,7 @@ impl Upstream {
                 Some(Prefetched(opened)) => opened,
                 None => {
                     before_attempt()?;
-                    self.open(&target).await
+                    self.open(&target, None).await
                 }
             };
             let (err, retry_after) = match self.read(&target, opened, sink()).await {
@@ -344,11 +344,16 @@ impl Upstream {
     /// One attempt at `url` in the background, for a page wanted next, to be handed to
     /// [`Upstream::fetch_streamed`]; `None` for a URL not under the base. It goes as far as the response
     /// head: the body waits in the connection until the page is read, so memory holds no page ahead.
-    pub fn prefetch(self: &Arc<Self>, url: &str) -> Option<tokio::task::JoinHandle<Prefetched>> {
+    /// It takes over `after`, the slot of the page still arriving (see [`limiter`]).
+    pub fn prefetch(
+        self: &Arc<Self>,
+        url: &str,
+        after: Slot,
+    ) -> Option<tokio::task::JoinHandle<Prefetched>> {
         let target = self.check_own(url).ok()?;
         let upstream = self.clone();
         Some(tokio::spawn(async move {
-            Prefetched(upstream.open(&target).await)
+            Prefetched(upstream.open(&target, Some(after)).await)
         }))
     }
 
@@ -364,12 +369,17 @@ impl Upstream {
     }
 
     /// Sends a GET and waits for a successful response head; the body is left to [`Upstream::read`].
-    async fn open(&self, url: &Url) -> Result<Opened, Attempt> {
+    /// A request for the page after one still arriving goes in that page's slot, `after`.
+    async fn open(&self, url: &Url, after: Option<Slot>) -> Result<Opened, Attempt> {
         if self.rate.check().is_err() {
             METRICS.rate_limiter_waits.inc();
             self.rate.until_ready().await;
         }
-        let mut permit = self.concurrency.acquire(&limiter::kind_of(url)).await;
+        let kind = limiter::kind_of(url);
+        let mut permit = match after {
+            Some(slot) => self.concurrency.acquire_after(&kind, &slot).await,
+            None => self.concurrency.acquire(&kind).await,
+        };
         let (mut response, sent) = self.send(url).await?;
         permit.answered();
         // A token can be revoked or expire early; one renewal is worth a try, a loop is not.
@@ -423,6 +433,7 @@ impl Upstream {
         if let Some(expected) = opened.response.content_length() {
             sink.expect(expected.min(self.max_page_bytes as u64) as usize);
         }
+        sink.opened(opened.permit.slot());
         let mut read = 0;
         while let Some(chunk) = opened
             .response
@@ -549,6 +560,8 @@ pub trait PageSink {
     type Error: std::fmt::Display;
     /// The body's announced length (at most `max_page_bytes`), before its first chunk.
     fn expect(&mut self, _bytes: usize) {}
+    /// The slot the request holds, for the request of the page after it ([`Upstream::prefetch`]).
+    fn opened(&mut self, _slot: Slot) {}
     /// The next chunk of the body; an error fails the attempt, which is retried.
     fn chunk(&mut self, bytes: &[u8]) -> Result<(), Self::Error>;
     /// The body has ended; an error fails the attempt, which is retried.
