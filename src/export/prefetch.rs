@@ -46,6 +46,14 @@ impl Prefetch {
         }
     }
 
+    /// Drops the page asked for, if any: before a page is tried again, since a failed attempt may have
+    /// asked for the next page, which holds the slot the new attempt needs (and will ask for it again).
+    pub(crate) fn forget(&self) {
+        if let Some((_, handle)) = self.0.lock().expect("prefetch lock").take() {
+            handle.abort();
+        }
+    }
+
     /// The attempt at `url` if that is the page asked for; any other is dropped.
     pub(crate) async fn take(&self, url: &str) -> Option<Prefetched> {
         let asked = self.0.lock().expect("prefetch lock").take();

@@ -202,8 +202,12 @@ impl<'c> SliceRun<'c> {
                     prefetch: &self.prefetch,
                     spare: &self.output.spare,
                 };
+                let before_attempt = || {
+                    self.prefetch.forget();
+                    ctx.limits.spend_request()
+                };
                 ctx.upstream
-                    .fetch_streamed(url, early, || Converter::new(&scope), || ctx.limits.spend_request())
+                    .fetch_streamed(url, early, || Converter::new(&scope), before_attempt)
                     .await
             } => Some(r),
         }
@@ -756,6 +760,62 @@ mod tests {
             early.load(Ordering::SeqCst),
             "page 2 was asked for only after page 1 was in"
         );
+        assert_eq!(written_ids(tmp.path(), &store), ["o1", "o2", "o3"]);
+    }
+
+    /// A page cut off after its `next` link has already asked for the next page, which holds the only
+    /// slot (the adaptive limiter starts at one): trying the page again must not wait for that slot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_page_cut_off_after_its_next_link_is_tried_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        let first = format!(
+            r#"{{"resourceType":"Bundle","link":[{{"relation":"next","url":"{base}/Observation?page=2"}}],"entry":[{{"resource":{{"resourceType":"Observation","id":"o1"}}}},"#
+        );
+        let rest = r#"{"resource":{"resourceType":"Observation","id":"o2"}}]}"#;
+        let second = bundle(&["o3"]);
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = attempts.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let (first, second, seen) = (first.clone(), second.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let Some(head) = read_head(&mut stream).await else {
+                        return;
+                    };
+                    let body = if head.contains("page=2") {
+                        second
+                    } else {
+                        format!("{first}{rest}")
+                    };
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                    if !head.contains("page=2") && seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        // The first attempt at page 1 ends after the link, short of its length.
+                        stream.write_all(first.as_bytes()).await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return;
+                    }
+                    stream.write_all(body.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let slice = Slice {
+            resource_type: "Observation".into(),
+            searches: vec![format!("{base}/Observation")],
+            ..crate::export::model::tests::slice("j", 0)
+        };
+        let (store, ctx) = context(tmp.path(), &base, &slice);
+        let ended = tokio::time::timeout(Duration::from_secs(20), run_slice(ctx, slice))
+            .await
+            .expect("the retry of page 1 waited for the slot of page 2");
+        assert_eq!(ended.unwrap(), SliceEnd::Finished);
+        assert_eq!(attempts.load(Ordering::SeqCst), 2);
         assert_eq!(written_ids(tmp.path(), &store), ["o1", "o2", "o3"]);
     }
 }

@@ -281,14 +281,19 @@ impl PassThrough {
 
     /// `value` with the upstream base replaced by the public base, if it starts with it.
     fn rewrite(&self, value: &str) -> Option<HeaderValue> {
-        let upstream = self.upstream.as_str().trim_end_matches('/');
-        let rest = value.strip_prefix(upstream)?;
-        if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
-            return None;
-        }
-        let public = self.public.as_str().trim_end_matches('/');
-        HeaderValue::from_str(&format!("{public}{rest}")).ok()
+        rewrite_base(&self.upstream, &self.public, value)
     }
+}
+
+/// `value` with the `upstream` base replaced by the `public` base, if it starts with it.
+pub(crate) fn rewrite_base(upstream: &Url, public: &Url, value: &str) -> Option<HeaderValue> {
+    let upstream = upstream.as_str().trim_end_matches('/');
+    let rest = value.strip_prefix(upstream)?;
+    if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
+        return None;
+    }
+    let public = public.as_str().trim_end_matches('/');
+    HeaderValue::from_str(&format!("{public}{rest}")).ok()
 }
 
 /// The affinity's connection while one request uses it; dropped unreleased (the request failed or was
@@ -315,7 +320,7 @@ impl Drop for Lease<'_> {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the few names present costs less than nine lookups.
     if !headers
         .keys()
@@ -348,7 +353,7 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 ///
 /// The proxy is the edge in front of the upstream, so forwarding headers a client sent are its own
 /// claims, not a trusted hop's: they are replaced by what the proxy saw, and `Forwarded` is dropped.
-fn prepare_request_headers(
+pub(crate) fn prepare_request_headers(
     headers: &mut HeaderMap,
     peer: SocketAddr,
     host: Option<&HeaderValue>,
