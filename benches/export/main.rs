@@ -28,30 +28,36 @@
 //! | `BENCH_OUT` | `BENCHMARKS.md` | Report written; `-` writes none |
 //! | `BENCH_COMMAND` | `cargo bench --bench export` | Command named in the report |
 
+mod roster;
 mod run;
 mod upstream;
 
 fn main() {
-    if std::env::var("FBP_BENCH_ROLE").as_deref() == Ok("upstream") {
-        let n = std::env::var("FBP_BENCH_OBSERVATIONS")
+    let env = |name: &str| -> u64 {
+        std::env::var(name)
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(100_000);
-        let env = |name: &str| -> u64 {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        upstream::serve(
-            n,
-            upstream::Cost {
-                delay: std::time::Duration::from_millis(env("FBP_BENCH_DELAY_MS")),
-                capacity: env("FBP_BENCH_CAPACITY") as usize,
-                per_entry: std::time::Duration::from_micros(env("FBP_BENCH_ENTRY_US")),
-            },
-        );
-        return;
+            .unwrap_or(0)
+    };
+    let cost = || upstream::Cost {
+        delay: std::time::Duration::from_millis(env("FBP_BENCH_DELAY_MS")),
+        capacity: env("FBP_BENCH_CAPACITY") as usize,
+        per_entry: std::time::Duration::from_micros(env("FBP_BENCH_ENTRY_US")),
+    };
+    match std::env::var("FBP_BENCH_ROLE").as_deref() {
+        Ok("upstream") => {
+            let n = Some(env("FBP_BENCH_OBSERVATIONS"))
+                .filter(|n| *n > 0)
+                .unwrap_or(100_000);
+            upstream::serve(n, cost());
+            return;
+        }
+        Ok("roster") => {
+            let patients = env("FBP_BENCH_PATIENTS").max(1);
+            upstream::serve_with(cost(), |base| roster::Roster::new(patients, base));
+            return;
+        }
+        _ => {}
     }
     // `cargo bench` passes `--bench`; a filter argument is not supported.
     if let Err(e) = run::main() {

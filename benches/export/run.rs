@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 #[path = "clinical.rs"]
 mod clinical;
+#[path = "group.rs"]
+mod group;
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -188,18 +190,28 @@ fn start_costly_upstream(
     capacity: usize,
     entry_us: u64,
 ) -> Result<(Proc, String)> {
+    start_upstream(
+        "upstream",
+        &[
+            ("FBP_BENCH_OBSERVATIONS", n.to_string()),
+            ("FBP_BENCH_DELAY_MS", delay_ms.to_string()),
+            ("FBP_BENCH_CAPACITY", capacity.to_string()),
+            ("FBP_BENCH_ENTRY_US", entry_us.to_string()),
+        ],
+    )
+}
+
+/// This same executable in an upstream `role` (see main.rs), with `vars` in its environment.
+fn start_upstream(role: &str, vars: &[(&str, String)]) -> Result<(Proc, String)> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut child = Command::new(exe)
-        .env("FBP_BENCH_ROLE", "upstream")
-        .env("FBP_BENCH_OBSERVATIONS", n.to_string())
-        .env("FBP_BENCH_DELAY_MS", delay_ms.to_string())
-        .env("FBP_BENCH_CAPACITY", capacity.to_string())
-        .env("FBP_BENCH_ENTRY_US", entry_us.to_string())
+        .env("FBP_BENCH_ROLE", role)
+        .envs(vars.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("starting the fast upstream: {e}"))?;
-    let base = wait_line(&mut child, "listening ", Duration::from_secs(20))?;
+        .map_err(|e| format!("starting the {role} upstream: {e}"))?;
+    let base = wait_line(&mut child, "listening ", Duration::from_secs(120))?;
     Ok((
         Proc {
             child,
@@ -1614,11 +1626,22 @@ pub fn main() -> Result<()> {
     } else {
         Vec::new()
     };
+    let group = s.runs("group").then(|| {
+        let smart_fetch = std::env::var_os("BENCH_SMART_FETCH").map(PathBuf::from);
+        let runs = group::run(&s, smart_fetch.as_deref());
+        if let Err(e) = &runs {
+            eprintln!("bench: Group-scale run: {e}");
+        }
+        runs
+    });
     let mut targets = targets(&s, &sizes, latency.as_ref(), load.as_ref().ok());
     for (_, runs) in &clinical {
         for (name, value, goal, pass) in runs.iter().flat_map(clinical::targets) {
             targets.push(check(name, value, goal, pass));
         }
+    }
+    for (name, value, goal, pass) in group.iter().flatten().flat_map(group::targets) {
+        targets.push(check(name, value, goal, pass));
     }
     let mut md = report(
         &s,
@@ -1631,6 +1654,9 @@ pub fn main() -> Result<()> {
     );
     for (heading, runs) in &clinical {
         clinical::table(&mut md, heading, runs);
+    }
+    if let Some(runs) = &group {
+        group::table(&mut md, runs);
     }
     if let Some(out) = &s.out {
         let previous = std::fs::read_to_string(out).unwrap_or_default();

@@ -107,7 +107,7 @@ pub struct Dataset {
 
 /// The search entries of one type, rendered once: entry `i` is `buf[at[i]..at[i + 1] - 1]`, each
 /// followed by a comma, so that the entries `a..b` in ascending order are one slice.
-struct Entries {
+pub struct Entries {
     buf: Bytes,
     at: Vec<usize>,
 }
@@ -115,14 +115,34 @@ struct Entries {
 impl Entries {
     /// Renders every entry of `kind`, with full URLs under `base`.
     fn render(kind: &Kind, base: &str) -> Entries {
-        let mut buf = String::with_capacity(kind.count as usize * 1700);
-        let mut at = Vec::with_capacity(kind.count as usize + 1);
-        for i in 0..kind.count {
+        Entries::render_with(
+            kind.name,
+            kind.count,
+            base,
+            1700,
+            |i, out| kind.id(i, out),
+            |i, out| kind.write_resource(i, out),
+        )
+    }
+
+    /// Renders `count` entries of type `name` (about `size` bytes each), entry `i` with the id `id`
+    /// writes and the resource `resource` writes.
+    pub fn render_with(
+        name: &str,
+        count: u64,
+        base: &str,
+        size: usize,
+        mut id: impl FnMut(u64, &mut String),
+        mut resource: impl FnMut(u64, &mut String),
+    ) -> Entries {
+        let mut buf = String::with_capacity(count as usize * size);
+        let mut at = Vec::with_capacity(count as usize + 1);
+        for i in 0..count {
             at.push(buf.len());
-            let _ = write!(buf, r#"{{"fullUrl":"{base}/{}/"#, kind.name);
-            kind.id(i, &mut buf);
+            let _ = write!(buf, r#"{{"fullUrl":"{base}/{name}/"#);
+            id(i, &mut buf);
             buf.push_str(r#"","resource":"#);
-            kind.write_resource(i, &mut buf);
+            resource(i, &mut buf);
             buf.push_str(r#","search":{"mode":"match"}},"#);
         }
         at.push(buf.len());
@@ -139,7 +159,7 @@ impl Entries {
     }
 
     /// Entries `a..b` (`a < b`), comma-separated, without copying.
-    fn range(&self, a: u64, b: u64) -> Bytes {
+    pub fn range(&self, a: u64, b: u64) -> Bytes {
         self.buf.slice(self.at[a as usize]..self.at[b as usize] - 1)
     }
 }
@@ -197,7 +217,7 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 }
 
 /// Parses a FHIR instant/dateTime/date to ns since the epoch (a date alone is its midnight, UTC).
-fn parse_instant(s: &str) -> Option<i128> {
+pub fn parse_instant(s: &str) -> Option<i128> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
         return Some(t.timestamp() as i128 * 1_000_000_000 + t.timestamp_subsec_nanos() as i128);
     }
@@ -239,10 +259,10 @@ const LABS: [(&str, &str, &str, u32, u32); 6] = [
     ),
 ];
 
-const FAMILY: [&str; 8] = [
+pub const FAMILY: [&str; 8] = [
     "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis",
 ];
-const GIVEN: [&str; 8] = [
+pub const GIVEN: [&str; 8] = [
     "James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda",
 ];
 
@@ -341,7 +361,7 @@ struct Server {
 }
 
 /// A response body sent as the chunks it is made of (a page: head, entries, tail), with its length known.
-struct Chunks(VecDeque<Bytes>);
+pub struct Chunks(VecDeque<Bytes>);
 
 impl Body for Chunks {
     type Data = Bytes;
@@ -363,13 +383,16 @@ impl Body for Chunks {
     }
 }
 
-type Resp = Response<Chunks>;
+/// An answer of a bench upstream.
+pub type Resp = Response<Chunks>;
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+/// A one-chunk FHIR JSON answer.
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     chunked(status, VecDeque::from([body.into()]))
 }
 
-fn chunked(status: StatusCode, chunks: VecDeque<Bytes>) -> Resp {
+/// A FHIR JSON answer sent as `chunks`.
+pub fn chunked(status: StatusCode, chunks: VecDeque<Bytes>) -> Resp {
     let mut r = Response::new(Chunks(chunks));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -379,7 +402,8 @@ fn chunked(status: StatusCode, chunks: VecDeque<Bytes>) -> Resp {
     r
 }
 
-fn outcome(status: StatusCode, text: &str) -> Resp {
+/// An OperationOutcome answer.
+pub fn outcome(status: StatusCode, text: &str) -> Resp {
     json(
         status,
         format!(
@@ -525,11 +549,40 @@ pub struct Cost {
     pub per_entry: std::time::Duration,
 }
 
+/// A bench upstream's request handling: the answer to a request and the resources it holds (what a
+/// search costs a real server), and whether a path is a search (which pays the per-search cost).
+pub trait Handler: Send + Sync + 'static {
+    /// The answer to `req`, and the resources in it.
+    fn handle(&self, req: &Request<Incoming>) -> (Resp, u64);
+    /// Whether `path` is a search.
+    fn is_search(&self, path: &str) -> bool;
+}
+
+impl Handler for Server {
+    fn handle(&self, req: &Request<Incoming>) -> (Resp, u64) {
+        Server::handle(self, req)
+    }
+
+    fn is_search(&self, path: &str) -> bool {
+        is_search(path)
+    }
+}
+
 /// Serves the data set of `observations` Observations on 127.0.0.1 (random port) until killed; prints
 /// `listening {base}` on stdout once bound. Searches answer after `cost.delay` (zero: at once); with a
 /// capacity, every request waits for one of `cost.capacity` places and holds it for its delay and
 /// `cost.per_entry` per resource it answers, as a server with that many workers does.
 pub fn serve(observations: u64, cost: Cost) {
+    serve_with(cost, |base| Server {
+        dataset: Dataset::new(observations, base),
+        base: base.to_owned(),
+        metadata: Bytes::from(capability_statement()),
+    });
+}
+
+/// Serves what `make` builds for the base URL on 127.0.0.1 (random port) until killed, at `cost`
+/// (see [`serve`]); prints `listening {base}` on stdout once bound.
+pub fn serve_with<H: Handler>(cost: Cost, make: impl FnOnce(&str) -> H) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -540,11 +593,7 @@ pub fn serve(observations: u64, cost: Cost) {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let base = format!("http://{addr}/fhir");
-        let server = Arc::new(Server {
-            dataset: Dataset::new(observations, &base),
-            base: base.clone(),
-            metadata: Bytes::from(capability_statement()),
-        });
+        let server = Arc::new(make(&base));
         let places =
             (cost.capacity > 0).then(|| Arc::new(tokio::sync::Semaphore::new(cost.capacity)));
         println!("listening {base}");
@@ -566,7 +615,7 @@ pub fn serve(observations: u64, cost: Cost) {
                         };
                         let (resp, entries) = server.handle(&req);
                         let mut wait = cost.per_entry * entries as u32;
-                        if is_search(req.uri().path()) {
+                        if server.is_search(req.uri().path()) {
                             wait += cost.delay;
                         }
                         if !wait.is_zero() {
