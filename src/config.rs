@@ -417,6 +417,9 @@ pub struct ExportConfig {
     /// Patient and Group exports first ask the upstream how many resources each type has (one
     /// `_count=0` search per type) and leave out the types that have none.
     pub skip_empty_types: bool,
+    /// From this share of the upstream's patients (0 to 1; 0: never), such exports page a type whole
+    /// and keep their patients' resources, wherever that takes fewer requests than searching by patient.
+    pub whole_type_share: f64,
     /// Jobs running at once; past it kick-off answers 429.
     pub max_concurrent_jobs: usize,
     /// Slices of one job fetched at once.
@@ -467,6 +470,7 @@ impl Default for ExportConfig {
             patient_batch_size: 500,
             max_search_url_bytes: 6000,
             skip_empty_types: true,
+            whole_type_share: 0.75,
             max_concurrent_jobs: 4,
             slice_concurrency: 2,
             time_slices: 1,
@@ -712,6 +716,12 @@ impl Config {
             "export.max_concurrent_jobs",
             self.export.max_concurrent_jobs as u64,
         )?;
+        if !(0.0..=1.0).contains(&self.export.whole_type_share) {
+            return Err(ConfigError::Invalid {
+                key: "export.whole_type_share",
+                reason: "must be from 0 (never) to 1".into(),
+            });
+        }
         positive(
             "export.slice_concurrency",
             self.export.slice_concurrency as u64,

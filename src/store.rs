@@ -4,6 +4,7 @@
 //! Everything that touches sled lives here, so the engine can be swapped without touching the export path.
 //! Records are JSON so that a store can be inspected with ordinary tools.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,8 @@ pub struct Store {
     /// Cohort members, `{cohort}/{generation}/{patient}`: a computation's members are written with the
     /// record that makes them current, so a half-computed membership is never visible.
     cohort_members: sled::Tree,
+    /// The patients of a Patient or Group export that pages some type whole, `{job}/{patient}`.
+    job_patients: sled::Tree,
 }
 
 fn slice_key(job_id: &str, index: u32) -> String {
@@ -112,6 +115,7 @@ impl Store {
                 manifests: db.open_tree("manifests")?,
                 cohorts: db.open_tree("cohorts")?,
                 cohort_members: db.open_tree("cohort_members")?,
+                job_patients: db.open_tree("job_patients")?,
                 db,
             })
         };
@@ -262,6 +266,26 @@ impl Store {
         self.delete_slices(id)
     }
 
+    /// Records the patients of job `job_id`, for its slices that page a type whole to keep theirs.
+    pub fn put_job_patients(&self, job_id: &str, patients: &[String]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in patients {
+            batch.insert(format!("{job_id}/{id}").as_bytes(), &[]);
+        }
+        self.job_patients.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// The patients [`Store::put_job_patients`] recorded for job `job_id`.
+    pub fn job_patients(&self, job_id: &str) -> Result<HashSet<String>, StoreError> {
+        let prefix = format!("{job_id}/");
+        self.job_patients
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[prefix.len()..]).into_owned()))
+            .collect()
+    }
+
     /// The manifest pages a job has served, each the names of the files it lists, in order.
     pub fn manifest_pages(&self, job_id: &str) -> Result<Vec<Vec<String>>, StoreError> {
         match self.manifests.get(job_id.as_bytes())? {
@@ -285,7 +309,7 @@ impl Store {
     pub fn delete_slices(&self, id: &str) -> Result<(), StoreError> {
         self.planning.remove(id.as_bytes())?;
         let prefix = format!("{id}/");
-        for tree in [&self.slices, &self.seen] {
+        for tree in [&self.slices, &self.seen, &self.job_patients] {
             let mut batch = sled::Batch::default();
             for key in tree.scan_prefix(prefix.as_bytes()).keys() {
                 batch.remove(key?);

@@ -220,6 +220,38 @@ fn empty_types_are_probed_once_instead_of_searched_per_batch() {
     );
 }
 
+/// A Group export whose patients are a large enough share of the upstream's pages a type whole where
+/// that takes fewer requests, and keeps only its patients' resources: exactly what searches by patient
+/// find (the Group is a strict subset, so other patients' resources were left out), in fewer requests;
+/// the same for a Patient-level export.
+#[test]
+fn types_paged_whole_keep_exactly_the_patients_resources() {
+    let upstream = upstream();
+    let members = group_member_ids(&upstream, GROUP_ID);
+    let everyone = all_patient_ids(&upstream);
+    assert!(
+        members.len() > 2 && members.len() < everyone.len(),
+        "the Group must be a strict subset of several patients"
+    );
+    let (by_patient, by_patient_export) =
+        group_export_requests("patient_batch_size = 2\nwhole_type_share = 0");
+    let (whole, whole_export) =
+        group_export_requests("patient_batch_size = 2\nwhole_type_share = 0.01");
+    let expected = direct_compartment(&upstream, &members);
+    assert_same(&by_patient_export, &expected);
+    assert_same(&whole_export, &expected);
+    assert!(
+        whole < by_patient,
+        "paging types whole made {whole} requests, searching them by patient {by_patient}"
+    );
+    let proxy = Proxy::start(&upstream, "patient_batch_size = 7\nwhole_type_share = 1");
+    let (_, files) = run_get(&proxy, "Patient/$export");
+    assert_same(
+        &resources_by_type(&files),
+        &direct_compartment(&upstream, &everyone),
+    );
+}
+
 #[test]
 fn type_parameter_limits_types() {
     let upstream = upstream();

@@ -99,6 +99,18 @@ pub const REFERENCED_TYPES: [&str; 5] = [
     "PractitionerRole",
 ];
 
+/// The id of a `Patient/[id]` reference, relative or absolute, versioned or not.
+pub fn patient_id(reference: &str) -> Option<&str> {
+    let path = reference.split(['?', '#']).next()?;
+    let path = match path.split_once("/_history/") {
+        Some((unversioned, _)) => unversioned,
+        None => path,
+    };
+    let (rest, id) = path.rsplit_once('/')?;
+    let is_patient = rest == "Patient" || rest.ends_with("/Patient");
+    (is_patient && !id.is_empty()).then_some(id)
+}
+
 /// The parameter that finds a type's resources by patient, given what the upstream supports.
 ///
 /// `patient`, then `subject`, are preferred wherever the upstream has them: they are the record's own
@@ -168,6 +180,17 @@ pub fn level_types(level: &Level, capability: &Capability) -> BTreeMap<String, R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patient_ids_come_from_relative_absolute_and_versioned_references() {
+        assert_eq!(patient_id("Patient/x"), Some("x"));
+        assert_eq!(patient_id("https://h/fhir/Patient/x/_history/2"), Some("x"));
+        assert_eq!(patient_id("Patient/a?x#y"), Some("a"));
+        assert_eq!(patient_id("Group/x"), None);
+        assert_eq!(patient_id("Patient/"), None);
+        assert_eq!(patient_id("NotPatient/x"), None);
+        assert_eq!(patient_id("abc"), None);
+    }
 
     fn params(list: &[&str]) -> BTreeSet<String> {
         list.iter().map(|s| s.to_string()).collect()

@@ -258,6 +258,8 @@ mod tests {
             total,
             visited: Vec::new(),
             patients: Vec::new(),
+            members_by: None,
+            others: 0,
         }
     }
 

@@ -18,6 +18,7 @@ pub mod prefetch;
 pub mod ranges;
 pub mod references;
 pub mod runner;
+pub mod whole;
 pub mod window;
 pub mod worker;
 pub mod writer;

@@ -284,6 +284,13 @@ pub struct Slice {
     /// order; empty for a slice of one type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patients: Vec<String>,
+    /// For a type a Patient or Group export pages whole: the element whose patient reference must be one
+    /// of the job's patients for a resource to be kept (`id` for Patient); see [`crate::export::whole`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members_by: Option<String>,
+    /// Matches left out as other patients' resources (`members_by`), counted against `Bundle.total`.
+    #[serde(default)]
+    pub others: u64,
 }
 
 impl Slice {
@@ -309,6 +316,8 @@ impl Slice {
             total: None,
             visited: Vec::new(),
             patients: Vec::new(),
+            members_by: None,
+            others: 0,
         }
     }
 
@@ -403,6 +412,8 @@ pub(crate) mod tests {
             total: None,
             visited: Vec::new(),
             patients: Vec::new(),
+            members_by: None,
+            others: 0,
         }
     }
 

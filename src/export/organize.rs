@@ -19,6 +19,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::export::compartment::patient_id;
 use crate::export::model::FilePart;
 use crate::export::writer::{NdjsonWriter, Units};
 
@@ -217,18 +218,6 @@ fn any_reference(value: &Value, position: &HashMap<&str, u32>) -> Option<u32> {
     }
 }
 
-/// The id of a `Patient/[id]` reference, relative or absolute, versioned or not.
-fn patient_id(reference: &str) -> Option<&str> {
-    let path = reference.split(['?', '#']).next()?;
-    let path = match path.split_once("/_history/") {
-        Some((unversioned, _)) => unversioned,
-        None => path,
-    };
-    let (rest, id) = path.rsplit_once('/')?;
-    let is_patient = rest == "Patient" || rest.ends_with("/Patient");
-    (is_patient && !id.is_empty()).then_some(id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,14 +332,5 @@ mod tests {
                 ),
             ]
         );
-    }
-
-    #[test]
-    fn patient_ids_come_from_relative_absolute_and_versioned_references() {
-        assert_eq!(patient_id("Patient/x"), Some("x"));
-        assert_eq!(patient_id("https://h/fhir/Patient/x/_history/2"), Some("x"));
-        assert_eq!(patient_id("Group/x"), None);
-        assert_eq!(patient_id("Patient/"), None);
-        assert_eq!(patient_id("NotPatient/x"), None);
     }
 }

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use crate::export::elements::{elements_for, strip_whitespace, write_subset};
 use crate::export::model::{Slice, SliceKind};
 use crate::export::prefetch::Prefetch;
+use crate::export::whole::Members;
 use crate::export::worker::SliceContext;
 use crate::store::StoreError;
 use crate::upstream::bundle::{BundleError, BundleReader, Entry};
@@ -31,6 +32,8 @@ pub(crate) struct Page {
     /// Hash of the page's first resource (`None` for an empty page), to recognise a page served
     /// again under another URL.
     pub(crate) fingerprint: Option<u64>,
+    /// Matches left out as other patients' (a type paged whole).
+    pub(crate) others: u64,
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -65,6 +68,9 @@ pub enum PageError {
     /// `_elements` could not be applied to a resource.
     #[error("{0}")]
     Elements(String),
+    /// A resource of a type paged whole does not parse where its patient is looked for.
+    #[error("resource JSON: {0}")]
+    Json(#[from] serde_json::Error),
     /// The store could not say whether a resource was written before.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -88,6 +94,8 @@ pub(crate) struct Scope<'s> {
     pub(crate) prefetch: &'s Prefetch,
     /// A written page's buffer, to fill again.
     pub(crate) spare: &'s Mutex<Vec<u8>>,
+    /// The job's patients, whose resources alone a slice paging its type whole keeps.
+    pub(crate) members: Option<&'s Members>,
 }
 
 /// A page converted as it arrives: each entry is checked and rendered as an output line as soon as its
@@ -128,6 +136,7 @@ impl<'s> Converter<'s> {
                     total: None,
                     self_link: None,
                     fingerprint: None,
+                    others: 0,
                 },
                 page_ids: HashSet::new(),
                 asked: false,
@@ -211,6 +220,12 @@ impl Lines<'_> {
         // page served again (or an overlap), which would duplicate resources either way.
         if out.fingerprint.is_none() {
             out.fingerprint = Some(fnv(FNV_OFFSET, resource.json));
+        }
+        if let (Some(element), Some(members)) = (&slice.members_by, self.scope.members) {
+            if !members.admits(&resource, element)? {
+                out.others += 1;
+                return Ok(());
+            }
         }
         if dedupe {
             let id = resource.id.as_deref().ok_or(PageError::NoId)?;

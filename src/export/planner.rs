@@ -1,14 +1,15 @@
 //! Turns a job into slices: the upstream searches that together return exactly the export.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use url::Url;
 
 use crate::export::compartment::{self, Reach};
 use crate::export::elements::elements_for;
-use crate::export::layout::Searches;
+use crate::export::layout::{Layout, Searches};
 use crate::export::model::{ExportSpec, Job, Level, Planning, Slice, SliceKind, TypeSelection};
 use crate::export::ranges::{self, parse_ms, Range, Split};
+use crate::export::whole;
 use crate::export::window::Window;
 use crate::store::{Store, StoreError};
 use crate::upstream::bundle::read_matches;
@@ -45,6 +46,9 @@ pub struct PlanLimits {
     pub max_search_url_bytes: usize,
     /// Whether a job of several patient batches leaves out the types the upstream holds none of.
     pub skip_empty_types: bool,
+    /// Share of the upstream's patients from which such a job pages a type whole where that takes fewer
+    /// requests ([`crate::export::whole`]); 0: never.
+    pub whole_type_share: f64,
     /// `_lastUpdated` ranges each type is split into at system level (1: no split).
     pub time_slices: usize,
 }
@@ -106,7 +110,8 @@ pub async fn plan(
             let batches = planning.batches(&earlier);
             // A type empty since `_since` may still hold a newcomer's older resources.
             if batches.len() > 1 && limits.skip_empty_types && later.is_empty() {
-                planning.skip_empty_types().await?;
+                let totals = planning.skip_empty_types().await?;
+                planning.page_whole(&earlier, &batches, &totals)?;
             }
             for batch in batches {
                 planning.patient_batch(batch);
@@ -236,15 +241,82 @@ impl Planner<'_> {
     /// Leaves out the types of which the upstream holds nothing in the job's window: one `_count=0`
     /// search per type instead of one search per type and batch. A type whose count the upstream
     /// does not give stays.
-    async fn skip_empty_types(&mut self) -> Result<(), PlanError> {
+    /// Returns the counts found, by type.
+    async fn skip_empty_types(&mut self) -> Result<HashMap<String, u64>, PlanError> {
         let mut kept = Vec::with_capacity(self.types.len());
+        let mut totals = HashMap::new();
         for t in std::mem::take(&mut self.types) {
-            if self.bounds.total(&t).await? != Some(0) {
+            let total = self.bounds.total(&t).await?;
+            if let Some(total) = total {
+                totals.insert(t.clone(), total);
+            }
+            if total != Some(0) {
                 kept.push(t);
             }
         }
         self.types = kept;
+        Ok(totals)
+    }
+
+    /// Pages whole, keeping the job's patients' resources, each type for which that takes fewer
+    /// requests than searching it per batch, when the job's `patients` are at least `whole_type_share`
+    /// of the upstream's (by the `totals` the probe found). One file series per type only: a patient
+    /// block layout needs its resources by batch.
+    fn page_whole(
+        &mut self,
+        patients: &[String],
+        batches: &[&[String]],
+        totals: &HashMap<String, u64>,
+    ) -> Result<(), PlanError> {
+        let share = self.limits.whole_type_share;
+        let Some(&upstream_patients) = totals.get("Patient") else {
+            return Ok(());
+        };
+        if share <= 0.0
+            || self.job.spec.layout != Layout::ByType
+            || (patients.len() as f64) < share * upstream_patients as f64
+        {
+            return Ok(());
+        }
+        let sizes: Vec<usize> = batches.iter().map(|b| b.len()).collect();
+        let mut by_patient = Vec::with_capacity(self.types.len());
+        let mut paged = 0;
+        for t in std::mem::take(&mut self.types) {
+            let element = self
+                .by_patient_param(&t)
+                .and_then(|param| whole::member_element(&t, param));
+            let pays = totals.get(&t).is_some_and(|&total| {
+                whole::fewer_requests(total, &sizes, upstream_patients, self.limits.page_size)
+            });
+            let Some(element) = element.filter(|_| pays) else {
+                by_patient.push(t);
+                continue;
+            };
+            if paged == 0 {
+                self.store.put_job_patients(&self.job.id, patients)?;
+            }
+            paged += 1;
+            let searches = self.bounds.searches(&t, &[], None);
+            let mut slice = new_slice(
+                self.job,
+                &mut self.progress,
+                &t,
+                SliceKind::Resources,
+                searches,
+            );
+            slice.members_by = Some(element.to_owned());
+            self.plan.slices.push(slice);
+        }
+        self.types = by_patient;
         Ok(())
+    }
+
+    /// The parameter a type is searched by patient with.
+    fn by_patient_param(&self, resource_type: &str) -> Option<&str> {
+        if resource_type == "Patient" {
+            return Some("_id");
+        }
+        compartment::patient_param(resource_type, self.capability.types.get(resource_type)?)
     }
 
     /// The search parameter and value that restrict a search of `resource_type` to `batch`.
@@ -554,24 +626,10 @@ async fn group_members(id: &str, upstream: &Upstream) -> Result<BTreeSet<String>
     Ok(members
         .filter(|m| m["inactive"] != true)
         .filter_map(|m| m["entity"]["reference"].as_str())
-        .filter_map(patient_id)
+        .filter_map(compartment::patient_id)
+        .filter(|id| super::kickoff::is_fhir_id(id))
+        .map(str::to_owned)
         .collect())
-}
-
-/// The id of a `Patient/[id]` reference, relative or absolute.
-fn patient_id(reference: &str) -> Option<String> {
-    let path = reference.split(['?', '#']).next()?;
-    let mut parts = path.rsplit('/');
-    let id = parts.next()?;
-    let id = match id {
-        // A versioned reference: `Patient/x/_history/2`.
-        _ if parts.clone().next() == Some("_history") => {
-            parts.next();
-            parts.next()?
-        }
-        id => id,
-    };
-    (parts.next() == Some("Patient") && super::kickoff::is_fhir_id(id)).then(|| id.to_owned())
 }
 
 /// Every patient that existed at the job's transaction time.
@@ -729,6 +787,7 @@ mod tests {
         patient_batch_size: 100,
         max_search_url_bytes: 6000,
         skip_empty_types: true,
+        whole_type_share: 0.0,
         time_slices: 4,
     };
 
@@ -859,19 +918,6 @@ mod tests {
     /// 300 patient ids of 36 characters, as long as UUIDs.
     fn job_patients() -> Vec<String> {
         (0..300).map(|i| format!("{i:036}")).collect()
-    }
-
-    #[test]
-    fn patient_ids_from_references() {
-        assert_eq!(patient_id("Patient/abc").as_deref(), Some("abc"));
-        assert_eq!(
-            patient_id("http://x/fhir/Patient/a-1").as_deref(),
-            Some("a-1")
-        );
-        assert_eq!(patient_id("Patient/a/_history/3").as_deref(), Some("a"));
-        assert_eq!(patient_id("Practitioner/abc"), None);
-        assert_eq!(patient_id("Patient/"), None);
-        assert_eq!(patient_id("abc"), None);
     }
 
     #[test]

@@ -249,6 +249,8 @@ mod tests {
             total: None,
             visited: Vec::new(),
             patients: Vec::new(),
+            members_by: None,
+            others: 0,
         }
     }
 

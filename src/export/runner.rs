@@ -287,6 +287,7 @@ impl Runner {
                 patient_batch_size: self.cfg.patient_batch_size,
                 max_search_url_bytes: self.cfg.max_search_url_bytes,
                 skip_empty_types: self.cfg.skip_empty_types,
+                whole_type_share: self.cfg.whole_type_share,
                 time_slices: self.cfg.time_slices,
             };
             let planned = match self.upstream.capability().await {

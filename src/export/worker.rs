@@ -25,6 +25,7 @@ use crate::export::organize::write_blocks;
 use crate::export::output::{Batch, Output, Pending};
 use crate::export::page::{url_hash, Converter, Page, Scope};
 use crate::export::prefetch::Prefetch;
+use crate::export::whole::Members;
 use crate::export::writer::NdjsonWriter;
 use crate::http::storage_full;
 use crate::metrics::METRICS;
@@ -138,6 +139,8 @@ struct SliceRun<'c> {
     prefetch: Prefetch,
     /// Whether resources found before are left out (a slice of several OR-ed searches).
     dedupe: bool,
+    /// The job's patients, for a slice that pages its type whole.
+    members: Option<Members>,
 }
 
 impl<'c> SliceRun<'c> {
@@ -155,8 +158,13 @@ impl<'c> SliceRun<'c> {
         })
         .await
         .expect("writer task panicked")?;
+        let members = match slice.members_by {
+            Some(_) => Some(Members::new(ctx.store.job_patients(&slice.job_id)?)),
+            None => None,
+        };
         Ok(Self {
             ctx,
+            members,
             dedupe: ctx.layout.dedupes(&slice),
             slice,
             output: Output::new(writer),
@@ -201,6 +209,7 @@ impl<'c> SliceRun<'c> {
                     committing_ids: self.pending.as_ref().map(|p| &p.batch.ids),
                     prefetch: &self.prefetch,
                     spare: &self.output.spare,
+                    members: self.members.as_ref(),
                 };
                 let before_attempt = || {
                     self.prefetch.forget();
@@ -249,6 +258,7 @@ impl<'c> SliceRun<'c> {
         }
         self.batch.ids.extend(page.ids);
         self.batch.bytes += page_bytes;
+        self.slice.others += page.others;
         // Written in the background while the next page is fetched and converted.
         self.output.start(page.data, page.ends).await?;
         self.slice.pages += 1;
@@ -475,7 +485,7 @@ fn ignored_parameters(slice: &Slice, url: &str, page: &Page) -> Option<String> {
 
 fn short_of_total(slice: &Slice) -> Option<String> {
     let total = slice.total?;
-    let written = slice.lines();
+    let written = slice.lines() + slice.others;
     // With several OR-ed searches duplicates are dropped, and deletions are a subset of history.
     let comparable = slice.searches.len() == 1 && slice.kind == SliceKind::Resources;
     (comparable && written < total).then(|| {
