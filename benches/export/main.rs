@@ -15,13 +15,16 @@
 //! | `BENCH_LOAD_ROUNDS` | `3` | wrk rounds (direct, proxy, nginx interleaved); the median is reported |
 //! | `BENCH_EXPORT_ROUNDS` | `3` | Export rounds (pager, 1 slice, N slices interleaved); the median is reported |
 //! | `BENCH_LOAD_CONNECTIONS` | `32` | Connections of the throughput wrk runs (the latency runs use 1) |
-//! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real`, `clinical` (all when unset) |
+//! | `BENCH_ONLY` | unset | Comma-separated parts to run: `export`, `load`, `real`, `clinical`, `group` (all when unset) |
 //! | `BENCH_LATENCY_MS` | `10` | Per-search latency of an extra export run at the largest size (0: none) |
 //! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
 //! | `BENCH_CLINICAL_SECS` | `10` (`4` small) | Seconds of each part of the clinical-traffic run (idle, export alone, export with traffic) |
 //! | `BENCH_CLINICAL_RATE` | `50` | Pass-through requests per second of the clinical load (open loop) |
 //! | `BENCH_CAPACITY` | `4` | Requests the capacity-limited fast upstream serves at once (clinical run) |
 //! | `BENCH_SEARCH_COST_MS` | `10` | Its cost per search, plus `BENCH_ENTRY_COST_US` (default 20) per resource answered |
+//! | `BENCH_GROUP_PATIENTS` | `10000` (`2000` small) | Patients of the roster upstream; the Group part exports a tenth of them and all of them |
+//! | `BENCH_SMART_FETCH` | set by `bench/run` | smart-fetch executable for the Group part's crawl (none: no crawl row) |
+//! | `BENCH_SMART_FETCH_MAX_PATIENTS` | `1000` | Largest Group smart-fetch crawls (it makes one request per patient and type) |
 //! | `BENCH_REAL_UPSTREAM` | unset | Base URL of a real FHIR upstream (`bench/run` starts and loads one) |
 //! | `BENCH_REAL_NOTE` | unset | What that upstream holds, for the report |
 //! | `BENCH_PROXY_BIN` | `target/release/fhir-bulk-proxy` (built by `cargo bench`) | The proxy binary |
