@@ -321,12 +321,12 @@ impl Planner<'_> {
 
     /// The search parameter and value that restrict a search of `resource_type` to `batch`.
     fn by_patient(&self, resource_type: &str, batch: &[String]) -> (String, String) {
+        let param = self
+            .by_patient_param(resource_type)
+            .expect("export_types keeps compartment types only");
         if resource_type == "Patient" {
-            return ("_id".to_owned(), batch.join(","));
+            return (param.to_owned(), batch.join(","));
         }
-        let param =
-            compartment::patient_param(resource_type, &self.capability.types[resource_type])
-                .expect("export_types keeps compartment types only");
         let refs: Vec<String> = batch.iter().map(|id| format!("Patient/{id}")).collect();
         (param.to_owned(), refs.join(","))
     }
