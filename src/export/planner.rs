@@ -51,6 +51,8 @@ pub struct PlanLimits {
     pub whole_type_share: f64,
     /// `_lastUpdated` ranges each type is split into at system level (1: no split).
     pub time_slices: usize,
+    /// Slices a job runs at once: what a type paged whole is split to keep up with.
+    pub slice_concurrency: usize,
 }
 
 /// The end of a job's plan: the slices not yet stored, and what the manifest should tell the client.
@@ -111,7 +113,7 @@ pub async fn plan(
             // A type empty since `_since` may still hold a newcomer's older resources.
             if batches.len() > 1 && limits.skip_empty_types && later.is_empty() {
                 let totals = planning.skip_empty_types().await?;
-                planning.page_whole(&earlier, &batches, &totals)?;
+                planning.page_whole(&earlier, &batches, &totals).await?;
             }
             for batch in batches {
                 planning.patient_batch(batch);
@@ -245,8 +247,12 @@ impl Planner<'_> {
     async fn skip_empty_types(&mut self) -> Result<HashMap<String, u64>, PlanError> {
         let mut kept = Vec::with_capacity(self.types.len());
         let mut totals = HashMap::new();
-        for t in std::mem::take(&mut self.types) {
-            let total = self.bounds.total(&t).await?;
+        // All at once: the upstream limiter, not this loop, decides how many go out together.
+        let types = std::mem::take(&mut self.types);
+        let counted: Vec<Result<Option<u64>, UpstreamError>> =
+            futures_util::future::join_all(types.iter().map(|t| self.bounds.total(t))).await;
+        for (t, total) in types.into_iter().zip(counted) {
+            let total = total?;
             if let Some(total) = total {
                 totals.insert(t.clone(), total);
             }
@@ -261,8 +267,9 @@ impl Planner<'_> {
     /// Pages whole, keeping the job's patients' resources, each type for which that takes fewer
     /// requests than searching it per batch, when the job's `patients` are at least `whole_type_share`
     /// of the upstream's (by the `totals` the probe found). One file series per type only: a patient
-    /// block layout needs its resources by batch.
-    fn page_whole(
+    /// block layout needs its resources by batch. A type much larger than the others is split into
+    /// `_lastUpdated` ranges ([`whole::ranges_wanted`]) so that the slices run side by side.
+    async fn page_whole(
         &mut self,
         patients: &[String],
         batches: &[&[String]],
@@ -280,34 +287,41 @@ impl Planner<'_> {
         }
         let sizes: Vec<usize> = batches.iter().map(|b| b.len()).collect();
         let mut by_patient = Vec::with_capacity(self.types.len());
-        let mut paged = 0;
+        let mut paged = Vec::new();
         for t in std::mem::take(&mut self.types) {
             let element = self
                 .by_patient_param(&t)
                 .and_then(|param| whole::member_element(&t, param));
-            let pays = totals.get(&t).is_some_and(|&total| {
-                whole::fewer_requests(total, &sizes, upstream_patients, self.limits.page_size)
-            });
-            let Some(element) = element.filter(|_| pays) else {
-                by_patient.push(t);
-                continue;
-            };
-            if paged == 0 {
-                self.store.put_job_patients(&self.job.id, patients)?;
+            let total = totals.get(&t).copied().unwrap_or(0);
+            let pays = totals.contains_key(&t)
+                && whole::fewer_requests(total, &sizes, upstream_patients, self.limits.page_size);
+            match element.filter(|_| pays) {
+                Some(element) => paged.push((t, element, total)),
+                None => by_patient.push(t),
             }
-            paged += 1;
-            let searches = self.bounds.searches(&t, &[], None);
-            let mut slice = new_slice(
-                self.job,
-                &mut self.progress,
-                &t,
-                SliceKind::Resources,
-                searches,
-            );
-            slice.members_by = Some(element.to_owned());
-            self.plan.slices.push(slice);
         }
         self.types = by_patient;
+        if paged.is_empty() {
+            return Ok(());
+        }
+        self.store.put_job_patients(&self.job.id, patients)?;
+        let page = u64::from(self.limits.page_size.max(1));
+        let pages: Vec<u64> = paged.iter().map(|(_, _, n)| n.div_ceil(page)).collect();
+        let wanted = whole::ranges_wanted(&pages, self.limits.slice_concurrency);
+        for ((t, element, _), n) in paged.into_iter().zip(wanted) {
+            for range in self.bounds.ranges(&t, n, None, |_| Ok(())).await? {
+                let searches = self.bounds.searches(&t, &[], range);
+                let mut slice = new_slice(
+                    self.job,
+                    &mut self.progress,
+                    &t,
+                    SliceKind::Resources,
+                    searches,
+                );
+                slice.members_by = Some(element.to_owned());
+                self.plan.slices.push(slice);
+            }
+        }
         Ok(())
     }
 
@@ -412,20 +426,40 @@ impl Bounds<'_> {
         progress: &mut Planning,
         store: &Store,
     ) -> Result<Vec<Option<Range>>, PlanError> {
+        let resumed = match progress.split.take() {
+            Some((t, split)) if t == resource_type => Some(split),
+            _ => None,
+        };
+        self.ranges(resource_type, n, resumed, |split| {
+            progress.split = Some((resource_type.to_owned(), split.clone()));
+            checkpoint(store, self.job, progress, &[])
+        })
+        .await
+    }
+
+    /// The `_lastUpdated` ranges of `n` (at most) that split a type's search, `[None]` when it is not
+    /// worth splitting: continues `resumed`, or starts a split, and hands the split to `probed` after
+    /// every probe.
+    async fn ranges(
+        &self,
+        resource_type: &str,
+        n: usize,
+        resumed: Option<Split>,
+        mut probed: impl FnMut(&Split) -> Result<(), PlanError>,
+    ) -> Result<Vec<Option<Range>>, PlanError> {
         if n <= 1 {
             return Ok(vec![None]);
         }
-        let mut split = match progress.split.take() {
-            Some((t, split)) if t == resource_type => split,
-            _ => match self.start_split(resource_type, n).await? {
+        let mut split = match resumed {
+            Some(split) => split,
+            None => match self.start_split(resource_type, n).await? {
                 Some(split) => split,
                 None => return Ok(vec![None]),
             },
         };
         while let Some(probe) = split.probe() {
             split.record(self.count(resource_type, probe).await?);
-            progress.split = Some((resource_type.to_owned(), split.clone()));
-            checkpoint(store, self.job, progress, &[])?;
+            probed(&split)?;
         }
         Ok(split.ranges().into_iter().map(Some).collect())
     }
@@ -789,6 +823,7 @@ mod tests {
         skip_empty_types: true,
         whole_type_share: 0.0,
         time_slices: 4,
+        slice_concurrency: 4,
     };
 
     /// A store holding job "j" and the upstream client of `fake`.
@@ -913,6 +948,59 @@ mod tests {
             "without probes every type is searched"
         );
         assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+    }
+
+    /// A Patient export of more patients than the upstream holds pages its types whole, and a type
+    /// with more than its share of the pages in `_lastUpdated` ranges that between them hold each of
+    /// its resources exactly once.
+    #[tokio::test]
+    async fn types_paged_whole_are_split_to_run_side_by_side() {
+        let fake = fake_upstream().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, mut job, upstream) = setup(tmp.path(), &fake);
+        job.spec.level = Level::Patient;
+        job.spec.patients = job_patients();
+        let mut cap = Capability::default();
+        for t in ["Condition", "Patient"] {
+            cap.types
+                .insert(t.into(), BTreeSet::from(["patient".to_owned()]));
+        }
+        let limits = PlanLimits {
+            whole_type_share: 0.5,
+            ..LIMITS
+        };
+        let slices = plan(&job, &upstream, &cap, limits, &store)
+            .await
+            .unwrap()
+            .slices;
+        for t in ["Condition", "Patient"] {
+            let of_type: Vec<&Slice> = slices.iter().filter(|s| s.resource_type == t).collect();
+            assert_eq!(of_type.len(), 2, "{t}: {of_type:#?}");
+            let mut seen = vec![0; times().len()];
+            for slice in of_type {
+                assert!(slice.members_by.is_some(), "{t} is paged whole");
+                let url = Url::parse(&slice.searches[0]).unwrap();
+                assert!(!url.query_pairs().any(|(k, _)| k == "patient" || k == "_id"));
+                let bound = |prefix: &str| {
+                    url.query_pairs()
+                        .find_map(|(k, v)| {
+                            (k == "_lastUpdated")
+                                .then(|| v.strip_prefix(prefix).map(parse_ms))
+                                .flatten()
+                        })
+                        .flatten()
+                        .unwrap()
+                };
+                let range = Range {
+                    lo: bound("gt"),
+                    hi: bound("le"),
+                };
+                for (i, t) in times().into_iter().enumerate() {
+                    seen[i] += usize::from(range.contains(t));
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{t}: {seen:?}");
+        }
     }
 
     /// 300 patient ids of 36 characters, as long as UUIDs.

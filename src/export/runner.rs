@@ -289,6 +289,7 @@ impl Runner {
                 skip_empty_types: self.cfg.skip_empty_types,
                 whole_type_share: self.cfg.whole_type_share,
                 time_slices: self.cfg.time_slices,
+                slice_concurrency: self.cfg.slice_concurrency,
             };
             let planned = match self.upstream.capability().await {
                 Ok(cap) => planner::plan(&job, &self.upstream, &cap, limits, &self.store).await,

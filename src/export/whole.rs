@@ -85,6 +85,21 @@ pub fn fewer_requests(total: u64, batches: &[usize], patients: u64, page_size: u
     whole < batched
 }
 
+/// Into how many `_lastUpdated` ranges each type paged whole is split, given its `pages` and the
+/// `parallel` slices a job runs at once: a type paged whole is one chain of pages, one after another,
+/// so the largest (a patient's Observations are often half their record) would alone take longer
+/// than all the others together at full parallelism. Each type gets as many ranges as its share of
+/// all the pages, times `parallel`, rounded up: no range is a longer chain than `1 / parallel` of the
+/// pages (but for rounding), and a type no larger than that is not split (each range costs probes).
+pub fn ranges_wanted(pages: &[u64], parallel: usize) -> Vec<usize> {
+    let all: u64 = pages.iter().sum();
+    let parallel = parallel.max(1) as u64;
+    pages
+        .iter()
+        .map(|&p| (p * parallel).div_ceil(all.max(1)).clamp(1, parallel) as usize)
+        .collect()
+}
+
 /// The patients of a job, for keeping a whole type's resources of them only.
 pub struct Members(HashSet<String>);
 
@@ -195,5 +210,16 @@ mod tests {
         assert!(fewer_requests(5_000, &[100; 10], 1_000, 1000));
         // A tenth of the patients in one batch: one search beats paging everything.
         assert!(!fewer_requests(5_000, &[100], 1_000, 1000));
+    }
+
+    #[test]
+    fn only_types_longer_than_their_share_of_the_parallel_work_are_split() {
+        // A roster record's pages at 10,000 patients: Observation is 200 of 450, past 450 / 4.
+        let pages = [10, 200, 80, 50, 40, 30, 20, 10, 10];
+        assert_eq!(ranges_wanted(&pages, 4), [1, 2, 1, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(ranges_wanted(&pages, 1), [1; 9]);
+        // One type alone is split as widely as the job runs slices.
+        assert_eq!(ranges_wanted(&[100], 4), [4]);
+        assert_eq!(ranges_wanted(&[0, 0], 4), [1, 1]);
     }
 }
