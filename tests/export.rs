@@ -223,7 +223,7 @@ fn empty_types_are_probed_once_instead_of_searched_per_batch() {
 /// A Group export whose patients are a large enough share of the upstream's pages a type whole where
 /// that takes fewer requests, and keeps only its patients' resources: exactly what searches by patient
 /// find (the Group is a strict subset, so other patients' resources were left out), in fewer requests;
-/// the same for a Patient-level export.
+/// the same for a Patient-level export, its largest types split into time ranges.
 #[test]
 fn types_paged_whole_keep_exactly_the_patients_resources() {
     let upstream = upstream();
@@ -244,7 +244,11 @@ fn types_paged_whole_keep_exactly_the_patients_resources() {
         whole < by_patient,
         "paging types whole made {whole} requests, searching them by patient {by_patient}"
     );
-    let proxy = Proxy::start(&upstream, "patient_batch_size = 7\nwhole_type_share = 1");
+    // Small pages: the largest types are split into `_lastUpdated` ranges as well.
+    let proxy = Proxy::start(
+        &upstream,
+        "patient_batch_size = 7\nwhole_type_share = 1\npage_size = 20\nslice_concurrency = 4",
+    );
     let (_, files) = run_get(&proxy, "Patient/$export");
     assert_same(
         &resources_by_type(&files),
