@@ -395,6 +395,9 @@ struct Manifest {
     output: Vec<ManifestFile>,
     #[serde(default)]
     error: Vec<ManifestFile>,
+    /// 3.0.0 manifest paging: `next` leads to the rest of the files.
+    #[serde(default)]
+    link: Vec<PagerLink>,
 }
 
 #[derive(Deserialize)]
@@ -455,6 +458,7 @@ fn export(
     let rss = peak_rss(proxy.proc.pid());
     let cpu = cpu_secs(proxy.proc.pid()).zip(cpu0).map(|(b, a)| b - a);
     let upstream_cpu = upstream_pid.and_then(cpu_secs).zip(up0).map(|(b, a)| b - a);
+    let manifest = rest_of_manifest(client, manifest)?;
     let dir = proxy.data_dir.join("files").join(&job_id);
     let mut bytes = 0;
     for f in &manifest.output {
@@ -477,6 +481,37 @@ fn export(
         pages: 0,
         note,
     })
+}
+
+/// The whole manifest: `first` with the files of every page its `next` links lead to (an export of
+/// thousands of slices has thousands of files; each page repeats the error files).
+fn rest_of_manifest(client: &reqwest::blocking::Client, first: Manifest) -> Result<Manifest> {
+    let mut whole = Manifest {
+        output: first.output,
+        error: first.error,
+        link: Vec::new(),
+    };
+    let mut links = first.link;
+    while let Some(next) = links
+        .iter()
+        .find(|l| l.relation == "next")
+        .map(|l| l.url.clone())
+    {
+        let page: Manifest = client
+            .get(&next)
+            .send()
+            .and_then(|r| r.error_for_status())
+            .and_then(|r| r.json())
+            .map_err(|e| format!("manifest page {next}: {e}"))?;
+        whole.output.extend(page.output);
+        for e in page.error {
+            if !whole.error.iter().any(|f| f.url == e.url) {
+                whole.error.push(e);
+            }
+        }
+        links = page.link;
+    }
+    Ok(whole)
 }
 
 #[derive(Deserialize)]
