@@ -292,11 +292,11 @@ impl Planner<'_> {
             let element = self
                 .by_patient_param(&t)
                 .and_then(|param| whole::member_element(&t, param));
-            let total = totals.get(&t).copied().unwrap_or(0);
-            let pays = totals.contains_key(&t)
-                && whole::fewer_requests(total, &sizes, upstream_patients, self.limits.page_size);
-            match element.filter(|_| pays) {
-                Some(element) => paged.push((t, element, total)),
+            let total = totals.get(&t).copied().filter(|&total| {
+                whole::fewer_requests(total, &sizes, upstream_patients, self.limits.page_size)
+            });
+            match element.zip(total) {
+                Some((element, total)) => paged.push((t, element, total)),
                 None => by_patient.push(t),
             }
         }
@@ -884,14 +884,8 @@ mod tests {
     async fn patients_are_batched_to_the_url_limit_and_empty_types_are_skipped() {
         let fake = fake_upstream().await;
         let tmp = tempfile::tempdir().unwrap();
-        let (store, mut job, upstream) = setup(tmp.path(), &fake);
-        job.spec.level = Level::Patient;
-        job.spec.patients = job_patients();
-        let mut cap = Capability::default();
-        for t in ["Condition", EMPTY_TYPE, "Patient"] {
-            cap.types
-                .insert(t.into(), BTreeSet::from(["patient".to_owned()]));
-        }
+        let (store, job, upstream) = patient_job(tmp.path(), &fake);
+        let cap = searchable_by_patient(&["Condition", EMPTY_TYPE, "Patient"]);
         let limits = PlanLimits {
             max_search_url_bytes: 2000,
             ..LIMITS
@@ -932,9 +926,7 @@ mod tests {
         assert!(conditions.len() > 1);
 
         let fake = fake_upstream().await;
-        let (store, mut job, upstream) = setup(&tmp.path().join("old"), &fake);
-        job.spec.level = Level::Patient;
-        job.spec.patients = job_patients();
+        let (store, job, upstream) = patient_job(&tmp.path().join("old"), &fake);
         let old = PlanLimits {
             skip_empty_types: false,
             ..limits
@@ -957,14 +949,8 @@ mod tests {
     async fn types_paged_whole_are_split_to_run_side_by_side() {
         let fake = fake_upstream().await;
         let tmp = tempfile::tempdir().unwrap();
-        let (store, mut job, upstream) = setup(tmp.path(), &fake);
-        job.spec.level = Level::Patient;
-        job.spec.patients = job_patients();
-        let mut cap = Capability::default();
-        for t in ["Condition", "Patient"] {
-            cap.types
-                .insert(t.into(), BTreeSet::from(["patient".to_owned()]));
-        }
+        let (store, job, upstream) = patient_job(tmp.path(), &fake);
+        let cap = searchable_by_patient(&["Condition", "Patient"]);
         let limits = PlanLimits {
             whole_type_share: 0.5,
             ..LIMITS
@@ -1001,6 +987,24 @@ mod tests {
             }
             assert!(seen.iter().all(|&n| n == 1), "{t}: {seen:?}");
         }
+    }
+
+    /// [`setup`] with job "j" a Patient export of [`job_patients`].
+    fn patient_job(dir: &std::path::Path, fake: &Fake) -> (Store, Job, Upstream) {
+        let (store, mut job, upstream) = setup(dir, fake);
+        job.spec.level = Level::Patient;
+        job.spec.patients = job_patients();
+        (store, job, upstream)
+    }
+
+    /// A CapabilityStatement declaring `types`, each searchable by `patient`.
+    fn searchable_by_patient(types: &[&str]) -> Capability {
+        let mut cap = Capability::default();
+        for t in types {
+            cap.types
+                .insert((*t).into(), BTreeSet::from(["patient".to_owned()]));
+        }
+        cap
     }
 
     /// 300 patient ids of 36 characters, as long as UUIDs.
