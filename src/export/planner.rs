@@ -13,7 +13,7 @@ use crate::export::whole;
 use crate::export::window::Window;
 use crate::store::{Store, StoreError};
 use crate::upstream::bundle::read_matches;
-use crate::upstream::{Capability, Upstream, UpstreamError};
+use crate::upstream::{Capability, ParseError, Upstream, UpstreamError};
 
 /// Page size used to list patient ids: only ids travel, so pages can be large.
 const ID_PAGE_SIZE: u32 = 1000;
@@ -643,27 +643,50 @@ fn cohort_members(id: &str, store: &Store) -> Result<BTreeSet<String>, PlanError
         .collect())
 }
 
-/// Active `Patient` members of a Group (`member.entity`, skipping `inactive` ones).
+/// The members of upstream Group `id`.
 async fn group_members(id: &str, upstream: &Upstream) -> Result<BTreeSet<String>, PlanError> {
     let url = upstream.url(&format!("Group/{id}"));
-    let group: serde_json::Value = match upstream
-        .fetch(url.as_str(), |b| Ok(serde_json::from_slice(b)?))
-        .await
-    {
-        Ok(g) => g,
+    match upstream.fetch(url.as_str(), active_patients).await {
+        Ok(members) => Ok(members),
         Err(e) if matches!(e.status().map(|s| s.as_u16()), Some(404 | 410)) => {
-            return Err(PlanError::GroupNotFound(id.to_owned()))
+            Err(PlanError::GroupNotFound(id.to_owned()))
         }
-        Err(e) => return Err(e.into()),
-    };
-    let members = group["member"].as_array().into_iter().flatten();
-    Ok(members
-        .filter(|m| m["inactive"] != true)
-        .filter_map(|m| m["entity"]["reference"].as_str())
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Active `Patient` members of a Group resource (`member.entity`, skipping `inactive` ones).
+fn active_patients(body: &[u8]) -> Result<BTreeSet<String>, ParseError> {
+    let group: GroupMembers = serde_json::from_slice(body)?;
+    Ok(group
+        .member
+        .iter()
+        .filter(|m| m.inactive != Some(serde_json::Value::Bool(true)))
+        .filter_map(|m| m.entity.as_ref()?.reference.as_ref()?.as_str())
         .filter_map(compartment::patient_id)
         .filter(|id| super::kickoff::is_fhir_id(id))
         .map(str::to_owned)
         .collect())
+}
+
+/// Just the elements of a Group its members are read from: a Group of 10,000 read as a whole JSON
+/// value took several MB, the largest part of a Group export's memory. Elements stay JSON values so a
+/// malformed member is skipped, as before, rather than failing the Group.
+#[derive(serde::Deserialize)]
+struct GroupMembers {
+    #[serde(default)]
+    member: Vec<GroupMember>,
+}
+
+#[derive(serde::Deserialize)]
+struct GroupMember {
+    entity: Option<MemberEntity>,
+    inactive: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct MemberEntity {
+    reference: Option<serde_json::Value>,
 }
 
 /// Every patient that existed at the job's transaction time.
@@ -876,6 +899,29 @@ mod tests {
         );
         // Only the request that never got its answer is made twice.
         assert_eq!(fake.requests.load(Ordering::SeqCst), whole_requests + 1);
+    }
+
+    #[test]
+    fn a_groups_active_patient_members_are_read_and_the_rest_skipped() {
+        let group = serde_json::json!({
+            "resourceType": "Group", "id": "g", "type": "person", "actual": true,
+            "characteristic": [{"code": {"text": "ignored"}, "valueBoolean": true, "exclude": false}],
+            "member": [
+                {"entity": {"reference": "Patient/a"}},
+                {"entity": {"reference": "Patient/b"}, "inactive": false},
+                {"entity": {"reference": "Patient/c"}, "inactive": true},
+                {"entity": {"reference": "Practitioner/d"}},
+                {"entity": {"reference": 7}},
+                {"entity": {"display": "no reference"}},
+                {"period": {"start": "2020"}},
+                {"entity": {"reference": "Patient/a"}}
+            ]
+        });
+        let members = active_patients(group.to_string().as_bytes()).unwrap();
+        assert_eq!(members, BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+        let none = active_patients(br#"{"resourceType": "Group"}"#).unwrap();
+        assert!(none.is_empty());
+        assert!(active_patients(br#"{"member": "Patient/a"}"#).is_err());
     }
 
     /// A Patient export of 300 patients is batched as the URL limit allows, every search within it and

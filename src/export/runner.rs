@@ -18,6 +18,7 @@ use crate::export::manifest::{self, error_lines, ERROR_FILE};
 use crate::export::model::{FilePart, Job, JobState, Level, Slice, SliceState};
 use crate::export::planner::{self, PlanError, PlanLimits};
 use crate::export::references;
+use crate::export::whole::Members;
 use crate::export::window::Window;
 use crate::export::worker::{run_slice, SliceContext, SliceEnd, WorkerError};
 use crate::export::writer;
@@ -363,24 +364,32 @@ impl Runner {
             .last_ms()
             .and_then(chrono::DateTime::from_timestamp_millis)
             .unwrap_or_else(chrono::Utc::now);
-        let mut queue = slices
+        let slices: Vec<Slice> = slices
             .into_iter()
             .filter(|s| s.state == SliceState::Pending)
-            .map(|slice| {
-                let ctx = SliceContext {
-                    store: self.store.clone(),
-                    upstream: self.upstream.clone(),
-                    dir: dir.clone(),
-                    per_file: self.cfg.resources_per_file,
-                    elements: job.spec.elements.clone(),
-                    cancel: cancel.clone(),
-                    limits: limits.clone(),
-                    snapshot,
-                    gzip: job.gzip,
-                    layout: job.spec.layout,
-                };
-                (ctx, slice)
-            });
+            .collect();
+        // One set for all the slices that keep the job's patients: a copy each would multiply the
+        // job's largest structure by the slices running at once.
+        let members = match slices.iter().any(|s| s.members_by.is_some()) {
+            true => Some(Arc::new(Members::new(self.store.job_patients(id)?))),
+            false => None,
+        };
+        let mut queue = slices.into_iter().map(|slice| {
+            let ctx = SliceContext {
+                store: self.store.clone(),
+                upstream: self.upstream.clone(),
+                dir: dir.clone(),
+                per_file: self.cfg.resources_per_file,
+                elements: job.spec.elements.clone(),
+                cancel: cancel.clone(),
+                limits: limits.clone(),
+                snapshot,
+                gzip: job.gzip,
+                layout: job.spec.layout,
+                members: members.clone(),
+            };
+            (ctx, slice)
+        });
         // Each slice is a task of its own: a page's parsing and conversion is CPU work, and slices in
         // one task would take turns on one core however many the machine has.
         let mut running = JoinSet::new();

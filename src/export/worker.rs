@@ -100,6 +100,8 @@ pub struct SliceContext {
     pub gzip: bool,
     /// The job's output layout.
     pub layout: Layout,
+    /// The job's patients, when one of its slices pages a type whole.
+    pub members: Option<Arc<Members>>,
 }
 
 /// How often a running slice commits its cursor: pages are written as they come, fsynced and
@@ -140,7 +142,7 @@ struct SliceRun<'c> {
     /// Whether resources found before are left out (a slice of several OR-ed searches).
     dedupe: bool,
     /// The job's patients, for a slice that pages its type whole.
-    members: Option<Members>,
+    members: Option<Arc<Members>>,
 }
 
 impl<'c> SliceRun<'c> {
@@ -159,7 +161,10 @@ impl<'c> SliceRun<'c> {
         .await
         .expect("writer task panicked")?;
         let members = match slice.members_by {
-            Some(_) => Some(Members::new(ctx.store.job_patients(&slice.job_id)?)),
+            Some(_) => Some(match &ctx.members {
+                Some(members) => members.clone(),
+                None => Arc::new(Members::new(ctx.store.job_patients(&slice.job_id)?)),
+            }),
             None => None,
         };
         Ok(Self {
@@ -209,7 +214,7 @@ impl<'c> SliceRun<'c> {
                     committing_ids: self.pending.as_ref().map(|p| &p.batch.ids),
                     prefetch: &self.prefetch,
                     spare: &self.output.spare,
-                    members: self.members.as_ref(),
+                    members: self.members.as_deref(),
                 };
                 let before_attempt = || {
                     self.prefetch.forget();
@@ -580,6 +585,7 @@ mod tests {
             snapshot: Utc::now(),
             gzip: false,
             layout: Layout::ByType,
+            members: None,
         };
         (store, ctx)
     }
