@@ -29,6 +29,7 @@
 //! | `BENCH_REAL_NOTE` | unset | What that upstream holds, for the report |
 //! | `BENCH_PROXY_BIN` | `target/release/fhir-bulk-proxy` (built by `cargo bench`) | The proxy binary |
 //! | `BENCH_OUT` | `BENCHMARKS.md` | Report written; `-` writes none |
+//! | `BENCH_POLL_MS` | `5` | How often the export client polls a job's status |
 //! | `BENCH_COMMAND` | `cargo bench --bench export` | Command named in the report |
 
 mod roster;

@@ -20,6 +20,12 @@ type Result<T> = std::result::Result<T, String>;
 const MIB: f64 = 1024.0 * 1024.0;
 const MB: f64 = 1_000_000.0;
 
+/// How often the export client polls a job's status: often, so that a run of under a second (the real
+/// upstream's) does not lose much of itself between polls.
+fn poll_ms() -> u64 {
+    env_or("BENCH_POLL_MS", 5)
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -444,8 +450,7 @@ fn export(
             .send()
             .map_err(|e| format!("status: {e}"))?;
         match r.status().as_u16() {
-            // Often, so that when the export ends is not lost between polls: runs take under a second.
-            202 => std::thread::sleep(Duration::from_millis(5)),
+            202 => std::thread::sleep(Duration::from_millis(poll_ms())),
             200 => break r.json().map_err(|e| format!("manifest: {e}"))?,
             other => {
                 return Err(format!(
@@ -1438,7 +1443,7 @@ fn report(
         md,
         "\nMB/s is the NDJSON payload (the 1-slice export's file bytes: {}) over each client's time, so it \
          compares like with like; the pager writes whole Bundles (larger). Time: kick-off to manifest for the \
-         proxy (polled every 20 ms), first request to fsync of its file for the pager. Each row is the median \
+         proxy (polled every {} ms), first request to fsync of its file for the pager. Each row is the median \
          of {} interleaved rounds (pager, 1 slice, N slices, then again), its time, CPU and rate from that round. \
          Peak RSS: `VmHWM` of a fresh proxy process read after the export, the highest of all rounds. CPU: user+system seconds of the client (the proxy process, or the pager's own process) and of the fast upstream during the run, from \
          `/proc/<pid>/stat`.",
@@ -1447,6 +1452,7 @@ fn report(
             .map(|r| format!("{:.1} MB at {}", r.one.bytes as f64 / MB, r.size))
             .collect::<Vec<_>>()
             .join(", "),
+        poll_ms(),
         s.export_rounds
     );
 
