@@ -859,10 +859,10 @@ fn real_exports(s: &Settings, base: &str) -> Result<RealResult> {
         manys.push(many);
     }
     let (pager, one) = (median_round(pagers), median_round(ones));
-    let many = match manys.into_iter().collect::<Result<Vec<_>>>() {
-        Ok(runs) => Ok(median_round(runs)),
-        Err(e) => Err(e),
-    };
+    let many = manys
+        .into_iter()
+        .collect::<Result<Vec<_>>>()
+        .map(median_round);
     eprintln!(
         "bench:   median: pager {} resources in {:.2}s, 1 slice {} in {:.2}s",
         pager.resources, pager.secs, one.resources, one.secs
