@@ -160,6 +160,8 @@ impl<'c> SliceRun<'c> {
         })
         .await
         .expect("writer task panicked")?;
+        // The runner loads the set once per job. A context built without it loads its own, so a slice
+        // paged whole never runs unfiltered.
         let members = match slice.members_by {
             Some(_) => Some(match &ctx.members {
                 Some(members) => members.clone(),
