@@ -414,8 +414,10 @@ pub struct ExportConfig {
     pub patient_batch_size: usize,
     /// Longest upstream search URL the planner makes when it batches patients into one search.
     pub max_search_url_bytes: usize,
-    /// Patient and Group exports first ask the upstream how many resources each type has (one
-    /// `_count=0` search per type) and leave out the types that have none.
+    /// Exports first ask the upstream how many resources each type has and leave out the types that
+    /// have none, largest first: Patient and Group exports of several patient batches always (one
+    /// `_count=0` search per type), system exports where the upstream takes `batch` requests (all the
+    /// counts in one).
     pub skip_empty_types: bool,
     /// From this share of the upstream's patients (0 to 1; 0: never), such exports page a type whole
     /// and keep their patients' resources, wherever that takes fewer requests than searching by patient.

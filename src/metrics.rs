@@ -23,6 +23,8 @@ pub struct Metrics {
     pub upstream_retries: IntCounter,
     /// Upstream requests that had to wait for the rate limiter.
     pub rate_limiter_waits: IntCounter,
+    /// Searches answered inside `batch` requests instead of a request each.
+    pub batched_reads: IntCounter,
     /// The adaptive limit of export requests in flight upstream.
     pub export_limit: IntGauge,
     /// Export requests allowed in flight now: the limit, less the slot kept for pass-through traffic.
@@ -147,6 +149,10 @@ impl Metrics {
             rate_limiter_waits: counter(
                 "fbp_rate_limiter_waits_total",
                 "Upstream requests that waited for the rate limiter.",
+            ),
+            batched_reads: counter(
+                "fbp_upstream_batched_reads_total",
+                "Searches answered inside batch requests instead of a request each.",
             ),
             jobs,
             connections,

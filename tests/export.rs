@@ -181,25 +181,78 @@ fn group_export_matches_member_compartments() {
     assert_same(&exported, &expected);
 }
 
-/// Upstream requests a Group export makes, per `fbp_upstream_requests_total`, and its resources.
-fn group_export_requests(export_toml: &str) -> (f64, BTreeMap<String, Vec<Value>>) {
+/// What an export cost upstream: its requests (`fbp_upstream_requests_total`) and the searches
+/// answered inside batch requests (`fbp_upstream_batched_reads_total`).
+struct Cost {
+    requests: f64,
+    batched: f64,
+}
+
+/// The upstream cost of the export `kickoff` starts, and its resources.
+fn export_cost(kickoff: &str, export_toml: &str) -> (Cost, BTreeMap<String, Vec<Value>>) {
     let proxy = Proxy::builder(&upstream())
         .export_toml(export_toml)
         .admin()
         .start();
     let admin = proxy.admin.clone().unwrap();
-    let requests = || {
+    let sum = |prefix: &str| {
         let text = scrape(&admin);
-        let samples = text
-            .lines()
-            .filter(|l| l.starts_with("fbp_upstream_requests_total{"));
+        let samples = text.lines().filter(|l| l.starts_with(prefix));
         samples
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
-    let before = requests();
-    let (_, files) = run_get(&proxy, &format!("Group/{GROUP_ID}/$export"));
-    (requests() - before, resources_by_type(&files))
+    let cost = || Cost {
+        requests: sum("fbp_upstream_requests_total{"),
+        batched: sum("fbp_upstream_batched_reads_total "),
+    };
+    let before = cost();
+    let (_, files) = run_get(&proxy, kickoff);
+    let after = cost();
+    let spent = Cost {
+        requests: after.requests - before.requests,
+        batched: after.batched - before.batched,
+    };
+    (spent, resources_by_type(&files))
+}
+
+/// Upstream requests a Group export makes, and its resources.
+fn group_export_requests(export_toml: &str) -> (f64, BTreeMap<String, Vec<Value>>) {
+    let (cost, resources) = export_cost(&format!("Group/{GROUP_ID}/$export"), export_toml);
+    (cost.requests, resources)
+}
+
+/// sekmet-fhir declares `batch`: a system export counts every type in one request, leaves out those
+/// it holds none of, and exports exactly what direct searches find, in fewer requests than one search
+/// per type.
+#[test]
+fn a_system_export_counts_types_in_one_batch_and_skips_the_empty_ones() {
+    let upstream = upstream();
+    let expected = direct_system(&upstream, None);
+    let (all, all_export) = export_cost("$export", "skip_empty_types = false");
+    let (skipping, skipping_export) = export_cost("$export", "");
+    assert_same(&all_export, &expected);
+    assert_same(&skipping_export, &expected);
+    assert_eq!(
+        all.batched, 0.0,
+        "nothing is counted without skip_empty_types"
+    );
+    let searchable = searchable_types(&upstream).len() as f64;
+    assert!(
+        skipping.batched >= searchable,
+        "{} counts came in a batch, for {searchable} types",
+        skipping.batched
+    );
+    assert!(
+        expected.len() < searchable as usize,
+        "the upstream holds every type: nothing to skip"
+    );
+    assert!(
+        skipping.requests < all.requests,
+        "skipping the empty types took {} requests, searching every type {}",
+        skipping.requests,
+        all.requests
+    );
 }
 
 /// With several patient batches, a type the upstream holds none of costs one probe, not one search

@@ -250,9 +250,13 @@ fn start_proxy_with(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let data_dir = dir.join("data");
+    let admin = free_port()?;
     let config = format!(
         r#"[server]
 listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:{admin}"
 
 [upstream]
 base_url = "{upstream}"
@@ -301,6 +305,9 @@ progress_log_secs = 3600
                 .split_once("public base ")
                 .map(|(_, b)| b.trim().to_owned())
                 .ok_or_else(|| format!("unexpected listening line: {rest}"))?;
+            // As Kubernetes starts it: no traffic until it is ready.
+            let ready = format!("http://127.0.0.1:{admin}/readyz");
+            wait_http(&http_client(), &ready, Duration::from_secs(30))?;
             Ok(Proxy {
                 proc: Proc {
                     child,
@@ -1394,7 +1401,9 @@ fn report(
         md,
         "- Settings: `page_size = {}`, `resources_per_file = {}`, `slice_concurrency = 4`, \
          `[upstream] max_concurrent_requests = 8`, `requests_per_second = 100000`; wrk `-t1`, {} s per run, \
-         {} round(s) (median); export rounds {} (median); total run time {:.0} s{}{}\n",
+         {} round(s) (median); export rounds {} (median); total run time {:.0} s{}{}. Every proxy is \
+         started as Kubernetes starts one: nothing is sent to it before its `/readyz` answers 200 (which \
+         reads the upstream's CapabilityStatement)\n",
         s.page_size,
         s.per_file,
         s.load_secs,

@@ -18,6 +18,9 @@ use crate::upstream::{Capability, ParseError, Upstream, UpstreamError};
 /// Page size used to list patient ids: only ids travel, so pages can be large.
 const ID_PAGE_SIZE: u32 = 1000;
 
+/// Most counts asked for in one `batch` request.
+const READS_PER_BATCH: usize = 100;
+
 /// Why a job could not be planned.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -44,7 +47,8 @@ pub struct PlanLimits {
     pub patient_batch_size: usize,
     /// Longest search URL a patient batch may make.
     pub max_search_url_bytes: usize,
-    /// Whether a job of several patient batches leaves out the types the upstream holds none of.
+    /// Whether a job of several patient batches, or a system-level job on an upstream that takes
+    /// `batch` requests, leaves out the types the upstream holds none of.
     pub skip_empty_types: bool,
     /// Share of the upstream's patients from which such a job pages a type whole where that takes fewer
     /// requests ([`crate::export::whole`]); 0: never.
@@ -156,9 +160,24 @@ struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    /// Each type's slices at system level, one per `_lastUpdated` range, stored type by type.
+    /// Each type's slices at system level, one per `_lastUpdated` range, stored type by type. Where
+    /// the upstream counts all types in one batch request, the types it holds none of are left out,
+    /// and the largest go first: the longest chains of pages then do not trail the export alone.
+    /// Those counts leave out the job's window: a type with no resources has none in any window, and
+    /// a server that does not index `_lastUpdated` counts a whole type much faster than a range of it.
     async fn system(&mut self) -> Result<(), PlanError> {
-        for t in &self.types {
+        let mut types = self.types.clone();
+        if self.limits.skip_empty_types && self.capability.batch {
+            // Only what the batch answered: a type it left out is searched, which says as much.
+            let counted = self.batch_counts(false).await;
+            let totals: HashMap<String, u64> = (self.types.iter().cloned())
+                .zip(counted)
+                .filter_map(|(t, total)| Some((t, total.flatten()?)))
+                .collect();
+            types.retain(|t| totals.get(t) != Some(&0));
+            largest_first(&mut types, &totals);
+        }
+        for t in &types {
             if self.progress.done.contains(t) {
                 continue;
             }
@@ -240,28 +259,63 @@ impl Planner<'_> {
         batches
     }
 
-    /// Leaves out the types of which the upstream holds nothing in the job's window: one `_count=0`
-    /// search per type instead of one search per type and batch. A type whose count the upstream
-    /// does not give stays.
+    /// Leaves out the types of which the upstream holds nothing in the job's window, the largest
+    /// first: one count per type ([`Planner::totals`]) instead of one search per type and batch. A
+    /// type whose count the upstream does not give stays.
     /// Returns the counts found, by type.
     async fn skip_empty_types(&mut self) -> Result<HashMap<String, u64>, PlanError> {
-        let mut kept = Vec::with_capacity(self.types.len());
-        let mut totals = HashMap::new();
+        let totals = self.totals().await?;
+        self.types.retain(|t| totals.get(t) != Some(&0));
+        largest_first(&mut self.types, &totals);
+        Ok(totals)
+    }
+
+    /// `Bundle.total` of each of the job's types in its window, where the upstream gives it: from one
+    /// `batch` request where the upstream takes them ([`Planner::batch_counts`]), else (and for any the
+    /// batch left unanswered) one `_count=0` search each.
+    async fn totals(&self) -> Result<HashMap<String, u64>, PlanError> {
+        let answered = self.batch_counts(true).await;
+        let counted = self
+            .types
+            .iter()
+            .zip(answered)
+            .map(|(t, answer)| async move {
+                match answer {
+                    Some(total) => Ok(total),
+                    None => self.bounds.total(t).await,
+                }
+            });
         // All at once: the upstream limiter, not this loop, decides how many go out together.
-        let types = std::mem::take(&mut self.types);
-        let counted: Vec<Result<Option<u64>, UpstreamError>> =
-            futures_util::future::join_all(types.iter().map(|t| self.bounds.total(t))).await;
-        for (t, total) in types.into_iter().zip(counted) {
-            let total = total?;
-            if let Some(total) = total {
+        let counted = futures_util::future::join_all(counted).await;
+        let mut totals = HashMap::new();
+        for (t, total) in self.types.iter().zip(counted) {
+            if let Some(total) = total? {
                 totals.insert(t.clone(), total);
             }
-            if total != Some(0) {
-                kept.push(t);
+        }
+        Ok(totals)
+    }
+
+    /// Each type's `Bundle.total` (in the job's window if `windowed`) as batch requests of counts
+    /// answer them, in the order of the job's types: `None` for a type no batch answered (all of
+    /// them where the upstream takes no batch), `Some(None)` where the upstream gives no total.
+    async fn batch_counts(&self, windowed: bool) -> Vec<Option<Option<u64>>> {
+        let mut answers: Vec<Option<Vec<u8>>> = vec![None; self.types.len()];
+        if self.capability.batch {
+            let urls: Vec<String> = (self.types.iter())
+                .map(|t| self.bounds.count_url(t, windowed, None).into())
+                .collect();
+            for (i, chunk) in urls.chunks(READS_PER_BATCH).enumerate() {
+                match self.bounds.upstream.read_batch(chunk).await {
+                    Ok(got) => answers[i * READS_PER_BATCH..][..got.len()].clone_from_slice(&got),
+                    Err(e) => {
+                        tracing::warn!(job = %self.job.id, error = %e, "batch of counts failed")
+                    }
+                }
             }
         }
-        self.types = kept;
-        Ok(totals)
+        let total = |body: Vec<u8>| read_matches(&body, |_| Ok(())).ok().map(|s| s.total);
+        answers.into_iter().map(|a| a.and_then(total)).collect()
     }
 
     /// Pages whole, keeping the job's patients' resources, each type for which that takes fewer
@@ -370,6 +424,12 @@ impl Planner<'_> {
 }
 
 /// The next slice of a job's plan, numbered after those planned so far.
+/// Orders `types` by their `totals`, largest first; a type of unknown size goes before all (it may be
+/// the largest), and equal ones keep their order.
+fn largest_first(types: &mut [String], totals: &HashMap<String, u64>) {
+    types.sort_by_key(|t| std::cmp::Reverse(totals.get(t).copied().unwrap_or(u64::MAX)));
+}
+
 fn new_slice(
     job: &Job,
     progress: &mut Planning,
@@ -503,11 +563,22 @@ impl Bounds<'_> {
         Ok(Some(Split::new(Range { lo, hi }, total, n)))
     }
 
-    /// `Bundle.total` of a type's resources in the job's window, if the upstream gives it.
-    async fn total(&self, resource_type: &str) -> Result<Option<u64>, UpstreamError> {
+    /// The search that counts a type's resources: all of them, in the job's window if `windowed`, or
+    /// in `range` of it.
+    fn count_url(&self, resource_type: &str, windowed: bool, range: Option<Range>) -> Url {
         let mut url = self.upstream.url(resource_type);
         url.query_pairs_mut().append_pair("_count", "0");
-        self.window.apply(&mut url);
+        match range {
+            Some(range) => self.window.narrow(range).apply(&mut url),
+            None if windowed => self.window.apply(&mut url),
+            None => {}
+        }
+        url
+    }
+
+    /// `Bundle.total` of a type's resources in the job's window, if the upstream gives it.
+    async fn total(&self, resource_type: &str) -> Result<Option<u64>, UpstreamError> {
+        let url = self.count_url(resource_type, true, None);
         self.upstream
             .fetch(url.as_str(), |body| {
                 Ok(read_matches(body, |_| Ok(()))?.total)
@@ -517,9 +588,7 @@ impl Bounds<'_> {
 
     /// `Bundle.total` of a type's resources in a range.
     async fn count(&self, resource_type: &str, range: Range) -> Result<u64, UpstreamError> {
-        let mut url = self.upstream.url(resource_type);
-        url.query_pairs_mut().append_pair("_count", "0");
-        self.window.narrow(range).apply(&mut url);
+        let url = self.count_url(resource_type, true, Some(range));
         self.upstream
             .fetch(url.as_str(), |body| {
                 read_matches(body, |_| Ok(()))?
@@ -742,13 +811,44 @@ mod tests {
         (0..200).map(|i| start + i * 1_000).collect()
     }
 
-    /// An upstream answering the planner's probes from [`times`], counting requests; request number
-    /// `stall_at` (from 1) is never answered.
+    /// A type the fake upstream answers with 404 inside a batch (and normally on its own).
+    const REFUSED_IN_BATCH: &str = "Encounter";
+
+    /// An upstream answering the planner's probes from [`times`], alone or in a `batch`, counting
+    /// requests; request number `stall_at` (from 1) is never answered.
     struct Fake {
         base: String,
         requests: Arc<AtomicUsize>,
         stall_at: Arc<AtomicUsize>,
         stalled: Arc<tokio::sync::Notify>,
+        /// The URLs of the reads of every batch received.
+        batches: Arc<std::sync::Mutex<Vec<Vec<String>>>>,
+    }
+
+    /// The batch-response to a `batch` Bundle of reads, each answered as alone (but
+    /// [`REFUSED_IN_BATCH`]); records the reads in `batches`.
+    fn batch_answer(body: &[u8], batches: &std::sync::Mutex<Vec<Vec<String>>>) -> String {
+        let bundle: serde_json::Value = serde_json::from_slice(body).unwrap();
+        let urls: Vec<String> = (bundle["entry"].as_array().unwrap().iter())
+            .map(|e| e["request"]["url"].as_str().unwrap().to_owned())
+            .collect();
+        let entries: Vec<String> = (urls.iter())
+            .map(|u| match u.starts_with(REFUSED_IN_BATCH) {
+                true => r#"{"response":{"status":"404 Not Found"}}"#.to_owned(),
+                false => {
+                    let url = Url::parse(&format!("http://x/fhir/{u}")).unwrap();
+                    format!(
+                        r#"{{"resource":{},"response":{{"status":"200 OK"}}}}"#,
+                        answer(&url)
+                    )
+                }
+            })
+            .collect();
+        batches.lock().unwrap().push(urls);
+        format!(
+            r#"{{"resourceType":"Bundle","type":"batch-response","entry":[{}]}}"#,
+            entries.join(",")
+        )
     }
 
     async fn fake_upstream() -> Fake {
@@ -758,17 +858,23 @@ mod tests {
             requests: Arc::default(),
             stall_at: Arc::new(AtomicUsize::new(usize::MAX)),
             stalled: Arc::default(),
+            batches: Arc::default(),
         };
-        let (requests, stall_at, stalled) = (
+        let (requests, stall_at, stalled, batches) = (
             fake.requests.clone(),
             fake.stall_at.clone(),
             fake.stalled.clone(),
+            fake.batches.clone(),
         );
         tokio::spawn(async move {
             loop {
                 let (mut stream, _) = listener.accept().await.unwrap();
-                let (requests, stall_at, stalled) =
-                    (requests.clone(), stall_at.clone(), stalled.clone());
+                let (requests, stall_at, stalled, batches) = (
+                    requests.clone(),
+                    stall_at.clone(),
+                    stalled.clone(),
+                    batches.clone(),
+                );
                 tokio::spawn(async move {
                     let mut head = Vec::new();
                     while !head.ends_with(b"\r\n\r\n") {
@@ -786,7 +892,21 @@ mod tests {
                     let head = String::from_utf8(head).unwrap();
                     let target = head.split(' ').nth(1).unwrap();
                     let url = Url::parse(&format!("http://x{target}")).unwrap();
-                    let body = answer(&url);
+                    let length = (head.lines())
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(str::to_owned)
+                        })
+                        .map(|n| n.trim().parse::<usize>().unwrap());
+                    let body = match length {
+                        Some(length) => {
+                            let mut body = vec![0; length];
+                            stream.read_exact(&mut body).await.unwrap();
+                            batch_answer(&body, &batches)
+                        }
+                        None => answer(&url),
+                    };
                     let response = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
@@ -864,6 +984,66 @@ mod tests {
         let mut slices = store.slices("j").unwrap();
         slices.extend(plan.slices);
         slices
+    }
+
+    /// Where the upstream takes `batch` requests, a system export counts every type in one, without
+    /// its window; the types without resources are left out, and one the batch did not answer is
+    /// kept.
+    #[tokio::test]
+    async fn a_system_export_counts_its_types_in_one_batch_and_leaves_out_the_empty_ones() {
+        let mut cap = capability();
+        cap.types.insert(EMPTY_TYPE.into(), BTreeSet::new());
+        cap.batch = true;
+        let fake = fake_upstream().await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, job, upstream) = setup(tmp.path(), &fake);
+        let limits = PlanLimits {
+            time_slices: 1,
+            ..LIMITS
+        };
+        let planned = plan(&job, &upstream, &cap, limits, &store).await.unwrap();
+        let slices = all_slices(&store, planned);
+        let types: BTreeSet<&str> = slices.iter().map(|s| s.resource_type.as_str()).collect();
+        assert_eq!(types, BTreeSet::from(TYPES), "{EMPTY_TYPE} is left out");
+        let batches = fake.batches.lock().unwrap().clone();
+        assert_eq!(batches.len(), 1, "{batches:?}");
+        let mut counted = batches[0].clone();
+        counted.sort();
+        let expected: Vec<String> = ["Condition", "Encounter", "Observation", EMPTY_TYPE]
+            .iter()
+            .map(|t| format!("{t}?_count=0"))
+            .collect();
+        assert_eq!(
+            counted, expected,
+            "every type counted whole, without the job's window"
+        );
+        // The batch only: the type it did not answer is searched, not counted on its own.
+        assert_eq!(fake.requests.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            slices[0].resource_type, REFUSED_IN_BATCH,
+            "a type of unknown size goes first"
+        );
+
+        // Without batch, nothing is counted: each type's first page says whether it is empty.
+        let fake = fake_upstream().await;
+        let (store, job, upstream) = setup(&tmp.path().join("no-batch"), &fake);
+        cap.batch = false;
+        let planned = plan(&job, &upstream, &cap, limits, &store).await.unwrap();
+        let slices = all_slices(&store, planned);
+        assert!(slices.iter().any(|s| s.resource_type == EMPTY_TYPE));
+        assert_eq!(fake.requests.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn the_largest_types_go_first_and_those_of_unknown_size_before_them() {
+        let totals = HashMap::from([
+            ("A".to_owned(), 5),
+            ("B".to_owned(), 50),
+            ("C".to_owned(), 5),
+        ]);
+        let mut types: Vec<String> = ["A", "B", "C", "D"].map(String::from).to_vec();
+        largest_first(&mut types, &totals);
+        assert_eq!(types, ["D", "B", "A", "C"]);
     }
 
     #[tokio::test]

@@ -58,6 +58,8 @@ pub struct EntryRequest {
 /// `Bundle.entry.response`.
 #[derive(Debug, Deserialize)]
 pub struct EntryResponse {
+    /// The entry's HTTP status (`200`, `200 OK`…), in a batch-response.
+    pub status: Option<String>,
     /// When the interaction happened.
     #[serde(rename = "lastModified")]
     pub last_modified: Option<String>,
@@ -117,7 +119,7 @@ impl Entry<'_> {
         })
     }
 
-    /// `entry.response` (history Bundles).
+    /// `entry.response` (history Bundles, batch-responses).
     pub fn response(&self) -> Result<Option<EntryResponse>, BundleError> {
         let raw = self.response.unwrap_or(b"null");
         serde_json::from_slice(raw).map_err(|source| BundleError::Entry {

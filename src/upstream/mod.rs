@@ -1,5 +1,6 @@
 //! The proxy's own calls to the upstream FHIR server: rate-limited, bounded, retried.
 
+pub mod batch;
 pub mod bundle;
 pub mod credentials;
 pub mod limiter;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::Response;
 use reqwest::StatusCode;
 use tokio::sync::RwLock;
@@ -107,6 +108,8 @@ pub struct Capability {
     /// The `target` types of reference search parameters, per type and parameter, where the statement
     /// gives them (R4 does not require it; some servers do).
     pub targets: BTreeMap<String, BTreeMap<String, BTreeSet<String>>>,
+    /// Whether the server declares the `batch` interaction (`rest.interaction`).
+    pub batch: bool,
 }
 
 impl Capability {
@@ -115,6 +118,8 @@ impl Capability {
         let mut cap = Capability::default();
         let rests = statement["rest"].as_array().into_iter().flatten();
         for rest in rests.filter(|r| r["mode"] == "server") {
+            let interactions = rest["interaction"].as_array().into_iter().flatten();
+            cap.batch |= interactions.into_iter().any(|i| i["code"] == "batch");
             for resource in rest["resource"].as_array().into_iter().flatten() {
                 let Some(name) = resource["type"].as_str() else {
                     continue;
@@ -221,13 +226,47 @@ impl Upstream {
         url
     }
 
-    /// One quick request to `[base]/metadata`, no retries: whether the upstream answers at all.
+    /// One quick request to `[base]/metadata`, no retries: whether the upstream answers at all. The
+    /// statement it brings renews the cached one once that is half its age: a proxy probed for
+    /// readiness then never makes an export wait for it.
     pub async fn probe(&self) -> bool {
         let url = self.url("metadata");
-        match tokio::time::timeout(Duration::from_secs(2), self.send(&url)).await {
-            Ok(Ok((response, _))) => response.status().is_success(),
-            _ => false,
-        }
+        let probed = async {
+            let (response, _) = self.send(&url, None).await.ok()?;
+            if !response.status().is_success() {
+                return Some(false);
+            }
+            if self
+                .capability_age()
+                .await
+                .is_none_or(|age| age >= CAPABILITY_TTL / 2)
+            {
+                let statement = response.bytes().await.ok();
+                let statement = statement.and_then(|b| serde_json::from_slice(&b).ok());
+                if let Some(statement) = statement {
+                    self.keep_capability(&statement).await;
+                }
+            }
+            Some(true)
+        };
+        let probed = tokio::time::timeout(Duration::from_secs(2), probed).await;
+        probed.ok().flatten().unwrap_or(false)
+    }
+
+    /// How long ago the cached CapabilityStatement was read, if one is.
+    async fn capability_age(&self) -> Option<Duration> {
+        self.capability
+            .read()
+            .await
+            .as_ref()
+            .map(|(at, _)| at.elapsed())
+    }
+
+    /// Caches the digest of `statement`, and returns it.
+    async fn keep_capability(&self, statement: &serde_json::Value) -> Arc<Capability> {
+        let cap = Arc::new(Capability::from_statement(statement));
+        *self.capability.write().await = Some((Instant::now(), cap.clone()));
+        cap
     }
 
     /// The proxy's own `Authorization` for the upstream, if it has credentials.
@@ -262,9 +301,7 @@ impl Upstream {
         let statement: serde_json::Value = self
             .fetch(url.as_str(), |b| Ok(serde_json::from_slice(b)?))
             .await?;
-        let cap = Arc::new(Capability::from_statement(&statement));
-        *self.capability.write().await = Some((Instant::now(), cap.clone()));
-        Ok(cap)
+        Ok(self.keep_capability(&statement).await)
     }
 
     /// GETs `url` and parses the whole body with `parse`, retrying transient failures.
@@ -293,11 +330,46 @@ impl Upstream {
     pub async fn fetch_streamed<S: PageSink>(
         &self,
         url: &str,
-        mut prefetched: Option<Prefetched>,
+        prefetched: Option<Prefetched>,
         sink: impl Fn() -> S,
         before_attempt: impl Fn() -> Result<(), UpstreamError>,
     ) -> Result<S::Page, UpstreamError> {
         let target = self.check_own(url)?;
+        self.exchange(target, None, prefetched, sink, before_attempt)
+            .await
+    }
+
+    /// Reads `urls` (searches under the base) in one `batch` request: each one's Bundle, in order,
+    /// `None` for one the batch did not answer with a Bundle. Retried like a fetch, which is safe:
+    /// its reads change nothing.
+    pub async fn read_batch(&self, urls: &[String]) -> Result<Vec<Option<Vec<u8>>>, UpstreamError> {
+        let bundle =
+            batch::bundle(self.base.as_str(), urls).ok_or_else(|| UpstreamError::Foreign {
+                url: urls
+                    .iter()
+                    .find(|u| self.check_own(u).is_err())
+                    .cloned()
+                    .unwrap_or_default(),
+                base: self.base.to_string(),
+            })?;
+        let body = Some(bytes::Bytes::from(bundle));
+        let sink = || batch::Answers::new(urls.len());
+        let answers = (self.exchange(self.base.clone(), body, None, sink, || Ok(()))).await?;
+        METRICS
+            .batched_reads
+            .inc_by(answers.iter().flatten().count() as u64);
+        Ok(answers)
+    }
+
+    /// One request (a GET, or a POST of `body`) with its retries, its body handed to `sink()`.
+    async fn exchange<S: PageSink>(
+        &self,
+        target: Url,
+        body: Option<bytes::Bytes>,
+        mut prefetched: Option<Prefetched>,
+        sink: impl Fn() -> S,
+        before_attempt: impl Fn() -> Result<(), UpstreamError>,
+    ) -> Result<S::Page, UpstreamError> {
         // A span per request (retries included): inside a job's span, so traces group by job.
         let span = tracing::info_span!("upstream_request", url = %target);
         async move {
@@ -308,7 +380,7 @@ impl Upstream {
                 Some(Prefetched(opened)) => opened,
                 None => {
                     before_attempt()?;
-                    self.open(&target, None).await
+                    self.open(&target, None, body.as_ref()).await
                 }
             };
             let (err, retry_after) = match self.read(&target, opened, sink()).await {
@@ -331,7 +403,7 @@ impl Upstream {
                 }
             }
             let delay = self.backoff(attempt, retry_after);
-            tracing::warn!(url, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream request");
+            tracing::warn!(url = %target, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying upstream request");
             METRICS.upstream_retries.inc();
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -353,7 +425,7 @@ impl Upstream {
         let target = self.check_own(url).ok()?;
         let upstream = self.clone();
         Some(tokio::spawn(async move {
-            Prefetched(upstream.open(&target, Some(after)).await)
+            Prefetched(upstream.open(&target, Some(after), None).await)
         }))
     }
 
@@ -368,9 +440,15 @@ impl Upstream {
         }
     }
 
-    /// Sends a GET and waits for a successful response head; the body is left to [`Upstream::read`].
-    /// A request for the page after one still arriving goes in that page's slot, `after`.
-    async fn open(&self, url: &Url, after: Option<Slot>) -> Result<Opened, Attempt> {
+    /// Sends a GET (a POST of `body` if there is one) and waits for a successful response head; the body
+    /// is left to [`Upstream::read`]. A request for the page after one still arriving goes in that
+    /// page's slot, `after`.
+    async fn open(
+        &self,
+        url: &Url,
+        after: Option<Slot>,
+        body: Option<&bytes::Bytes>,
+    ) -> Result<Opened, Attempt> {
         if self.rate.check().is_err() {
             METRICS.rate_limiter_waits.inc();
             self.rate.until_ready().await;
@@ -380,7 +458,7 @@ impl Upstream {
             Some(slot) => self.concurrency.acquire_after(&kind, &slot).await,
             None => self.concurrency.acquire(&kind).await,
         };
-        let (mut response, sent) = self.send(url).await?;
+        let (mut response, sent) = self.send(url, body).await?;
         permit.answered();
         // A token can be revoked or expire early; one renewal is worth a try, a loop is not.
         if response.status() == StatusCode::UNAUTHORIZED
@@ -388,7 +466,7 @@ impl Upstream {
         {
             tracing::info!(%url, "upstream refused the access token; renewing it");
             self.rate.until_ready().await;
-            response = self.send(url).await?.0;
+            response = self.send(url, body).await?.0;
         }
         let status = response.status();
         if !status.is_success() {
@@ -456,8 +534,13 @@ impl Upstream {
             .map_err(|e| Attempt::Retry(invalid(e.to_string()), None))
     }
 
-    /// Sends one GET with the current credentials; returns the `Authorization` it carried.
-    async fn send(&self, url: &Url) -> Result<(Response, Option<HeaderValue>), Attempt> {
+    /// Sends one GET (a POST of `body`) with the current credentials; returns the `Authorization` it
+    /// carried.
+    async fn send(
+        &self,
+        url: &Url,
+        body: Option<&bytes::Bytes>,
+    ) -> Result<(Response, Option<HeaderValue>), Attempt> {
         let authorization = self.credentials.authorization().await.map_err(|e| {
             if e.is_transient() {
                 Attempt::Retry(e.into(), None)
@@ -467,11 +550,16 @@ impl Upstream {
         })?;
         // Strict handling: a server that honours it refuses a parameter it does not know instead of
         // ignoring it, which would widen the search.
-        let mut request = self
-            .http
-            .get(url.clone())
-            .header(ACCEPT, "application/fhir+json")
-            .header("prefer", "handling=strict");
+        let mut request = match body {
+            Some(body) => self
+                .http
+                .post(url.clone())
+                .header(CONTENT_TYPE, "application/fhir+json")
+                .body(body.clone()),
+            None => self.http.get(url.clone()),
+        }
+        .header(ACCEPT, "application/fhir+json")
+        .header("prefer", "handling=strict");
         if let Some(value) = &authorization {
             request = request.header(AUTHORIZATION, value.clone());
         }
@@ -589,6 +677,7 @@ impl<T, F: Fn(&[u8]) -> Result<T, ParseError>> PageSink for Whole<'_, F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn upstream(base: &str) -> Upstream {
         let cfg: crate::config::Config =
@@ -649,5 +738,70 @@ mod tests {
         );
         assert!(!cap.targets["Observation"].contains_key("code"));
         assert!(cap.types["Observation"].contains("code"));
+    }
+
+    #[test]
+    fn batch_is_read_from_the_servers_interactions() {
+        let declares = |interactions: serde_json::Value| {
+            let cs = serde_json::json!({"rest":[
+                {"mode":"client","interaction":[{"code":"batch"}]},
+                {"mode":"server","interaction":interactions,"resource":[]}]});
+            Capability::from_statement(&cs).batch
+        };
+        assert!(declares(
+            serde_json::json!([{"code":"transaction"},{"code":"batch"}])
+        ));
+        assert!(!declares(serde_json::json!([{"code":"transaction"}])));
+        assert!(
+            !declares(serde_json::Value::Null),
+            "a client's batch is not the server's"
+        );
+    }
+
+    /// An upstream answering every request with `statement`, counting them.
+    async fn statement_server(statement: &'static str) -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}/fhir", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/fhir+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{statement}",
+                        statement.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        (base, requests)
+    }
+
+    #[tokio::test]
+    async fn a_readiness_probe_leaves_the_statement_it_read_for_the_next_export() {
+        let statement = r#"{"resourceType":"CapabilityStatement","rest":[{"mode":"server","interaction":[{"code":"batch"}],"resource":[{"type":"Patient","interaction":[{"code":"search-type"}]}]}]}"#;
+        let (base, requests) = statement_server(statement).await;
+        let upstream = upstream(&base);
+        assert!(upstream.probe().await);
+        let cap = upstream.capability().await.unwrap();
+        assert!(cap.batch && cap.types.contains_key("Patient"));
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "the export read it again"
+        );
     }
 }
