@@ -167,7 +167,8 @@ impl Planner<'_> {
     /// a server that does not index `_lastUpdated` counts a whole type much faster than a range of it.
     async fn system(&mut self) -> Result<(), PlanError> {
         let mut types = self.types.clone();
-        if self.limits.skip_empty_types && self.capability.batch {
+        // One type's count costs what its first page does, and tells less.
+        if self.limits.skip_empty_types && self.capability.batch && types.len() > 1 {
             // Only what the batch answered: a type it left out is searched, which says as much.
             let counted = self.batch_counts(false).await;
             let totals: HashMap<String, u64> = (self.types.iter().cloned())
