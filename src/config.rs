@@ -190,6 +190,10 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// Most concurrent HTTP/2 streams on one connection.
     pub http2_max_concurrent_streams: u32,
+    /// Scheduling niceness (0–19) of the threads that run export jobs, accept connections and serve
+    /// the admin listener: the threads serving requests keep the default, so export work yields the
+    /// CPU to pass-through traffic. 0: one priority for all.
+    pub background_nice: u8,
 }
 
 impl Default for ServerConfig {
@@ -205,6 +209,7 @@ impl Default for ServerConfig {
             header_read_timeout_secs: 30,
             idle_timeout_secs: 90,
             http2_max_concurrent_streams: 128,
+            background_nice: 10,
         }
     }
 }
@@ -634,6 +639,12 @@ impl Config {
                 });
             }
             Ok(())
+        }
+        if self.server.background_nice > 19 {
+            return Err(ConfigError::Invalid {
+                key: "server.background_nice",
+                reason: "must be 0 to 19".into(),
+            });
         }
         strip_trailing_slash(&mut self.upstream.base_url);
         if let Some(public) = self.server.public_base_url.as_mut() {
@@ -1065,5 +1076,34 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn background_nice_is_a_niceness_and_defaults_to_yielding() {
+        let nice = |v: &str| {
+            parse(&format!(
+                "[server]\nbackground_nice = {v}\n[upstream]\nbase_url = \"http://a/\"\n"
+            ))
+        };
+        assert_eq!(
+            parse("[upstream]\nbase_url = \"http://a/\"\n")
+                .unwrap()
+                .server
+                .background_nice,
+            10
+        );
+        assert_eq!(nice("0").unwrap().server.background_nice, 0);
+        assert_eq!(nice("19").unwrap().server.background_nice, 19);
+        assert!(matches!(
+            nice("20"),
+            Err(ConfigError::Invalid {
+                key: "server.background_nice",
+                ..
+            })
+        ));
+        assert!(
+            nice("-1").is_err(),
+            "raising the priority takes privileges the proxy has no use for"
+        );
     }
 }

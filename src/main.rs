@@ -95,6 +95,19 @@ fn tune_malloc() {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (`server.background_nice`): the main
+/// runtime's threads run the export jobs, whose page conversion and file writes would otherwise take
+/// the CPU from the serving threads that carry clinical pass-through traffic (those keep the default
+/// priority). A machine with CPU to spare gives the jobs all they can use either way.
+fn yield_to_serving(nice: u8) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only changes the scheduling weight of the calling thread (who 0 is itself
+    // on Linux, where the nice value is per thread).
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, libc::c_int::from(nice));
+    }
+}
+
 fn serve(args: ServeArgs, log_format: LogFormat) -> ExitCode {
     tune_malloc();
     let overrides = args.overrides;
@@ -117,7 +130,12 @@ fn serve(args: ServeArgs, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let nice = config.server.background_nice;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(move || yield_to_serving(nice))
+        .build()
+        .expect("tokio runtime");
     let result = runtime.block_on(fhir_bulk_proxy::server::run(config, args.config, overrides));
     drop(runtime);
     let code = match result {

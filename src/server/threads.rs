@@ -3,7 +3,9 @@
 //! On tokio's work-stealing runtime a connection's task hops between worker threads as it is woken, and
 //! every wake-up pays for the shared run queues' atomics; a connection that stays on one thread's own
 //! runtime cost about 2 µs less CPU per pass-through request in the benchmark (16.0–16.8 → 13.8–14.1 µs,
-//! BENCHMARKS.md notes). Accepting stays on the main runtime, which also runs the export jobs.
+//! BENCHMARKS.md notes). Accepting stays on the main runtime, which also runs the export jobs; its
+//! threads run at `server.background_nice`, these at the default priority, so that export work yields
+//! the CPU to the requests served here.
 
 use std::future::Future;
 use std::net::SocketAddr;
