@@ -1,4 +1,10 @@
 //! Turns a job into slices: the upstream searches that together return exactly the export.
+//!
+//! One file past 700 lines because the plan is one procedure over one `Planner`: the levels, the
+//! patient batches, the counts first, whole-type paging and the time splits all read and extend the same
+//! planning progress, which is stored as they go so that planning resumes after a restart. Its pure
+//! parts live in modules of their own (`ranges`, `whole`, `window`, `compartment`); its tests drive
+//! whole plans against a fake upstream and sit with the procedure they test.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -424,13 +430,13 @@ impl Planner<'_> {
     }
 }
 
-/// The next slice of a job's plan, numbered after those planned so far.
 /// Orders `types` by their `totals`, largest first; a type of unknown size goes before all (it may be
 /// the largest), and equal ones keep their order.
 fn largest_first(types: &mut [String], totals: &HashMap<String, u64>) {
     types.sort_by_key(|t| std::cmp::Reverse(totals.get(t).copied().unwrap_or(u64::MAX)));
 }
 
+/// The next slice of a job's plan, numbered after those planned so far.
 fn new_slice(
     job: &Job,
     progress: &mut Planning,
