@@ -1,4 +1,4 @@
-//! Many reads in one `batch` request ([`crate::upstream::Upstream::batch`]): the Bundle that asks for
+//! Many reads in one `batch` request ([`crate::upstream::Upstream::read_batch`]): the Bundle that asks for
 //! them, and the batch-response read as it arrives.
 //!
 //! A batch-response answers its entries in the order they were asked (FHIR R4 §3.1.0.11.3), so the
