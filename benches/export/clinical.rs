@@ -6,6 +6,10 @@
 //! from when its request was due, so a request that waited for a free client counts that wait (no
 //! coordinated omission). Exports run back to back for the whole part, so that every latency sample of
 //! an "export running" part was taken while one ran.
+//!
+//! The floor part runs the load beside a loop of the cheapest search there is (one resource of the
+//! clinicians' type, asked straight of the upstream, one at a time): on an upstream that serves one
+//! request at a time, no export that sends anything at all while the load runs can do better than that.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -65,7 +69,38 @@ pub(super) struct Runs {
     pub rate: f64,
     pub secs: f64,
     pub idle: Latency,
+    pub floor: Floor,
     pub modes: Vec<Mode>,
+}
+
+/// The load's latency beside back-to-back one-resource searches, and those searches' count and median.
+pub(super) struct Floor {
+    pub path: String,
+    pub loaded: Latency,
+    pub searches: usize,
+    pub median_ms: f64,
+}
+
+/// Asks `url` one request after another until `stop`: each one's latency in ms.
+fn back_to_back(url: String, stop: Arc<AtomicBool>) -> JoinHandle<Vec<f64>> {
+    std::thread::spawn(move || {
+        let client = http_client();
+        let mut ms = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let sent = Instant::now();
+            let ok = client
+                .get(&url)
+                .header("Accept", "application/fhir+json")
+                .send()
+                .and_then(|r| r.error_for_status())
+                .and_then(|r| r.bytes())
+                .is_ok();
+            if ok {
+                ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        ms
+    })
 }
 
 /// Steady pass-through requests to `url` until stopped: their latencies (ms) and errors.
@@ -190,6 +225,24 @@ pub(super) fn run(
     let idle = Load::start(url(&adaptive), rate);
     std::thread::sleep(Duration::from_secs_f64(secs));
     let idle = idle.finish();
+    let floor_path = format!(
+        "{}?_count=1",
+        clinical_path.split('?').next().unwrap_or(clinical_path)
+    );
+    eprintln!("bench: clinical [{label}]: pass-through beside `{floor_path}` back to back (floor)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let searches = back_to_back(format!("{upstream}/{floor_path}"), stop.clone());
+    let load = Load::start(url(&adaptive), rate);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let loaded = load.finish();
+    stop.store(true, Ordering::Relaxed);
+    let searches = Latency::of(searches.join().expect("floor searches"), 0);
+    let floor = Floor {
+        path: floor_path,
+        loaded,
+        searches: searches.n,
+        median_ms: searches.p50,
+    };
     let mut modes = Vec::new();
     for (name, proxy) in [("fixed", &fixed), ("adaptive", &adaptive)] {
         eprintln!("bench: clinical [{label}]: {name} export alone, then beside the load");
@@ -214,6 +267,7 @@ pub(super) fn run(
         rate,
         secs,
         idle,
+        floor,
         modes,
     })
 }
@@ -230,7 +284,12 @@ pub(super) fn targets(r: &Runs) -> Vec<(String, String, &'static str, bool)> {
                 "pass-through p99 during an adaptive export vs none ({})",
                 r.upstream
             ),
-            format!("{ratio:.2}× ({:.1} vs {:.1} ms)", a.loaded.p99, r.idle.p99),
+            format!(
+                "{ratio:.2}× ({:.1} vs {:.1} ms; floor {:.2}×)",
+                a.loaded.p99,
+                r.idle.p99,
+                r.floor.loaded.p99 / r.idle.p99
+            ),
             "≤ 1.25×",
             ratio <= 1.25,
         ));
@@ -269,8 +328,11 @@ pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<R
     let _ = writeln!(
         md,
         "`GET {}` through the proxy at {} requests/s (open loop, latency from when each request was due), \
-         {} s per part; the export is `{}`, run back to back through each part.\n",
-        r.clinical_path, r.rate, r.secs, r.kickoff
+         {} s per part; the export is `{}`, run back to back through each part. The floor is the load \
+         beside `{}` asked straight of the upstream, one after another: the cheapest search there is, \
+         which no export sending anything beside the load can undercut on an upstream that serves one \
+         request at a time.\n",
+        r.clinical_path, r.rate, r.secs, r.kickoff, r.floor.path
     );
     let _ = writeln!(
         md,
@@ -281,6 +343,19 @@ pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<R
         md,
         "| none | {:.1} | {:.1} | 1.00 | {} | {} | – | – |",
         r.idle.p50, r.idle.p99, r.idle.n, r.idle.errors
+    );
+    let f = &r.floor;
+    let _ = writeln!(
+        md,
+        "| floor: `{}` back to back ({} searches, median {:.1} ms) | {:.1} | {:.1} | {:.2} | {} | {} | – | – |",
+        f.path,
+        f.searches,
+        f.median_ms,
+        f.loaded.p50,
+        f.loaded.p99,
+        f.loaded.p99 / r.idle.p99,
+        f.loaded.n,
+        f.loaded.errors
     );
     for m in &r.modes {
         let _ = writeln!(
