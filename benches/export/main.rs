@@ -20,6 +20,7 @@
 //! | `BENCH_UPSTREAM_DELAY_MS` | `0` | Latency the fast upstream adds to every search (mimics a real server) |
 //! | `BENCH_CLINICAL_SECS` | `10` (`4` small) | Seconds of each part of the clinical-traffic run (idle, export alone, export with traffic) |
 //! | `BENCH_CLINICAL_RATE` | `50` | Pass-through requests per second of the clinical load (open loop) |
+//! | `BENCH_CLINICAL_ROUNDS` | `3` (`1` small) | Rounds of every clinical part; the targets take the median of the rounds' ratios |
 //! | `BENCH_CAPACITY` | `4` | Requests the capacity-limited fast upstream serves at once (clinical run) |
 //! | `BENCH_SEARCH_COST_MS` | `10` | Its cost per search, plus `BENCH_ENTRY_COST_US` (default 20) per resource answered |
 //! | `BENCH_GROUP_PATIENTS` | `10000` (`2000` small) | Patients of the roster upstream; the Group part exports a tenth of them and all of them |
