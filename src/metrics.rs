@@ -35,6 +35,8 @@ pub struct Metrics {
     pub passthrough_in_flight: IntGauge,
     /// Times the export limit fell because an answer queued upstream.
     pub export_limit_decreases: IntCounter,
+    /// Times the export left a one-at-a-time upstream idle for pass-through traffic.
+    pub export_rests: IntCounter,
     /// Jobs by state, set at each scrape.
     pub jobs: IntGaugeVec,
     /// Client connections open on the main listener.
@@ -119,6 +121,10 @@ impl Metrics {
             export_limit_decreases: counter(
                 "fbp_export_limit_decreases_total",
                 "Times the export concurrency limit fell because an answer had queued upstream.",
+            ),
+            export_rests: counter(
+                "fbp_export_rests_total",
+                "Times the export left an upstream that serves one request at a time idle for pass-through traffic.",
             ),
             passthrough_requests: counter_vec(
                 "fbp_passthrough_requests_total",

@@ -17,6 +17,11 @@
 //! A kind of search is its type, whether it only counts, and the size of its answer to within a factor of
 //! two: a server takes longer to answer a full page than the short last page of a search, and a count far
 //! less than either, so only like answers tell queueing from work.
+//! An upstream that serves one request at a time (saturation point 2: one export request and one clinical
+//! request already queue) cannot be given a slot: whatever export request is in flight, a clinical request
+//! waits for it. While pass-through traffic flows there, the export *rests* after each answer, leaving the
+//! upstream idle [`SERIAL_REST`] times as long as the answer took, so most clinical requests find it idle;
+//! the export then has at most a third of the upstream, and all of it again once the traffic is quiet.
 //! `max_concurrent_requests` stays the ceiling; with `adaptive_concurrency = false` it is the fixed limit.
 //! A request holds its slot until its body is read, except that the request for a search's next page,
 //! sent while the page before it is still arriving, takes over that page's [`Slot`]: a search goes on in
@@ -33,6 +38,9 @@ use crate::metrics::METRICS;
 
 /// How long after the last pass-through request the export still leaves it a slot and does not grow.
 pub const CLINICAL_QUIET: Duration = Duration::from_secs(1);
+/// How many times as long as its last answer took the export leaves a one-at-a-time upstream idle while
+/// pass-through traffic flows.
+const SERIAL_REST: u32 = 2;
 /// An answer slower than this multiple of its kind's baseline (plus [`QUEUE_SLACK`]) queued upstream.
 const QUEUE_RATIO: f64 = 1.5;
 /// Absolute slack over the baseline, so that jitter of a fast upstream is not taken for queueing.
@@ -62,6 +70,8 @@ struct State {
     decreased_at: u64,
     /// The lowest concurrency an answer queued at, until an answer at it or past it comes at idle speed.
     saturation: Option<usize>,
+    /// Until when the export rests on a one-at-a-time upstream (see the module doc).
+    rest_until: Option<Instant>,
     baselines: HashMap<String, Baseline>,
     /// The same for pass-through answers, by [`clinical_kind`].
     clinical_baselines: HashMap<String, Baseline>,
@@ -125,6 +135,7 @@ impl Limiter {
                 answers: 0,
                 decreased_at: 0,
                 saturation: None,
+                rest_until: None,
                 baselines: HashMap::new(),
                 clinical_baselines: HashMap::new(),
             }),
@@ -189,10 +200,13 @@ impl Limiter {
             if let Some(permit) = self.try_acquire(kind) {
                 return permit;
             }
-            // The clinical slot frees itself when pass-through goes quiet, with no release to wake on.
+            // The clinical slot and a rest end by themselves, with no release to wake on.
+            let wait = self
+                .resting()
+                .map_or(CLINICAL_QUIET, |r| r.min(CLINICAL_QUIET));
             tokio::select! {
                 _ = released => {}
-                _ = tokio::time::sleep(CLINICAL_QUIET) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
     }
@@ -202,7 +216,10 @@ impl Limiter {
     pub async fn acquire_after(self: &Arc<Self>, kind: &str, slot: &Slot) -> ExportPermit {
         {
             let state = self.state.lock().expect("limiter lock");
-            if state.in_flight <= self.allowed(&state) && slot.0.swap(false, Ordering::AcqRel) {
+            if state.in_flight <= self.allowed(&state)
+                && self.rest_left(&state).is_none()
+                && slot.0.swap(false, Ordering::AcqRel)
+            {
                 return self.permit(&state, kind);
             }
         }
@@ -212,7 +229,7 @@ impl Limiter {
 
     fn try_acquire(self: &Arc<Self>, kind: &str) -> Option<ExportPermit> {
         let mut state = self.state.lock().expect("limiter lock");
-        if state.in_flight >= self.allowed(&state) {
+        if state.in_flight >= self.allowed(&state) || self.rest_left(&state).is_some() {
             return None;
         }
         state.in_flight += 1;
@@ -259,6 +276,37 @@ impl Limiter {
             None => limit.saturating_sub(1),
         };
         limit.min(spare).max(1)
+    }
+
+    /// Whether the upstream serves one request at a time, as far as the limiter knows.
+    fn serial(state: &State) -> bool {
+        state.saturation.is_some_and(|point| point <= 2)
+    }
+
+    /// What is left of the export's rest, if it rests now.
+    fn rest_left(&self, state: &State) -> Option<Duration> {
+        let until = state.rest_until?;
+        if !(self.adaptive && Self::serial(state) && self.clinical_active()) {
+            return None;
+        }
+        until.checked_duration_since(Instant::now())
+    }
+
+    fn resting(&self) -> Option<Duration> {
+        self.rest_left(&self.state.lock().expect("limiter lock"))
+    }
+
+    /// Takes in that an export answer kept the upstream busy for `busy`: on a one-at-a-time upstream
+    /// with pass-through traffic, the export rests [`SERIAL_REST`] times that long.
+    fn busy_for(&self, busy: Duration) {
+        if !(self.adaptive && self.clinical_active()) {
+            return;
+        }
+        let mut state = self.state.lock().expect("limiter lock");
+        if Self::serial(&state) {
+            state.rest_until = Some(Instant::now() + busy * SERIAL_REST);
+            METRICS.export_rests.inc();
+        }
     }
 
     fn clinical_active(&self) -> bool {
@@ -420,7 +468,9 @@ impl ExportPermit {
 
     /// Records that the response head arrived: its latency is what the limit follows.
     pub fn answered(&mut self) {
-        self.head = Some(self.sent.elapsed());
+        let latency = self.sent.elapsed();
+        self.head = Some(latency);
+        self.slot.1.busy_for(latency);
     }
 
     /// Records that the whole body (`bytes` long) was read: the answer is then complete and its kind known.
@@ -666,6 +716,50 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(first);
         assert_eq!(waiter.await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn on_a_one_at_a_time_upstream_the_export_rests_while_pass_through_traffic_flows() {
+        let l = Limiter::new(8, true);
+        let kind = || "GET/*/Patient?".to_owned();
+        l.clinical_answered(&kind(), ms(2), 0, 1);
+        // A clinical request sent beside one export request waited: one request at a time.
+        l.clinical_answered(&kind(), ms(60), 1, 2);
+        assert_eq!(l.state.lock().unwrap().saturation, Some(2));
+        let guard = l.clinical(kind());
+        let mut page = l.acquire("Observation").await;
+        tokio::time::sleep(ms(40)).await;
+        page.answered();
+        let rest = l.resting().expect("resting after the answer");
+        assert!(
+            rest > ms(60) && rest <= ms(200),
+            "twice the answer's time: {rest:?}"
+        );
+        let slot = page.slot();
+        let sent = Instant::now();
+        let next = l.acquire_after("Observation", &slot).await;
+        drop(page);
+        assert!(
+            sent.elapsed() >= ms(60),
+            "the next page waited out the rest"
+        );
+        drop(next);
+        // With the pass-through traffic quiet there is no rest, whatever the upstream.
+        drop(guard);
+        l.clinical_last_ms.store(0, Ordering::Relaxed);
+        let mut page = l.acquire("Observation").await;
+        page.answered();
+        assert_eq!(l.resting(), None);
+        drop(page);
+        // Nor on an upstream that serves more than one request at once.
+        let l = Limiter::new(8, true);
+        l.clinical_answered(&kind(), ms(2), 0, 1);
+        l.clinical_answered(&kind(), ms(60), 3, 4);
+        let _guard = l.clinical(kind());
+        let mut page = l.acquire("Observation").await;
+        tokio::time::sleep(ms(10)).await;
+        page.answered();
+        assert_eq!(l.resting(), None);
     }
 
     #[tokio::test]
