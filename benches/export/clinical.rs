@@ -116,6 +116,17 @@ pub(super) struct Floor {
     pub median_ms: f64,
 }
 
+/// Whether a GET of `url` answered 2xx with its whole body read.
+fn fetched(client: &reqwest::blocking::Client, url: &str) -> bool {
+    client
+        .get(url)
+        .header("Accept", "application/fhir+json")
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.bytes())
+        .is_ok()
+}
+
 /// Asks `url` one request after another until `stop`: each one's latency in ms.
 fn back_to_back(url: String, stop: Arc<AtomicBool>) -> JoinHandle<Vec<f64>> {
     std::thread::spawn(move || {
@@ -123,14 +134,7 @@ fn back_to_back(url: String, stop: Arc<AtomicBool>) -> JoinHandle<Vec<f64>> {
         let mut ms = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let sent = Instant::now();
-            let ok = client
-                .get(&url)
-                .header("Accept", "application/fhir+json")
-                .send()
-                .and_then(|r| r.error_for_status())
-                .and_then(|r| r.bytes())
-                .is_ok();
-            if ok {
+            if fetched(&client, &url) {
                 ms.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
         }
@@ -161,13 +165,7 @@ impl Load {
                             let Ok(due) = rx.lock().expect("load queue").recv() else {
                                 return;
                             };
-                            let ok = client
-                                .get(&url)
-                                .header("Accept", "application/fhir+json")
-                                .send()
-                                .and_then(|r| r.error_for_status())
-                                .and_then(|r| r.bytes())
-                                .is_ok();
+                            let ok = fetched(&client, &url);
                             let took = due.elapsed().as_secs_f64() * 1000.0;
                             let mut seen = seen.lock().expect("load samples");
                             if ok {
