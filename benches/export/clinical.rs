@@ -84,6 +84,11 @@ impl Round {
         let m = self.modes.iter().find(|m| m.name == mode)?;
         Some(m.loaded.p99 / self.idle.p99)
     }
+
+    /// p99 beside the floor's searches over p99 with no export, within this round.
+    fn floor_ratio(&self) -> f64 {
+        self.floor.loaded.p99 / self.idle.p99
+    }
 }
 
 impl Runs {
@@ -327,12 +332,7 @@ pub(super) fn targets(r: &Runs) -> Vec<(String, String, &'static str, bool)> {
         return t;
     }
     let ratio = super::median(ratios);
-    let floor = super::median(
-        r.rounds
-            .iter()
-            .map(|x| x.floor.loaded.p99 / x.idle.p99)
-            .collect(),
-    );
+    let floor = super::median(r.rounds.iter().map(Round::floor_ratio).collect());
     t.push((
         format!(
             "pass-through p99 during an adaptive export vs none ({})",
@@ -420,7 +420,7 @@ pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<R
         f.median_ms,
         f.loaded.p50,
         f.loaded.p99,
-        f.loaded.p99 / round.idle.p99,
+        round.floor_ratio(),
         f.loaded.n,
         f.loaded.errors
     );
@@ -448,6 +448,6 @@ pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<R
         "\np99 × idle by round: adaptive {}; fixed {}; floor {}.\n",
         r.by_round(|x| x.ratio("adaptive")),
         r.by_round(|x| x.ratio("fixed")),
-        r.by_round(|x| Some(x.floor.loaded.p99 / x.idle.p99)),
+        r.by_round(|x| Some(x.floor_ratio())),
     );
 }

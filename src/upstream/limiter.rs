@@ -283,10 +283,16 @@ impl Limiter {
         state.saturation.is_some_and(|point| point <= 2)
     }
 
+    /// Whether the export rests after its answers now: adaptive, on a one-at-a-time upstream, while
+    /// pass-through traffic flows.
+    fn rests(&self, state: &State) -> bool {
+        self.adaptive && Self::serial(state) && self.clinical_active()
+    }
+
     /// What is left of the export's rest, if it rests now.
     fn rest_left(&self, state: &State) -> Option<Duration> {
         let until = state.rest_until?;
-        if !(self.adaptive && Self::serial(state) && self.clinical_active()) {
+        if !self.rests(state) {
             return None;
         }
         until.checked_duration_since(Instant::now())
@@ -299,11 +305,12 @@ impl Limiter {
     /// Takes in that an export answer kept the upstream busy for `busy`: on a one-at-a-time upstream
     /// with pass-through traffic, the export rests [`SERIAL_REST`] times that long.
     fn busy_for(&self, busy: Duration) {
+        // Every export answer comes here: with no pass-through traffic, leave the lock alone.
         if !(self.adaptive && self.clinical_active()) {
             return;
         }
         let mut state = self.state.lock().expect("limiter lock");
-        if Self::serial(&state) {
+        if self.rests(&state) {
             state.rest_until = Some(Instant::now() + busy * SERIAL_REST);
             METRICS.export_rests.inc();
         }
