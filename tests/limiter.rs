@@ -72,8 +72,7 @@ impl CapacityUpstream {
                 let beside_export = !export && p.export > 0;
                 if export {
                     p.export += 1;
-                    let span = p.export_span.get_or_insert((arrived, arrived));
-                    span.1 = arrived;
+                    p.export_span.get_or_insert((arrived, arrived));
                 }
                 while p.serving >= CAPACITY {
                     p = freed.wait(p).unwrap();
