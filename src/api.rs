@@ -10,6 +10,7 @@ use hyper::header::{HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_LOCATION};
 use hyper::{Method, Request, Response, StatusCode};
 use url::Url;
 
+mod grant;
 mod status;
 
 use crate::auth::{access, Auth, AuthError, Principal};
@@ -18,11 +19,11 @@ use crate::cohort::handlers::{self as cohort_handlers, Endpoints};
 use crate::cohort::membership::Limits as CohortLimits;
 use crate::cohort::{is_cohort_id, Cohorts};
 use crate::config::{Config, PassThroughAuth};
+use crate::export::associated;
 use crate::export::kickoff::{self, is_fhir_id, KickoffHeaders};
 use crate::export::manifest;
 use crate::export::model::{Job, JobState, Level, TypeSelection};
 use crate::export::runner::{now_secs, AdmitError, Runner};
-use crate::export::{associated, compartment};
 use crate::files;
 use crate::http::{self, json, ApiError, Body};
 use crate::metrics::METRICS;
@@ -362,7 +363,8 @@ impl App {
                 Some(c) => c,
                 None => capability.insert(self.upstream.capability().await?),
             };
-            if let Some((name, denied)) = reads_beyond_grant(t, query, &principal.grant, capability)
+            if let Some((name, denied)) =
+                grant::reads_beyond_grant(t, query, &principal.grant, capability)
             {
                 return Err(AuthError::Forbidden(format!(
                     "search parameter {name:?} of {t} reads {denied}, which the access token does not allow reading"
@@ -428,7 +430,7 @@ impl App {
             self.config.export.unsearchable_type,
         )?;
         if let Some(principal) = &principal {
-            restrict_to_grant(&mut kickoff, principal, &capability)?;
+            grant::restrict_to_grant(&mut kickoff, principal, &capability)?;
             associated::restrict_to_grant(&mut kickoff, &principal.grant)
                 .map_err(AuthError::Forbidden)?;
         }
@@ -672,98 +674,4 @@ fn head_size(req: &Request<Incoming>) -> usize {
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
     line + headers
-}
-
-/// Narrows a kick-off to the types the caller's token allows.
-///
-/// Asking for a type outside the grant is refused (403), unless the client asked for lenient handling:
-/// then the export narrows and the manifest's OperationOutcome says so.
-fn restrict_to_grant(
-    kickoff: &mut kickoff::Kickoff,
-    principal: &Principal,
-    capability: &crate::upstream::Capability,
-) -> Result<(), ApiError> {
-    let grant = &principal.grant;
-    let spec = &mut kickoff.spec;
-    if let TypeSelection::All = spec.types {
-        if grant.all_types() {
-            return Ok(());
-        }
-        spec.types = TypeSelection::Only(
-            compartment::level_types(&spec.level, capability)
-                .into_keys()
-                .filter(|t| grant.allows(t))
-                .collect(),
-        );
-    } else if let TypeSelection::Only(types) = &mut spec.types {
-        let denied: Vec<String> = types.iter().filter(|t| !grant.allows(t)).cloned().collect();
-        if !denied.is_empty() {
-            let message = format!(
-                "the access token does not allow exporting {}",
-                denied.join(", ")
-            );
-            if !kickoff.lenient {
-                return Err(AuthError::Forbidden(message).into());
-            }
-            types.retain(|t| grant.allows(t));
-            kickoff.notes.push(format!(
-                "{message}; the export was narrowed to the granted types"
-            ));
-        }
-    }
-    if spec.types == TypeSelection::Only(Vec::new()) {
-        return Err(AuthError::Forbidden(
-            "the access token allows none of the requested resource types".into(),
-        )
-        .into());
-    }
-    spec.type_filters.retain(|(t, _)| grant.allows(t));
-    for (t, query) in &spec.type_filters {
-        if let Some(message) = filter_reads_beyond_grant(t, query, grant, capability) {
-            return Err(AuthError::Forbidden(message).into());
-        }
-    }
-    Ok(())
-}
-
-/// Why a `_typeFilter` query of `t` reads what `grant` does not allow, if it does. Its result would
-/// reveal the resources its chains and `_has` select by, so even lenient handling refuses it.
-fn filter_reads_beyond_grant(
-    t: &str,
-    query: &str,
-    grant: &crate::auth::scopes::Grant,
-    capability: &crate::upstream::Capability,
-) -> Option<String> {
-    let (name, denied) = reads_beyond_grant(t, query, grant, capability)?;
-    Some(format!(
-        "_typeFilter parameter {name:?} of {t} searches {denied}, which the access token does not allow reading"
-    ))
-}
-
-/// The first parameter of `query`, a search of `t`, that reads a type `grant` does not allow, and
-/// those types in words.
-fn reads_beyond_grant(
-    t: &str,
-    query: &str,
-    grant: &crate::auth::scopes::Grant,
-    capability: &crate::upstream::Capability,
-) -> Option<(String, String)> {
-    use crate::export::filters::{query_reads, Reads};
-    query_reads(query, t, capability)
-        .into_iter()
-        .find_map(|(name, reads)| {
-            let denied = match reads {
-                Reads::Any if grant.all_types() => return None,
-                Reads::Any => "every resource type".to_owned(),
-                Reads::Types(types) => {
-                    let denied: Vec<String> =
-                        types.into_iter().filter(|r| !grant.allows(r)).collect();
-                    if denied.is_empty() {
-                        return None;
-                    }
-                    denied.join(", ")
-                }
-            };
-            Some((name, denied))
-        })
 }

@@ -113,11 +113,13 @@ impl Runs {
     }
 }
 
-/// The load's latency beside back-to-back one-resource searches, and those searches' count and median.
+/// The load's latency beside back-to-back one-resource searches, and those searches' count, failures
+/// and median.
 pub(super) struct Floor {
     pub path: String,
     pub loaded: Latency,
     pub searches: usize,
+    pub failed: usize,
     pub median_ms: f64,
 }
 
@@ -132,18 +134,21 @@ fn fetched(client: &reqwest::blocking::Client, url: &str) -> bool {
         .is_ok()
 }
 
-/// Asks `url` one request after another until `stop`: each one's latency in ms.
-fn back_to_back(url: String, stop: Arc<AtomicBool>) -> JoinHandle<Vec<f64>> {
+/// Asks `url` one request after another until `stop`: each answered one's latency in ms, and how
+/// many failed.
+fn back_to_back(url: String, stop: Arc<AtomicBool>) -> JoinHandle<(Vec<f64>, usize)> {
     std::thread::spawn(move || {
         let client = http_client();
-        let mut ms = Vec::new();
+        let (mut ms, mut failed) = (Vec::new(), 0);
         while !stop.load(Ordering::Relaxed) {
             let sent = Instant::now();
             if fetched(&client, &url) {
                 ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+            } else {
+                failed += 1;
             }
         }
-        ms
+        (ms, failed)
     })
 }
 
@@ -282,11 +287,13 @@ pub(super) fn run(
         std::thread::sleep(Duration::from_secs_f64(secs));
         let loaded = load.finish();
         stop.store(true, Ordering::Relaxed);
-        let searches = Latency::of(searches.join().expect("floor searches"), 0);
+        let (ms, failed) = searches.join().expect("floor searches");
+        let searches = Latency::of(ms, failed);
         let floor = Floor {
             path: floor_path.clone(),
             loaded,
             searches: searches.n,
+            failed: searches.errors,
             median_ms: searches.p50,
         };
         let mut modes = Vec::new();
@@ -414,9 +421,10 @@ pub(super) fn table(md: &mut String, heading: &str, runs: &std::result::Result<R
     let f = &round.floor;
     let _ = writeln!(
         md,
-        "| floor: `{}` back to back ({} searches, median {:.1} ms) | {:.1} | {:.1} | {:.2} | {} | {} | – | – |",
+        "| floor: `{}` back to back ({} searches, {} failed, median {:.1} ms) | {:.1} | {:.1} | {:.2} | {} | {} | – | – |",
         f.path,
         f.searches,
+        f.failed,
         f.median_ms,
         f.loaded.p50,
         f.loaded.p99,

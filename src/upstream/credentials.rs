@@ -1,5 +1,7 @@
 //! How the proxy authorizes its own upstream calls: nothing, a static bearer token, or an OAuth 2.0
 //! client credentials grant (client secret or SMART Backend Services key) with a cached token.
+//!
+//! It passes 700 lines only with its tests, which run each grant against a token endpoint of their own.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
